@@ -1,0 +1,256 @@
+//! Events as the engine takes them: already decoded, typed, not yet validated
+//! against the rules.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+
+/// What happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EventType {
+    Click,
+    Capture,
+    Refund,
+    Chargeback,
+}
+
+impl EventType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Click => "click",
+            EventType::Capture => "capture",
+            EventType::Refund => "refund",
+            EventType::Chargeback => "chargeback",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<EventType> {
+        Some(match s {
+            "click" => EventType::Click,
+            "capture" => EventType::Capture,
+            "refund" => EventType::Refund,
+            "chargeback" => EventType::Chargeback,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for EventType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One checkout event. Strings borrow from the input where they can.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Event<'a> {
+    /// Idempotency key, 1..=128 bytes.
+    pub event_id: Cow<'a, str>,
+    /// Event time: when it happened, not when it arrived.
+    pub ts: DateTime<Utc>,
+    pub program_id: Cow<'a, str>,
+    pub body: Body<'a>,
+}
+
+impl Event<'_> {
+    pub fn event_type(&self) -> EventType {
+        match &self.body {
+            Body::Click(_) => EventType::Click,
+            Body::Capture(_) => EventType::Capture,
+            Body::Refund(r) if r.chargeback => EventType::Chargeback,
+            Body::Refund(_) => EventType::Refund,
+        }
+    }
+}
+
+/// The type-specific part of an event.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Body<'a> {
+    Click(Click<'a>),
+    Capture(Capture<'a>),
+    /// A refund, or a chargeback when `chargeback` is set.
+    Refund(Refund<'a>),
+}
+
+/// A shopper followed a tracking link.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Click<'a> {
+    pub link_id: Cow<'a, str>,
+    pub visitor_id: Cow<'a, str>,
+    pub ip: Option<Cow<'a, str>>,
+    pub user_agent: Option<Cow<'a, str>>,
+    pub landing_url: Option<Cow<'a, str>>,
+    pub sub_id: Option<Cow<'a, str>>,
+}
+
+/// Money was captured for an order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Capture<'a> {
+    pub order_id: Cow<'a, str>,
+    pub amount: Decimal,
+    pub currency: Cow<'a, str>,
+    pub visitor_id: Option<Cow<'a, str>>,
+    /// Promo codes typed at checkout, in the order typed.
+    pub codes: Vec<Cow<'a, str>>,
+    pub customer: Option<Customer<'a>>,
+    pub ip: Option<Cow<'a, str>>,
+    pub items: Option<Vec<Item<'a>>>,
+}
+
+/// Who bought.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Customer<'a> {
+    pub id: Option<Cow<'a, str>>,
+    pub email_sha256: Option<Cow<'a, str>>,
+}
+
+/// One line of an order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Item<'a> {
+    pub sku: Option<Cow<'a, str>>,
+    pub category: Option<Cow<'a, str>>,
+    pub amount: Decimal,
+}
+
+/// Money went back to the shopper.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Refund<'a> {
+    pub order_id: Cow<'a, str>,
+    pub amount: Decimal,
+    pub currency: Cow<'a, str>,
+    pub items: Option<Vec<Item<'a>>>,
+    /// A chargeback (forced by the card network) rather than a refund.
+    pub chargeback: bool,
+}
+
+/// The content fingerprint of an event: equal for events that are the same
+/// as parsed (field order, whitespace, unknown fields, number formatting
+/// `"10.0"` vs `"10.00"` and time-zone spelling of the same instant do not
+/// matter), different otherwise. Stable across processes and versions, since
+/// it is kept in checkpoints.
+pub fn fingerprint(e: &Event<'_>) -> u128 {
+    let mut h = Fp(xxhash_rust::xxh3::Xxh3::new());
+    h.str(1, &e.event_id);
+    h.str(2, e.event_type().as_str());
+    h.str(3, &e.program_id);
+    h.int(4, e.ts.timestamp());
+    h.int(5, i64::from(e.ts.timestamp_subsec_nanos()));
+    match &e.body {
+        Body::Click(c) => {
+            h.str(10, &c.link_id);
+            h.str(11, &c.visitor_id);
+            h.opt(12, &c.ip);
+            h.opt(13, &c.user_agent);
+            h.opt(14, &c.landing_url);
+            h.opt(15, &c.sub_id);
+        }
+        Body::Capture(c) => {
+            h.str(20, &c.order_id);
+            h.money(21, c.amount);
+            h.str(22, &c.currency);
+            h.opt(23, &c.visitor_id);
+            h.int(24, c.codes.len() as i64);
+            for code in &c.codes {
+                h.str(25, code);
+            }
+            if let Some(cu) = &c.customer {
+                h.int(26, 1);
+                h.opt(27, &cu.id);
+                h.opt(28, &cu.email_sha256);
+            }
+            h.opt(29, &c.ip);
+            h.items(&c.items);
+        }
+        Body::Refund(r) => {
+            h.str(40, &r.order_id);
+            h.money(41, r.amount);
+            h.str(42, &r.currency);
+            h.items(&r.items);
+        }
+    }
+    h.0.digest128()
+}
+
+/// Feeds tagged, length-prefixed fields into the hash in a fixed order.
+struct Fp(xxhash_rust::xxh3::Xxh3);
+
+impl Fp {
+    fn str(&mut self, tag: u8, v: &str) {
+        self.0.update(&[tag]);
+        self.0.update(&(v.len() as u64).to_le_bytes());
+        self.0.update(v.as_bytes());
+    }
+
+    fn int(&mut self, tag: u8, v: i64) {
+        self.0.update(&[tag]);
+        self.0.update(&v.to_le_bytes());
+    }
+
+    fn opt(&mut self, tag: u8, v: &Option<Cow<'_, str>>) {
+        if let Some(v) = v {
+            self.str(tag, v);
+        }
+    }
+
+    fn money(&mut self, tag: u8, d: Decimal) {
+        let n = d.normalize();
+        self.0.update(&[tag]);
+        self.0.update(&n.mantissa().to_le_bytes());
+        self.0.update(&n.scale().to_le_bytes());
+    }
+
+    fn items(&mut self, items: &Option<Vec<Item<'_>>>) {
+        let Some(items) = items else { return };
+        self.int(30, items.len() as i64);
+        for it in items {
+            self.int(31, i64::from(it.sku.is_some()));
+            self.opt(32, &it.sku);
+            self.int(33, i64::from(it.category.is_some()));
+            self.opt(34, &it.category);
+            self.money(35, it.amount);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn capture(amount: &str, ts: &str) -> Event<'static> {
+        Event {
+            event_id: "e1".into(),
+            ts: DateTime::parse_from_rfc3339(ts).unwrap().with_timezone(&Utc),
+            program_id: "acme".into(),
+            body: Body::Capture(Capture {
+                order_id: "o1".into(),
+                amount: amount.parse().unwrap(),
+                currency: "USD".into(),
+                visitor_id: None,
+                codes: vec!["A".into()],
+                customer: None,
+                ip: None,
+                items: None,
+            }),
+        }
+    }
+
+    #[test]
+    fn fingerprint_ignores_spelling_but_not_content() {
+        let a = fingerprint(&capture("10.00", "2026-11-01T10:00:00Z"));
+        assert_eq!(a, fingerprint(&capture("10.0", "2026-11-01T11:00:00+01:00")));
+        assert_ne!(a, fingerprint(&capture("10.01", "2026-11-01T10:00:00Z")));
+        assert_ne!(a, fingerprint(&capture("10.00", "2026-11-01T10:00:01Z")));
+        let mut e = capture("10.00", "2026-11-01T10:00:00Z");
+        if let Body::Capture(c) = &mut e.body {
+            c.codes.push("B".into());
+        }
+        assert_ne!(a, fingerprint(&e));
+        let mut e = capture("10.00", "2026-11-01T10:00:00Z");
+        if let Body::Capture(c) = &mut e.body {
+            c.visitor_id = Some("v".into());
+        }
+        assert_ne!(a, fingerprint(&e));
+    }
+}

@@ -1,0 +1,233 @@
+//! What the engine produces: ledger entries, applied clicks, fraud flags,
+//! rejections, and per-event outcomes.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use afflio_rules::Currency;
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+
+/// Why an event could not be applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Reason {
+    /// Not JSON, wrong types, a missing or empty required field.
+    Malformed,
+    UnknownProgram,
+    UnknownLink,
+    CurrencyMismatch,
+    InvalidAmount,
+    ItemsMismatch,
+    /// A refund or chargeback for an order with no capture.
+    UnknownOrder,
+    RefundExceedsCapture,
+    /// The same `event_id` was applied before with different content.
+    IdempotencyConflict,
+    /// Older than the duplicate-detection retention behind the newest event
+    /// time: it can no longer be told apart from a redelivery.
+    LateEvent,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 10] = [
+        Reason::Malformed,
+        Reason::UnknownProgram,
+        Reason::UnknownLink,
+        Reason::CurrencyMismatch,
+        Reason::InvalidAmount,
+        Reason::ItemsMismatch,
+        Reason::UnknownOrder,
+        Reason::RefundExceedsCapture,
+        Reason::IdempotencyConflict,
+        Reason::LateEvent,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Malformed => "malformed",
+            Reason::UnknownProgram => "unknown_program",
+            Reason::UnknownLink => "unknown_link",
+            Reason::CurrencyMismatch => "currency_mismatch",
+            Reason::InvalidAmount => "invalid_amount",
+            Reason::ItemsMismatch => "items_mismatch",
+            Reason::UnknownOrder => "unknown_order",
+            Reason::RefundExceedsCapture => "refund_exceeds_capture",
+            Reason::IdempotencyConflict => "idempotency_conflict",
+            Reason::LateEvent => "late_event",
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An event that was not applied, kept with its raw text.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rejection {
+    pub event_id: Option<String>,
+    /// When it arrived (wall clock of the ingest, or the replay's start).
+    pub arrival: DateTime<Utc>,
+    /// Event time, when it could be read.
+    pub event_ts: Option<DateTime<Utc>>,
+    pub reason: Reason,
+    /// The offending field, when one is at fault.
+    pub field: Option<String>,
+    pub detail: String,
+    pub raw: String,
+    /// Where it came from (`file:line`, `http`, `nats:seq`).
+    pub origin: String,
+}
+
+/// How the event arrived, for rejection rows.
+#[derive(Clone, Copy, Debug)]
+pub struct Arrival<'a> {
+    pub ts: DateTime<Utc>,
+    pub origin: &'a dyn fmt::Display,
+}
+
+/// What happened to one event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Applied,
+    /// Same id, same content as an applied event: nothing changed.
+    Duplicate,
+    Rejected(Reason),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EntryKind {
+    Accrual,
+    Reversal,
+}
+
+impl EntryKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryKind::Accrual => "accrual",
+            EntryKind::Reversal => "reversal",
+        }
+    }
+}
+
+/// How an order was credited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AttributionKind {
+    Link,
+    Code,
+}
+
+impl AttributionKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttributionKind::Link => "link",
+            AttributionKind::Code => "code",
+        }
+    }
+}
+
+/// One row of the append-only commission ledger.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LedgerEntry {
+    /// `{event_id}:{tier}`: a re-applied event can never write a second row.
+    pub entry_id: String,
+    pub event_id: String,
+    pub ts: DateTime<Utc>,
+    pub program_id: Arc<str>,
+    pub order_id: String,
+    pub partner_id: Arc<str>,
+    pub tier: u8,
+    pub kind: EntryKind,
+    /// The amount the commission is computed on; negative for reversals.
+    pub basis: Decimal,
+    /// The commission, rounded to the currency's minor units; negative for reversals.
+    pub amount: Decimal,
+    pub currency: Currency,
+    pub attribution: AttributionKind,
+    pub source: Arc<str>,
+    pub eligible_at: DateTime<Utc>,
+    /// The rate applied (accruals) as a fraction, e.g. 0.125.
+    pub rate: Option<Decimal>,
+    pub rules_version: u64,
+}
+
+/// A fraud signal on an order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Flag {
+    pub program_id: Arc<str>,
+    pub order_id: String,
+    pub partner_id: Arc<str>,
+    pub rule: &'static str,
+    pub score: f64,
+    pub detail: String,
+    pub ts: DateTime<Utc>,
+    pub event_id: String,
+}
+
+/// An applied click.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClickRow {
+    pub event_id: String,
+    pub ts: DateTime<Utc>,
+    pub program_id: Arc<str>,
+    pub link_id: Arc<str>,
+    pub partner_id: Arc<str>,
+    pub visitor_id: String,
+    pub ip: Option<String>,
+    pub user_agent: Option<String>,
+    pub landing_url: Option<String>,
+    pub sub_id: Option<String>,
+}
+
+/// Rows produced since the last [`crate::Engine::take_output`].
+#[derive(Clone, Debug, Default)]
+pub struct Output {
+    pub ledger: Vec<LedgerEntry>,
+    pub clicks: Vec<ClickRow>,
+    pub flags: Vec<Flag>,
+    pub rejections: Vec<Rejection>,
+}
+
+impl Output {
+    pub fn is_empty(&self) -> bool {
+        self.ledger.is_empty() && self.clicks.is_empty() && self.flags.is_empty() && self.rejections.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.ledger.len() + self.clicks.len() + self.flags.len() + self.rejections.len()
+    }
+}
+
+/// Counters since the engine started.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub events: u64,
+    pub applied_clicks: u64,
+    pub applied_captures: u64,
+    pub applied_refunds: u64,
+    pub applied_chargebacks: u64,
+    pub duplicates: u64,
+    pub rejected: BTreeMap<Reason, u64>,
+    pub orders_by_link: u64,
+    pub orders_by_code: u64,
+    pub orders_unattributed: u64,
+    pub ledger_entries: u64,
+    pub flags: u64,
+    /// Clicks dropped because a visitor had more than the per-visitor limit.
+    pub clicks_dropped: u64,
+    /// Visitors evicted because the tracked-visitor limit was reached.
+    pub visitors_evicted_capacity: u64,
+}
+
+impl Stats {
+    pub fn applied(&self) -> u64 {
+        self.applied_clicks + self.applied_captures + self.applied_refunds + self.applied_chargebacks
+    }
+
+    pub fn rejections(&self) -> u64 {
+        self.rejected.values().sum()
+    }
+}

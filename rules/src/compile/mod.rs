@@ -1,0 +1,595 @@
+//! Compilation of the raw file into validated rules.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::Range;
+use std::sync::Arc;
+
+use chrono::{DateTime, TimeDelta, Utc};
+
+use crate::error::{ConfigError, Problem};
+use crate::raw::{RawCode, RawConfig, RawLink, RawPartner, RawPayout, RawProgram, S};
+use crate::units::{parse_duration, Currency, Rate};
+
+/// How clicks compete for an order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttributionModel {
+    /// The latest qualifying click wins (default).
+    LastClick,
+    /// The earliest qualifying click wins.
+    FirstClick,
+}
+
+/// Engine-wide limits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EngineSettings {
+    /// How long an applied event id is remembered for duplicate detection.
+    pub dedupe_retention: TimeDelta,
+    /// How far behind the newest event time an event may arrive (watermark lag).
+    pub out_of_order: TimeDelta,
+    /// At most this many clicks are kept per visitor (oldest dropped first).
+    pub max_clicks_per_visitor: usize,
+    /// At most this many visitors are tracked at once (oldest evicted first).
+    pub max_tracked_visitors: usize,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        EngineSettings {
+            dedupe_retention: TimeDelta::days(30),
+            out_of_order: TimeDelta::hours(1),
+            max_clicks_per_visitor: 64,
+            max_tracked_visitors: 5_000_000,
+        }
+    }
+}
+
+/// A brand's affiliate program.
+#[derive(Clone, Debug)]
+pub struct Program {
+    pub id: String,
+    pub currency: Currency,
+    pub rate: Rate,
+    /// Override rates for the credited partner's parent (tier 1), grandparent (tier 2), ...
+    pub overrides: Vec<Rate>,
+    /// Return window: a line becomes eligible this long after the order's last capture.
+    pub hold: TimeDelta,
+    pub auto_approve: bool,
+    pub window: TimeDelta,
+    pub model: AttributionModel,
+    pub code_priority: bool,
+    pub category_rates: HashMap<String, Rate>,
+    /// Promo codes of this program, by normalised code.
+    pub codes: HashMap<String, Code>,
+    /// Fraud detector settings as written (validated by the fraud rules).
+    pub fraud: Option<toml::Table>,
+}
+
+/// Where a partner's money goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PayoutProvider {
+    Paypal,
+    Razorpayx,
+}
+
+/// A partner's payout destination. Never logged in full.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Payout {
+    pub provider: PayoutProvider,
+    pub email: Option<String>,
+    pub vpa: Option<String>,
+    pub account_number: Option<String>,
+    pub ifsc: Option<String>,
+    pub name: Option<String>,
+}
+
+/// A creator, affiliate or agency in one program.
+#[derive(Clone, Debug)]
+pub struct Partner {
+    pub id: String,
+    pub program_id: String,
+    pub parent: Option<String>,
+    pub rate: Option<Rate>,
+    pub category_rates: HashMap<String, Rate>,
+    /// Lower-case hex SHA-256 of the partner's own e-mail addresses.
+    pub email_sha256: HashSet<String>,
+    pub customer_ids: HashSet<String>,
+    pub payout: Option<Payout>,
+}
+
+/// A tracking link (`/r/{id}`).
+#[derive(Clone, Debug)]
+pub struct Link {
+    pub id: String,
+    pub partner_id: String,
+    pub program_id: String,
+    pub destination: Option<String>,
+}
+
+/// A partner's promo code.
+#[derive(Clone, Debug)]
+pub struct Code {
+    /// As configured.
+    pub code: String,
+    /// Trimmed and upper-cased: the matching key.
+    pub normalized: String,
+    pub partner_id: String,
+    pub starts_at: Option<DateTime<Utc>>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub max_uses: Option<u64>,
+}
+
+/// Validated, immutable rules. Cheap to share (`Arc`), replaced as a whole.
+#[derive(Clone, Debug)]
+pub struct Rules {
+    version: u64,
+    engine: EngineSettings,
+    programs: HashMap<String, Arc<Program>>,
+    partners: HashMap<String, Partner>,
+    links: HashMap<String, Link>,
+    file: String,
+    raw: RawConfig,
+}
+
+impl Rules {
+    /// Reads and compiles a rules file.
+    pub fn load(path: &std::path::Path) -> Result<Rules, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Rules::parse(&path.display().to_string(), &text)
+    }
+
+    /// Compiles rules from TOML text; `file` names the source in messages.
+    pub fn parse(file: &str, text: &str) -> Result<Rules, ConfigError> {
+        let raw = parse_raw(file, text)?;
+        compile(file, text, raw, 1)
+    }
+
+    /// Builds the next version of these rules with `snippet` (TOML in the same
+    /// format, e.g. one `[[partners]]` and its `[[links]]`) merged in: entries
+    /// with an existing id (program id, partner id, link id, program + code)
+    /// replace it, others are added. Nothing is changed when the result is
+    /// invalid. Commissions already accrued are never recomputed.
+    pub fn with_update(&self, snippet: &str) -> Result<Rules, ConfigError> {
+        let file = "update";
+        let add = parse_raw(file, snippet)?;
+        let mut merged = self.raw.clone();
+        if add.engine.is_some() {
+            merged.engine = add.engine;
+        }
+        merge(&mut merged.programs, add.programs, |p| p.get_ref().id.get_ref().clone());
+        merge(&mut merged.partners, add.partners, |p| p.get_ref().id.get_ref().clone());
+        merge(&mut merged.links, add.links, |l| l.get_ref().id.get_ref().clone());
+        merge(&mut merged.codes, add.codes, |c| {
+            let c = c.get_ref();
+            format!("{}\u{0}{}", c.partner_id.get_ref(), crate::normalize_code(c.code.get_ref()))
+        });
+        // Positions in the merged config come from two texts; report problems
+        // without line numbers rather than with wrong ones.
+        compile(file, "", merged, self.version + 1)
+    }
+
+    /// Increases with every change; ledger entries record the version they were computed with.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    pub fn engine(&self) -> &EngineSettings {
+        &self.engine
+    }
+
+    pub fn program(&self, id: &str) -> Option<&Arc<Program>> {
+        self.programs.get(id)
+    }
+
+    pub fn programs(&self) -> impl Iterator<Item = &Arc<Program>> {
+        self.programs.values()
+    }
+
+    pub fn partner(&self, id: &str) -> Option<&Partner> {
+        self.partners.get(id)
+    }
+
+    pub fn partners(&self) -> impl Iterator<Item = &Partner> {
+        self.partners.values()
+    }
+
+    pub fn link(&self, id: &str) -> Option<&Link> {
+        self.links.get(id)
+    }
+
+    pub fn links(&self) -> impl Iterator<Item = &Link> {
+        self.links.values()
+    }
+
+    /// The partner's parent, grandparent, ... (at most `limit` of them).
+    pub fn ancestors<'a>(&'a self, partner_id: &str, limit: usize) -> impl Iterator<Item = &'a Partner> + 'a {
+        let mut next = self.partners.get(partner_id).and_then(|p| p.parent.as_deref());
+        let mut left = limit;
+        std::iter::from_fn(move || {
+            if left == 0 {
+                return None;
+            }
+            left -= 1;
+            let p = self.partners.get(next?)?;
+            next = p.parent.as_deref();
+            Some(p)
+        })
+    }
+
+    /// The longest attribution window of any program (clicks older than the
+    /// watermark minus this can never win again).
+    pub fn max_window(&self) -> TimeDelta {
+        self.programs.values().map(|p| p.window).max().unwrap_or_else(TimeDelta::zero)
+    }
+
+    /// The file the rules were read from.
+    pub fn file(&self) -> &str {
+        &self.file
+    }
+}
+
+fn merge<T>(into: &mut Vec<S<T>>, add: Vec<S<T>>, key: impl Fn(&S<T>) -> String) {
+    for item in add {
+        let k = key(&item);
+        match into.iter_mut().find(|e| key(e) == k) {
+            Some(slot) => *slot = item,
+            None => into.push(item),
+        }
+    }
+}
+
+fn parse_raw(file: &str, text: &str) -> Result<RawConfig, ConfigError> {
+    toml::from_str::<RawConfig>(text).map_err(|e| {
+        let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((0, 0));
+        ConfigError::Invalid {
+            file: file.to_string(),
+            problems: vec![Problem {
+                line,
+                column,
+                field: field_of_toml_error(text, e.span()),
+                message: e.message().trim().to_string(),
+            }],
+        }
+    })
+}
+
+/// The key at the start of the offending line, if any (best effort).
+fn field_of_toml_error(text: &str, span: Option<Range<usize>>) -> String {
+    let Some(span) = span else { return "(file)".into() };
+    let start = text[..span.start.min(text.len())].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[start..].lines().next().unwrap_or("");
+    match line.split_once('=') {
+        Some((k, _)) => k.trim().to_string(),
+        None => line.trim().to_string(),
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    if text.is_empty() {
+        return (0, 0);
+    }
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rfind('\n').map_or(before.len(), |i| before.len() - i - 1) + 1;
+    (line, column)
+}
+
+struct Ctx<'a> {
+    text: &'a str,
+    problems: Vec<Problem>,
+}
+
+impl Ctx<'_> {
+    fn err(&mut self, span: Range<usize>, field: impl Into<String>, message: impl Into<String>) {
+        let (line, column) = line_col(self.text, span.start);
+        self.problems.push(Problem { line, column, field: field.into(), message: message.into() });
+    }
+
+    fn rate(&mut self, v: &S<String>, field: impl Into<String>) -> Option<Rate> {
+        v.get_ref().parse::<Rate>().map_err(|m| self.err(v.span(), field, m)).ok()
+    }
+
+    fn duration(&mut self, v: Option<&S<String>>, default: TimeDelta, field: &str) -> TimeDelta {
+        match v {
+            None => default,
+            Some(v) => parse_duration(v.get_ref()).unwrap_or_else(|m| {
+                self.err(v.span(), field, m);
+                default
+            }),
+        }
+    }
+
+    fn id(&mut self, v: &S<String>, field: String) -> String {
+        let s = v.get_ref();
+        if s.trim().is_empty() || s.len() > 128 || s.trim() != s {
+            self.err(v.span(), field, format!("id {s:?} must be 1 to 128 bytes without surrounding spaces"));
+        }
+        s.clone()
+    }
+
+    fn category_rates(&mut self, m: &BTreeMap<String, S<String>>, field: &str) -> HashMap<String, Rate> {
+        m.iter()
+            .filter_map(|(cat, r)| Some((cat.clone(), self.rate(r, format!("{field}.{cat}"))?)))
+            .collect()
+    }
+
+    fn time(&mut self, v: Option<&S<String>>, field: String) -> Option<DateTime<Utc>> {
+        let v = v?;
+        match DateTime::parse_from_rfc3339(v.get_ref()) {
+            Ok(t) => Some(t.with_timezone(&Utc)),
+            Err(e) => {
+                self.err(v.span(), field, format!("{:?} is not an RFC 3339 time with offset: {e}", v.get_ref()));
+                None
+            }
+        }
+    }
+}
+
+fn compile(file: &str, text: &str, raw: RawConfig, version: u64) -> Result<Rules, ConfigError> {
+    let mut cx = Ctx { text, problems: Vec::new() };
+    let engine = compile_engine(&mut cx, &raw);
+
+    let mut programs: HashMap<String, Program> = HashMap::new();
+    for (i, p) in raw.programs.iter().enumerate() {
+        if let Some(prog) = compile_program(&mut cx, i, p) {
+            if programs.contains_key(&prog.id) {
+                cx.err(p.get_ref().id.span(), format!("programs[{i}].id"), format!("duplicate program id {:?}", prog.id));
+            } else {
+                programs.insert(prog.id.clone(), prog);
+            }
+        }
+    }
+
+    let mut partners: HashMap<String, Partner> = HashMap::new();
+    for (i, p) in raw.partners.iter().enumerate() {
+        let f = |name: &str| format!("partners[{i}].{name}");
+        let rp: &RawPartner = p.get_ref();
+        let id = cx.id(&rp.id, f("id"));
+        let program_id = rp.program_id.get_ref().clone();
+        if !programs.contains_key(&program_id) {
+            cx.err(rp.program_id.span(), f("program_id"), format!("unknown program {program_id:?}"));
+        }
+        let rate = rp.rate.as_ref().and_then(|r| cx.rate(r, f("rate")));
+        let category_rates = cx.category_rates(&rp.category_rates, &f("category_rates"));
+        let mut email_sha256 = HashSet::new();
+        for (j, e) in rp.email_sha256.iter().enumerate() {
+            let v = e.get_ref().trim().to_ascii_lowercase();
+            if v.len() != 64 || !v.bytes().all(|b| b.is_ascii_hexdigit()) {
+                cx.err(e.span(), format!("partners[{i}].email_sha256[{j}]"), format!("{:?} is not a hex SHA-256 (64 hex digits)", e.get_ref()));
+            }
+            email_sha256.insert(v);
+        }
+        let customer_ids = rp.customer_ids.iter().map(|c| c.get_ref().clone()).collect();
+        let payout = rp.payout.as_ref().and_then(|po| compile_payout(&mut cx, po, &f("payout")));
+        if partners.contains_key(&id) {
+            cx.err(rp.id.span(), f("id"), format!("duplicate partner id {id:?}"));
+            continue;
+        }
+        let parent = rp.parent.as_ref().map(|s| s.get_ref().clone());
+        partners.insert(
+            id.clone(),
+            Partner { id, program_id, parent, rate, category_rates, email_sha256, customer_ids, payout },
+        );
+    }
+    // Parents: known, in the same program, no cycles.
+    for (i, p) in raw.partners.iter().enumerate() {
+        let rp = p.get_ref();
+        let Some(parent) = &rp.parent else { continue };
+        let field = format!("partners[{i}].parent");
+        match partners.get(parent.get_ref()) {
+            None => cx.err(parent.span(), field, format!("unknown partner {:?}", parent.get_ref())),
+            Some(pp) if pp.program_id != *rp.program_id.get_ref() => cx.err(
+                parent.span(),
+                field,
+                format!("parent {:?} belongs to program {:?}, not {:?}", pp.id, pp.program_id, rp.program_id.get_ref()),
+            ),
+            Some(_) => {
+                let mut seen = HashSet::from([rp.id.get_ref().as_str()]);
+                let mut cur = Some(parent.get_ref().as_str());
+                while let Some(c) = cur {
+                    if !seen.insert(c) {
+                        cx.err(parent.span(), field.clone(), format!("parent chain of {:?} has a cycle through {c:?}", rp.id.get_ref()));
+                        break;
+                    }
+                    cur = partners.get(c).and_then(|x| x.parent.as_deref());
+                }
+            }
+        }
+    }
+
+    let mut links: HashMap<String, Link> = HashMap::new();
+    for (i, l) in raw.links.iter().enumerate() {
+        let rl: &RawLink = l.get_ref();
+        let id = cx.id(&rl.id, format!("links[{i}].id"));
+        if id.contains('/') || id.contains('?') || id.contains('#') {
+            cx.err(rl.id.span(), format!("links[{i}].id"), format!("link id {id:?} must not contain '/', '?' or '#'"));
+        }
+        let Some(partner) = partners.get(rl.partner_id.get_ref()) else {
+            cx.err(rl.partner_id.span(), format!("links[{i}].partner_id"), format!("unknown partner {:?}", rl.partner_id.get_ref()));
+            continue;
+        };
+        if let Some(d) = &rl.destination {
+            let s = d.get_ref();
+            if !(s.starts_with("https://") || s.starts_with("http://")) {
+                cx.err(d.span(), format!("links[{i}].destination"), format!("{s:?} must be an http(s) URL"));
+            }
+        }
+        if links.contains_key(&id) {
+            cx.err(rl.id.span(), format!("links[{i}].id"), format!("duplicate link id {id:?}"));
+            continue;
+        }
+        links.insert(
+            id.clone(),
+            Link {
+                id,
+                partner_id: partner.id.clone(),
+                program_id: partner.program_id.clone(),
+                destination: rl.destination.as_ref().map(|d| d.get_ref().clone()),
+            },
+        );
+    }
+
+    for (i, c) in raw.codes.iter().enumerate() {
+        let rc: &RawCode = c.get_ref();
+        let f = |name: &str| format!("codes[{i}].{name}");
+        let normalized = crate::normalize_code(rc.code.get_ref());
+        if normalized.is_empty() || normalized.len() > 64 {
+            cx.err(rc.code.span(), f("code"), format!("code {:?} must be 1 to 64 characters", rc.code.get_ref()));
+        }
+        let starts_at = cx.time(rc.starts_at.as_ref(), f("starts_at"));
+        let expires_at = cx.time(rc.expires_at.as_ref(), f("expires_at"));
+        if let (Some(s), Some(e), Some(span)) = (starts_at, expires_at, rc.expires_at.as_ref().map(|e| e.span())) {
+            if e <= s {
+                cx.err(span, f("expires_at"), format!("expires_at {e} is not after starts_at {s}"));
+            }
+        }
+        let max_uses = match &rc.max_uses {
+            None => None,
+            Some(m) if *m.get_ref() >= 1 => Some(*m.get_ref() as u64),
+            Some(m) => {
+                cx.err(m.span(), f("max_uses"), format!("max_uses {} must be at least 1", m.get_ref()));
+                None
+            }
+        };
+        let Some(partner) = partners.get(rc.partner_id.get_ref()) else {
+            cx.err(rc.partner_id.span(), f("partner_id"), format!("unknown partner {:?}", rc.partner_id.get_ref()));
+            continue;
+        };
+        let Some(program) = programs.get_mut(&partner.program_id) else { continue };
+        if program.codes.contains_key(&normalized) {
+            cx.err(rc.code.span(), f("code"), format!("duplicate code {:?} in program {:?} (codes match case-insensitively)", rc.code.get_ref(), program.id));
+            continue;
+        }
+        program.codes.insert(
+            normalized.clone(),
+            Code { code: rc.code.get_ref().trim().to_string(), normalized, partner_id: partner.id.clone(), starts_at, expires_at, max_uses },
+        );
+    }
+
+    if !cx.problems.is_empty() {
+        cx.problems.sort_by(|a, b| (a.line, a.column).cmp(&(b.line, b.column)));
+        return Err(ConfigError::Invalid { file: file.to_string(), problems: cx.problems });
+    }
+    Ok(Rules {
+        version,
+        engine,
+        programs: programs.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
+        partners,
+        links,
+        file: file.to_string(),
+        raw,
+    })
+}
+
+fn compile_engine(cx: &mut Ctx<'_>, raw: &RawConfig) -> EngineSettings {
+    let d = EngineSettings::default();
+    let Some(e) = &raw.engine else { return d };
+    let e = e.get_ref();
+    let mut limit = |v: &Option<S<i64>>, default: usize, field: &str, max: i64| match v {
+        None => default,
+        Some(v) if (1..=max).contains(v.get_ref()) => *v.get_ref() as usize,
+        Some(v) => {
+            cx.err(v.span(), field, format!("{} must lie between 1 and {max}", v.get_ref()));
+            default
+        }
+    };
+    let max_clicks_per_visitor = limit(&e.max_clicks_per_visitor, d.max_clicks_per_visitor, "engine.max_clicks_per_visitor", 10_000);
+    let max_tracked_visitors = limit(&e.max_tracked_visitors, d.max_tracked_visitors, "engine.max_tracked_visitors", 1_000_000_000);
+    EngineSettings {
+        dedupe_retention: cx.duration(e.dedupe_retention.as_ref(), d.dedupe_retention, "engine.dedupe_retention"),
+        out_of_order: cx.duration(e.out_of_order.as_ref(), d.out_of_order, "engine.out_of_order"),
+        max_clicks_per_visitor,
+        max_tracked_visitors,
+    }
+}
+
+fn compile_program(cx: &mut Ctx<'_>, i: usize, p: &S<RawProgram>) -> Option<Program> {
+    let rp = p.get_ref();
+    let f = |name: &str| format!("programs[{i}].{name}");
+    let id = cx.id(&rp.id, f("id"));
+    let currency = Currency::from_code(rp.currency.get_ref());
+    if currency.is_none() {
+        cx.err(rp.currency.span(), f("currency"), format!("{:?} is not an ISO 4217 currency code (upper case, e.g. \"USD\")", rp.currency.get_ref()));
+    }
+    let rate = cx.rate(&rp.rate, f("rate"));
+    let overrides: Vec<Option<Rate>> =
+        rp.overrides.iter().enumerate().map(|(j, r)| cx.rate(r, format!("programs[{i}].overrides[{j}]"))).collect();
+    if overrides.len() > 8 {
+        cx.err(p.span(), f("overrides"), format!("{} override tiers; at most 8 are supported", overrides.len()));
+    }
+    let hold = cx.duration(rp.hold.as_ref(), TimeDelta::days(30), &f("hold"));
+    let category_rates = cx.category_rates(&rp.category_rates, &f("category_rates"));
+    let attr = rp.attribution.as_ref().map(|a| a.get_ref().clone()).unwrap_or_default();
+    let window = cx.duration(attr.window.as_ref(), TimeDelta::days(30), &f("attribution.window"));
+    let model = match attr.model.as_ref() {
+        None => AttributionModel::LastClick,
+        Some(m) => match m.get_ref().as_str() {
+            "last_click" => AttributionModel::LastClick,
+            "first_click" => AttributionModel::FirstClick,
+            other => {
+                cx.err(m.span(), f("attribution.model"), format!("{other:?} is not \"last_click\" or \"first_click\""));
+                AttributionModel::LastClick
+            }
+        },
+    };
+    Some(Program {
+        id,
+        currency: currency?,
+        rate: rate?,
+        overrides: overrides.into_iter().collect::<Option<Vec<_>>>()?,
+        hold,
+        auto_approve: rp.auto_approve,
+        window,
+        model,
+        code_priority: attr.code_priority.unwrap_or(true),
+        category_rates,
+        codes: HashMap::new(),
+        fraud: rp.fraud.clone(),
+    })
+}
+
+fn compile_payout(cx: &mut Ctx<'_>, po: &S<RawPayout>, field: &str) -> Option<Payout> {
+    let r = po.get_ref();
+    let get = |v: &Option<S<String>>| v.as_ref().map(|s| s.get_ref().clone());
+    let provider = match r.provider.get_ref().as_str() {
+        "paypal" => PayoutProvider::Paypal,
+        "razorpayx" => PayoutProvider::Razorpayx,
+        other => {
+            cx.err(r.provider.span(), format!("{field}.provider"), format!("{other:?} is not \"paypal\" or \"razorpayx\""));
+            return None;
+        }
+    };
+    let payout = Payout {
+        provider,
+        email: get(&r.email),
+        vpa: get(&r.vpa),
+        account_number: get(&r.account_number),
+        ifsc: get(&r.ifsc),
+        name: get(&r.name),
+    };
+    match provider {
+        PayoutProvider::Paypal if payout.email.as_deref().is_none_or(|e| !e.contains('@')) => {
+            cx.err(po.span(), format!("{field}.email"), "a paypal payout needs an e-mail address");
+        }
+        PayoutProvider::Razorpayx => {
+            let bank = payout.account_number.is_some() && payout.ifsc.is_some();
+            if !bank && payout.vpa.is_none() {
+                cx.err(po.span(), field, "a razorpayx payout needs a UPI `vpa` or a bank `account_number` with `ifsc`");
+            }
+            if let Some(ifsc) = &r.ifsc {
+                let s = ifsc.get_ref();
+                let ok = s.len() == 11 && s.is_char_boundary(4) && s[..4].bytes().all(|b| b.is_ascii_uppercase()) && s.as_bytes()[4] == b'0';
+                if !ok {
+                    cx.err(ifsc.span(), format!("{field}.ifsc"), format!("{s:?} is not an IFSC code (4 letters, 0, 6 characters)"));
+                }
+            }
+        }
+        PayoutProvider::Paypal => {}
+    }
+    Some(payout)
+}
+
+#[cfg(test)]
+mod tests;

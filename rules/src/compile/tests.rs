@@ -1,0 +1,216 @@
+use super::*;
+
+const GOOD: &str = r#"
+[engine]
+dedupe_retention = "7d"
+
+[[programs]]
+id = "acme"
+currency = "USD"
+rate = "10%"
+overrides = ["2%", "1%"]
+hold = "30d"
+[programs.attribution]
+window = "7d"
+model = "first_click"
+code_priority = false
+[programs.category_rates]
+electronics = "4%"
+
+[[partners]]
+id = "agency1"
+program_id = "acme"
+
+[[partners]]
+id = "alice"
+program_id = "acme"
+parent = "agency1"
+rate = "15%"
+category_rates = { shoes = "20%" }
+email_sha256 = ["5E884898DA28047151D0E56F8DC6292773603D0D6AABBDD62A11EF721D1542D8"]
+customer_ids = ["c_77"]
+payout = { provider = "paypal", email = "alice@example.com" }
+
+[[links]]
+id = "alice-summer"
+partner_id = "alice"
+destination = "https://shop.example.com/summer"
+
+[[codes]]
+code = " alice10 "
+partner_id = "alice"
+starts_at = "2026-11-01T00:00:00Z"
+expires_at = "2026-12-31T23:59:59+05:30"
+max_uses = 500
+"#;
+
+#[test]
+fn a_good_file_compiles_with_every_field() {
+    let r = Rules::parse("rules.toml", GOOD).unwrap();
+    assert_eq!(r.version(), 1);
+    assert_eq!(r.engine().dedupe_retention, TimeDelta::days(7));
+    let p = r.program("acme").unwrap();
+    assert_eq!(p.currency.code(), "USD");
+    assert_eq!(p.rate.to_string(), "10%");
+    assert_eq!(p.overrides.len(), 2);
+    assert_eq!(p.model, AttributionModel::FirstClick);
+    assert!(!p.code_priority);
+    assert_eq!(p.window, TimeDelta::days(7));
+    let code = p.codes.get("ALICE10").unwrap();
+    assert_eq!(code.partner_id, "alice");
+    assert_eq!(code.max_uses, Some(500));
+    assert_eq!(code.expires_at.unwrap().to_rfc3339(), "2026-12-31T18:29:59+00:00");
+    let alice = r.partner("alice").unwrap();
+    assert!(alice.email_sha256.contains("5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8"));
+    assert_eq!(r.link("alice-summer").unwrap().program_id, "acme");
+    let chain: Vec<_> = r.ancestors("alice", 5).map(|p| p.id.as_str()).collect();
+    assert_eq!(chain, ["agency1"]);
+}
+
+#[test]
+fn defaults_follow_the_spec() {
+    let r = Rules::parse("r.toml", "[[programs]]\nid='p'\ncurrency='EUR'\nrate='5%'\n").unwrap();
+    let p = r.program("p").unwrap();
+    assert_eq!(p.hold, TimeDelta::days(30));
+    assert_eq!(p.window, TimeDelta::days(30));
+    assert_eq!(p.model, AttributionModel::LastClick);
+    assert!(p.code_priority);
+    assert!(!p.auto_approve);
+    assert_eq!(r.engine().dedupe_retention, TimeDelta::days(30));
+}
+
+/// Checks that `text` is refused with exactly the problems `expect` lists,
+/// as `(line, field, fragment of the message)`.
+fn check(text: &str, expect: &[(usize, &str, &str)]) {
+    let err = Rules::parse("bad.toml", text).expect_err("must be refused");
+    let got = err.problems();
+    assert_eq!(got.len(), expect.len(), "problems: {err}");
+    for ((line, field, frag), p) in expect.iter().zip(got) {
+        assert_eq!((p.line, p.field.as_str()), (*line, *field), "{err}");
+        assert!(p.message.contains(frag), "{:?} lacks {frag:?}", p.message);
+    }
+    let text = err.to_string();
+    assert!(text.contains("bad.toml:"), "{text}");
+}
+
+#[test]
+fn every_problem_is_reported_at_once_with_line_and_field() {
+    check(
+        r#"[[programs]]
+id = "acme"
+currency = "usd"
+rate = "10"
+overrides = ["2%", "x%"]
+hold = "30 days"
+[programs.attribution]
+model = "linear"
+
+[[partners]]
+id = "alice"
+program_id = "nope"
+parent = "ghost"
+email_sha256 = ["abc"]
+
+[[links]]
+id = "l1"
+partner_id = "bob"
+
+[[codes]]
+code = "A"
+partner_id = "alice"
+starts_at = "yesterday"
+max_uses = 0
+"#,
+        &[
+            (3, "programs[0].currency", "\"usd\""),
+            (4, "programs[0].rate", "\"10\""),
+            (5, "programs[0].overrides[1]", "\"x%\""),
+            (6, "programs[0].hold", "\"30 days\""),
+            (8, "programs[0].attribution.model", "\"linear\""),
+            (12, "partners[0].program_id", "\"nope\""),
+            (13, "partners[0].parent", "\"ghost\""),
+            (14, "partners[0].email_sha256[0]", "\"abc\""),
+            (18, "links[0].partner_id", "\"bob\""),
+            (23, "codes[0].starts_at", "\"yesterday\""),
+            (24, "codes[0].max_uses", "0"),
+        ],
+    );
+}
+
+#[test]
+fn duplicates_and_cycles_are_refused() {
+    check(
+        r#"[[programs]]
+id = "p"
+currency = "USD"
+rate = "1%"
+[[partners]]
+id = "a"
+program_id = "p"
+parent = "b"
+[[partners]]
+id = "b"
+program_id = "p"
+parent = "a"
+[[codes]]
+code = "save"
+partner_id = "a"
+[[codes]]
+code = " SAVE "
+partner_id = "b"
+[[links]]
+id = "x"
+partner_id = "a"
+[[links]]
+id = "x"
+partner_id = "b"
+"#,
+        &[
+            (8, "partners[0].parent", "cycle"),
+            (12, "partners[1].parent", "cycle"),
+            (17, "codes[1].code", "duplicate code"),
+            (23, "links[1].id", "duplicate link id"),
+        ],
+    );
+}
+
+#[test]
+fn shape_errors_name_the_line_and_field() {
+    check("[[programs]]\nid = \"p\"\ncurrency = \"USD\"\nrat = \"1%\"\n", &[(4, "rat", "unknown field")]);
+    check("[[programs]]\nid = \"p\"\ncurrency = \"USD\"\nrate = 10\n", &[(4, "rate", "invalid type")]);
+    check("[[programs]\n", &[(1, "[[programs]", "")]);
+}
+
+#[test]
+fn payouts_are_validated_per_provider() {
+    let base = "[[programs]]\nid='p'\ncurrency='INR'\nrate='1%'\n[[partners]]\nid='a'\nprogram_id='p'\n";
+    check(&format!("{base}payout = {{ provider = 'razorpayx' }}\n"), &[(8, "partners[0].payout", "vpa")]);
+    check(&format!("{base}payout = {{ provider = 'razorpayx', account_number = '1', ifsc = 'bad' }}\n"), &[(8, "partners[0].payout.ifsc", "\"bad\"")]);
+    check(&format!("{base}payout = {{ provider = 'wire' }}\n"), &[(8, "partners[0].payout.provider", "\"wire\"")]);
+    Rules::parse("ok", &format!("{base}payout = {{ provider = 'razorpayx', vpa = 'a@upi' }}\n")).unwrap();
+    Rules::parse("ok", &format!("{base}payout = {{ provider = 'razorpayx', account_number = '123', ifsc = 'HDFC0001234' }}\n")).unwrap();
+}
+
+#[test]
+fn updates_add_and_replace_without_touching_the_rest() {
+    let r = Rules::parse("rules.toml", GOOD).unwrap();
+    let r2 = r
+        .with_update(
+            "[[partners]]\nid='bob'\nprogram_id='acme'\nparent='alice'\n[[links]]\nid='bob-1'\npartner_id='bob'\n[[codes]]\ncode='BOB5'\npartner_id='bob'\n",
+        )
+        .unwrap();
+    assert_eq!(r2.version(), 2);
+    assert_eq!(r2.link("bob-1").unwrap().partner_id, "bob");
+    assert!(r2.program("acme").unwrap().codes.contains_key("BOB5"));
+    assert!(r2.program("acme").unwrap().codes.contains_key("ALICE10"));
+    let chain: Vec<_> = r2.ancestors("bob", 5).map(|p| p.id.as_str()).collect();
+    assert_eq!(chain, ["alice", "agency1"]);
+    // Replace alice's rate.
+    let r3 = r2.with_update("[[partners]]\nid='alice'\nprogram_id='acme'\nrate='12%'\n").unwrap();
+    assert_eq!(r3.partner("alice").unwrap().rate.unwrap().to_string(), "12%");
+    assert_eq!(r3.version(), 3);
+    // An invalid update changes nothing and says why.
+    let err = r3.with_update("[[links]]\nid='z'\npartner_id='nobody'\n").unwrap_err();
+    assert!(err.to_string().contains("unknown partner \"nobody\""), "{err}");
+    assert!(r3.link("z").is_none());
+}

@@ -1,0 +1,106 @@
+//! The rules file as written: every field keeps its position in the file so
+//! that validation can name the line of each problem.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+pub(crate) type S<T> = Spanned<T>;
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawConfig {
+    #[serde(default)]
+    pub(crate) engine: Option<S<RawEngine>>,
+    #[serde(default)]
+    pub(crate) programs: Vec<S<RawProgram>>,
+    #[serde(default)]
+    pub(crate) partners: Vec<S<RawPartner>>,
+    #[serde(default)]
+    pub(crate) links: Vec<S<RawLink>>,
+    #[serde(default)]
+    pub(crate) codes: Vec<S<RawCode>>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawEngine {
+    pub(crate) dedupe_retention: Option<S<String>>,
+    /// How far behind the newest event time an event may arrive and still
+    /// find the clicks it needs (watermark lag).
+    pub(crate) out_of_order: Option<S<String>>,
+    pub(crate) max_clicks_per_visitor: Option<S<i64>>,
+    pub(crate) max_tracked_visitors: Option<S<i64>>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawProgram {
+    pub(crate) id: S<String>,
+    pub(crate) currency: S<String>,
+    pub(crate) rate: S<String>,
+    #[serde(default)]
+    pub(crate) overrides: Vec<S<String>>,
+    pub(crate) hold: Option<S<String>>,
+    #[serde(default)]
+    pub(crate) auto_approve: bool,
+    pub(crate) attribution: Option<S<RawAttribution>>,
+    #[serde(default)]
+    pub(crate) category_rates: BTreeMap<String, S<String>>,
+    /// Fraud detector settings, validated by the fraud rules.
+    pub(crate) fraud: Option<toml::Table>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAttribution {
+    pub(crate) window: Option<S<String>>,
+    pub(crate) model: Option<S<String>>,
+    pub(crate) code_priority: Option<bool>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPartner {
+    pub(crate) id: S<String>,
+    pub(crate) program_id: S<String>,
+    pub(crate) parent: Option<S<String>>,
+    pub(crate) rate: Option<S<String>>,
+    #[serde(default)]
+    pub(crate) category_rates: BTreeMap<String, S<String>>,
+    #[serde(default)]
+    pub(crate) email_sha256: Vec<S<String>>,
+    #[serde(default)]
+    pub(crate) customer_ids: Vec<S<String>>,
+    pub(crate) payout: Option<S<RawPayout>>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPayout {
+    pub(crate) provider: S<String>,
+    pub(crate) email: Option<S<String>>,
+    pub(crate) vpa: Option<S<String>>,
+    pub(crate) account_number: Option<S<String>>,
+    pub(crate) ifsc: Option<S<String>>,
+    pub(crate) name: Option<S<String>>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLink {
+    pub(crate) id: S<String>,
+    pub(crate) partner_id: S<String>,
+    pub(crate) destination: Option<S<String>>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCode {
+    pub(crate) code: S<String>,
+    pub(crate) partner_id: S<String>,
+    pub(crate) starts_at: Option<S<String>>,
+    pub(crate) expires_at: Option<S<String>>,
+    pub(crate) max_uses: Option<S<i64>>,
+}
