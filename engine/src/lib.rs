@@ -1,1 +1,29 @@
+//! Afflio engine: a pure, deterministic state machine. Events go in
+//! ([`Engine::apply`]); ledger entries, applied clicks, fraud flags and
+//! rejections come out ([`Engine::take_output`]), and order and line state can
+//! be read at any time.
+//!
+//! Invariants: the engine does no I/O and reads no clock (event time drives
+//! windows and lifecycle); every map and window is bounded by the rules'
+//! `[engine]` limits; a line's net is never below zero and is exactly zero
+//! after a full refund; the ledger's sum equals the lines' sum.
 
+mod dedupe;
+mod engine;
+mod event;
+mod money;
+mod output;
+mod sessions;
+mod state;
+
+pub use afflio_rules as rules;
+pub use engine::{Engine, MemoryReport};
+pub use event::{fingerprint, Body, Capture, Click, Customer, Event, EventType, Item, Refund};
+pub use money::round_money;
+pub use output::{
+    Arrival, AttributionKind, ClickRow, EntryKind, Flag, LedgerEntry, Outcome, Output, Reason, Rejection, Stats,
+};
+pub use state::{CodeIssue, Credit, Line, LineStatus, Order};
+
+#[cfg(test)]
+mod tests;

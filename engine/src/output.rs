@@ -83,7 +83,7 @@ pub struct Rejection {
 }
 
 /// How the event arrived, for rejection rows.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 pub struct Arrival<'a> {
     pub ts: DateTime<Utc>,
     pub origin: &'a dyn fmt::Display,

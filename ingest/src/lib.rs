@@ -1,1 +1,11 @@
+//! Afflio ingest: turns event text (one JSON object, or JSON Lines) into
+//! engine [`Event`]s, borrowing strings from the input where it can. What
+//! cannot be decoded becomes a [`DecodeError`] with the reason (`malformed` or
+//! `invalid_amount`), the field at fault and, where it could be read, the
+//! event id, so that the caller can keep it as a rejection.
 
+mod decode;
+mod jsonl;
+
+pub use decode::{decode_event, parse_money, DecodeError, LIMITS};
+pub use jsonl::{JsonLines, Line};

@@ -1,0 +1,665 @@
+//! The engine: a deterministic state machine from events to effects.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use afflio_rules::{normalize_code, AttributionModel, Program, Rules};
+use chrono::{DateTime, TimeDelta, Utc};
+use hashbrown::HashMap;
+use rust_decimal::Decimal;
+
+use crate::dedupe::{Check, Dedupe};
+use crate::event::{fingerprint, Body, Capture, Click, Event, Item, Refund};
+use crate::money::{check_amount, round_money};
+use crate::output::{
+    Arrival, AttributionKind, ClickRow, EntryKind, Flag, LedgerEntry, Outcome, Output, Reason, Rejection, Stats,
+};
+use crate::sessions::{ClickRec, Sessions};
+use crate::state::{CodeIssue, Credit, Line, LineStatus, Order};
+
+/// A rejection found while validating, before anything was changed.
+struct Reject {
+    reason: Reason,
+    field: &'static str,
+    detail: String,
+}
+
+fn reject(reason: Reason, field: &'static str, detail: String) -> Reject {
+    Reject { reason, field, detail }
+}
+
+/// Interned names (programs, partners, links): small, bounded by the rules.
+#[derive(Debug, Default, Clone)]
+struct Names {
+    index: HashMap<Arc<str>, u32>,
+    names: Vec<Arc<str>>,
+}
+
+impl Names {
+    fn intern(&mut self, s: &str) -> u32 {
+        if let Some(i) = self.index.get(s) {
+            return *i;
+        }
+        let a: Arc<str> = s.into();
+        let i = self.names.len() as u32;
+        self.names.push(a.clone());
+        self.index.insert(a, i);
+        i
+    }
+
+    fn get(&self, s: &str) -> Option<u32> {
+        self.index.get(s).copied()
+    }
+
+    fn name(&self, i: u32) -> &Arc<str> {
+        &self.names[i as usize]
+    }
+}
+
+/// Turns events into ledger entries, order and line state, flags and
+/// rejections. Does no I/O and reads no clock: the same events in the same
+/// order always give the same effects.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    rules: Arc<Rules>,
+    dedupe: Dedupe,
+    sessions: Sessions,
+    names: Names,
+    orders: Vec<Order>,
+    /// (program, order id) -> index in `orders`.
+    order_index: HashMap<u32, HashMap<Box<str>, u32>>,
+    /// (program, normalised code) -> orders credited through it.
+    code_uses: HashMap<u32, HashMap<Box<str>, u64>>,
+    seq: u64,
+    watermark: Option<i64>,
+    next_sweep: i64,
+    stats: Stats,
+    out: Output,
+}
+
+const MICROS_PER_SEC: i64 = 1_000_000;
+
+fn micros(d: TimeDelta) -> i64 {
+    d.num_microseconds().unwrap_or(i64::MAX / 4)
+}
+
+impl Engine {
+    pub fn new(rules: Arc<Rules>) -> Engine {
+        let e = rules.engine();
+        let sessions = Sessions::new(e.max_clicks_per_visitor, e.max_tracked_visitors);
+        Engine {
+            rules,
+            dedupe: Dedupe::default(),
+            sessions,
+            names: Names::default(),
+            orders: Vec::new(),
+            order_index: HashMap::new(),
+            code_uses: HashMap::new(),
+            seq: 0,
+            watermark: None,
+            next_sweep: i64::MIN,
+            stats: Stats::default(),
+            out: Output::default(),
+        }
+    }
+
+    /// Swaps the rules. Commissions already accrued stay as they are; later
+    /// events are computed with the new rules (and record their version).
+    pub fn set_rules(&mut self, rules: Arc<Rules>) {
+        let e = rules.engine();
+        self.sessions.set_limits(e.max_clicks_per_visitor, e.max_tracked_visitors);
+        self.rules = rules;
+    }
+
+    pub fn rules(&self) -> &Arc<Rules> {
+        &self.rules
+    }
+
+    /// The newest applied event time.
+    pub fn watermark(&self) -> Option<DateTime<Utc>> {
+        self.watermark.and_then(DateTime::from_timestamp_micros)
+    }
+
+    pub fn stats(&self) -> Stats {
+        let mut s = self.stats.clone();
+        s.clicks_dropped = self.sessions.clicks_dropped;
+        s.visitors_evicted_capacity = self.sessions.evicted_capacity;
+        s
+    }
+
+    /// Sizes of the bounded state, for metrics.
+    pub fn memory(&self) -> MemoryReport {
+        MemoryReport {
+            visitors: self.sessions.visitors(),
+            clicks: self.sessions.tracked_clicks(),
+            dedupe_ids: self.dedupe.len(),
+            orders: self.orders.len(),
+        }
+    }
+
+    /// Takes the rows produced since the last call.
+    pub fn take_output(&mut self) -> Output {
+        std::mem::take(&mut self.out)
+    }
+
+    /// Rows produced and not yet taken.
+    pub fn pending_output(&self) -> &Output {
+        &self.out
+    }
+
+    /// Orders in the order of their first capture.
+    pub fn orders(&self) -> &[Order] {
+        &self.orders
+    }
+
+    pub fn order(&self, program_id: &str, order_id: &str) -> Option<&Order> {
+        let p = self.names.get(program_id)?;
+        let i = *self.order_index.get(&p)?.get(order_id)?;
+        Some(&self.orders[i as usize])
+    }
+
+    /// The status of an order's lines as of `as_of` (event time in replays).
+    pub fn line_status(&self, order: &Order, as_of: DateTime<Utc>) -> LineStatus {
+        if !order.flags.is_empty() {
+            return LineStatus::Pending;
+        }
+        let auto = self.rules.program(&order.program_id).is_some_and(|p| p.auto_approve);
+        if auto && as_of >= order.eligible_at {
+            LineStatus::Approved
+        } else {
+            LineStatus::Pending
+        }
+    }
+
+    /// Records an event that could not be decoded (`malformed`, or an amount
+    /// that is not a decimal) so that it is kept with its reason.
+    pub fn reject_undecodable(
+        &mut self,
+        raw: &str,
+        event_id: Option<&str>,
+        reason: Reason,
+        field: Option<&str>,
+        detail: String,
+        arrival: Arrival<'_>,
+    ) -> Outcome {
+        self.stats.events += 1;
+        self.push_rejection(Rejection {
+            event_id: event_id.map(str::to_string),
+            arrival: arrival.ts,
+            event_ts: None,
+            reason,
+            field: field.map(str::to_string),
+            detail,
+            raw: raw.to_string(),
+            origin: arrival.origin.to_string(),
+        })
+    }
+
+    fn push_rejection(&mut self, r: Rejection) -> Outcome {
+        let reason = r.reason;
+        *self.stats.rejected.entry(reason).or_default() += 1;
+        self.out.rejections.push(r);
+        Outcome::Rejected(reason)
+    }
+
+    /// Applies one event. `raw` is its text as received, kept if it is rejected.
+    pub fn apply(&mut self, e: &Event<'_>, raw: &str, arrival: Arrival<'_>) -> Outcome {
+        self.stats.events += 1;
+        match self.validate_and_apply(e) {
+            Ok(Outcome::Duplicate) => {
+                self.stats.duplicates += 1;
+                Outcome::Duplicate
+            }
+            Ok(o) => o,
+            Err(r) => self.push_rejection(Rejection {
+                event_id: Some(e.event_id.to_string()),
+                arrival: arrival.ts,
+                event_ts: Some(e.ts),
+                reason: r.reason,
+                field: Some(r.field.to_string()),
+                detail: r.detail,
+                raw: raw.to_string(),
+                origin: arrival.origin.to_string(),
+            }),
+        }
+    }
+
+    fn validate_and_apply(&mut self, e: &Event<'_>) -> Result<Outcome, Reject> {
+        let fp = fingerprint(e);
+        match self.dedupe.check(&e.event_id, fp) {
+            Check::Duplicate => return Ok(Outcome::Duplicate),
+            Check::Conflict => {
+                return Err(reject(
+                    Reason::IdempotencyConflict,
+                    "event_id",
+                    format!("event_id {:?} was applied before with different content", e.event_id),
+                ))
+            }
+            Check::New => {}
+        }
+        let ts = e.ts.timestamp_micros();
+        let retention = self.rules.engine().dedupe_retention;
+        if let Some(wm) = self.watermark {
+            if ts < wm.saturating_sub(micros(retention)) {
+                return Err(reject(
+                    Reason::LateEvent,
+                    "ts",
+                    format!(
+                        "ts {} is more than dedupe_retention ({}) behind the newest event time {}",
+                        e.ts.to_rfc3339(),
+                        afflio_rules::format_duration(retention),
+                        self.watermark().map(|w| w.to_rfc3339()).unwrap_or_default()
+                    ),
+                ));
+            }
+        }
+        let rules = Arc::clone(&self.rules);
+        let Some(program) = rules.program(&e.program_id) else {
+            return Err(reject(Reason::UnknownProgram, "program_id", format!("program_id {:?} names no configured program", e.program_id)));
+        };
+        match &e.body {
+            Body::Click(c) => self.apply_click(e, c, &rules, program)?,
+            Body::Capture(c) => self.apply_capture(e, c, &rules, program)?,
+            Body::Refund(r) => self.apply_refund(e, r, &rules, program)?,
+        }
+        // Applied: remember the id, move the watermark.
+        self.seq += 1;
+        self.dedupe.insert(&e.event_id, fp, ts);
+        self.advance(ts);
+        Ok(Outcome::Applied)
+    }
+
+    fn advance(&mut self, ts: i64) {
+        let wm = self.watermark.map_or(ts, |w| w.max(ts));
+        self.watermark = Some(wm);
+        let cfg = self.rules.engine();
+        self.dedupe.evict_before(wm.saturating_sub(micros(cfg.dedupe_retention)));
+        if wm >= self.next_sweep {
+            let horizon = micros(self.rules.max_window()).saturating_add(micros(cfg.out_of_order));
+            self.sessions.evict_before(wm.saturating_sub(horizon));
+            self.next_sweep = wm.saturating_add((horizon / 16).max(60 * MICROS_PER_SEC));
+        }
+    }
+
+    fn apply_click(&mut self, e: &Event<'_>, c: &Click<'_>, rules: &Rules, program: &Program) -> Result<(), Reject> {
+        let Some(link) = rules.link(&c.link_id) else {
+            return Err(reject(Reason::UnknownLink, "link_id", format!("link_id {:?} names no configured link", c.link_id)));
+        };
+        if link.program_id != program.id {
+            return Err(reject(
+                Reason::UnknownLink,
+                "link_id",
+                format!("link_id {:?} belongs to program {:?}, not {:?}", c.link_id, link.program_id, program.id),
+            ));
+        }
+        let rec = ClickRec {
+            ts: e.ts.timestamp_micros(),
+            seq: self.seq,
+            link: self.names.intern(&link.id),
+            partner: self.names.intern(&link.partner_id),
+            program: self.names.intern(&program.id),
+        };
+        self.sessions.record(&c.visitor_id, rec);
+        self.stats.applied_clicks += 1;
+        let own = |v: &Option<Cow<'_, str>>| v.as_deref().map(str::to_string);
+        self.out.clicks.push(ClickRow {
+            event_id: e.event_id.to_string(),
+            ts: e.ts,
+            program_id: self.names.name(rec.program).clone(),
+            link_id: self.names.name(rec.link).clone(),
+            partner_id: self.names.name(rec.partner).clone(),
+            visitor_id: c.visitor_id.to_string(),
+            ip: own(&c.ip),
+            user_agent: own(&c.user_agent),
+            landing_url: own(&c.landing_url),
+            sub_id: own(&c.sub_id),
+        });
+        Ok(())
+    }
+
+    fn check_money(program: &Program, currency: &str, amount: Decimal, items: &Option<Vec<Item<'_>>>) -> Result<(), Reject> {
+        if currency != program.currency.code() {
+            return Err(reject(
+                Reason::CurrencyMismatch,
+                "currency",
+                format!("currency {currency:?} is not the program's currency {:?}", program.currency.code()),
+            ));
+        }
+        check_amount(amount, false).map_err(|m| reject(Reason::InvalidAmount, "amount", format!("amount {m}")))?;
+        if let Some(items) = items {
+            let mut sum = Decimal::ZERO;
+            for (i, it) in items.iter().enumerate() {
+                check_amount(it.amount, true)
+                    .map_err(|m| reject(Reason::InvalidAmount, "items.amount", format!("items[{i}].amount {m}")))?;
+                sum += it.amount;
+            }
+            if sum != amount {
+                return Err(reject(
+                    Reason::ItemsMismatch,
+                    "items",
+                    format!("item amounts sum to {sum}, not to amount {amount}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_capture(&mut self, e: &Event<'_>, c: &Capture<'_>, rules: &Rules, program: &Program) -> Result<(), Reject> {
+        Self::check_money(program, &c.currency, c.amount, &c.items)?;
+        // Validated: from here on nothing can fail.
+        let prog = self.names.intern(&program.id);
+        let existing = self.order_index.get(&prog).and_then(|m| m.get(c.order_id.as_ref())).copied();
+        let idx = match existing {
+            Some(i) => i as usize,
+            None => self.open_order(e, c, rules, program, prog),
+        };
+        let order = &mut self.orders[idx];
+        order.captured += c.amount;
+        order.captures += 1;
+        if e.ts > order.last_capture_ts {
+            order.last_capture_ts = e.ts;
+        }
+        order.eligible_at = order.last_capture_ts + program.hold;
+        self.stats.applied_captures += 1;
+        self.accrue(idx, e, c, rules, program);
+        Ok(())
+    }
+
+    /// The first capture of an order: decides attribution, once.
+    fn open_order(&mut self, e: &Event<'_>, c: &Capture<'_>, rules: &Rules, program: &Program, prog: u32) -> usize {
+        let ts = e.ts;
+        // 1. Promo codes, in typed order.
+        let mut codes: Vec<Box<str>> = Vec::with_capacity(c.codes.len());
+        let mut issues = Vec::new();
+        let mut valid: Vec<&afflio_rules::Code> = Vec::new();
+        for typed in &c.codes {
+            let norm = normalize_code(typed);
+            if norm.is_empty() || codes.iter().any(|k| **k == *norm) {
+                continue;
+            }
+            codes.push(norm.clone().into());
+            let issue = match program.codes.get(&norm) {
+                None => Some(CodeIssue::Unknown),
+                Some(code) if code.starts_at.is_some_and(|s| ts < s) => Some(CodeIssue::NotStarted),
+                Some(code) if code.expires_at.is_some_and(|x| ts >= x) => Some(CodeIssue::Expired),
+                Some(code) if code.max_uses.is_some_and(|m| self.code_uses(prog, &norm) >= m) => Some(CodeIssue::Exhausted),
+                Some(code) => {
+                    valid.push(code);
+                    None
+                }
+            };
+            if let Some(issue) = issue {
+                issues.push((norm.into_boxed_str(), issue));
+            }
+        }
+        let by_code = valid.first().map(|code| Credit {
+            kind: AttributionKind::Code,
+            source: code.code.as_str().into(),
+            partner_id: code.partner_id.as_str().into(),
+        });
+        // 2. Link clicks of this visitor in the window.
+        let by_click = c.visitor_id.as_deref().and_then(|v| self.winning_click(v, prog, ts, program));
+        // 3. Priority.
+        let credit = if program.code_priority { by_code.or(by_click) } else { by_click.or(by_code) };
+        match credit.as_ref().map(|c| c.kind) {
+            Some(AttributionKind::Code) => {
+                self.stats.orders_by_code += 1;
+                let norm = normalize_code(&credit.as_ref().map(|c| c.source.to_string()).unwrap_or_default());
+                *self.code_uses.entry(prog).or_default().entry(norm.into_boxed_str()).or_default() += 1;
+            }
+            Some(AttributionKind::Link) => self.stats.orders_by_link += 1,
+            None => self.stats.orders_unattributed += 1,
+        }
+        // Lines: the credited partner (tier 0) and its ancestors for each override tier.
+        let mut lines = Vec::new();
+        if let Some(cr) = &credit {
+            lines.push(Line { partner_id: cr.partner_id.clone(), tier: 0, accrued: Decimal::ZERO, net: Decimal::ZERO });
+            for (i, anc) in rules.ancestors(&cr.partner_id, program.overrides.len()).enumerate() {
+                lines.push(Line { partner_id: anc.id.as_str().into(), tier: (i + 1) as u8, accrued: Decimal::ZERO, net: Decimal::ZERO });
+            }
+        }
+        let program_id = self.names.name(prog).clone();
+        let mut order = Order {
+            program_id: program_id.clone(),
+            order_id: c.order_id.as_ref().into(),
+            currency: program.currency,
+            first_capture_ts: ts,
+            last_capture_ts: ts,
+            eligible_at: ts + program.hold,
+            credit,
+            captured: Decimal::ZERO,
+            refunded: Decimal::ZERO,
+            chargeback_amount: Decimal::ZERO,
+            chargeback: false,
+            codes,
+            code_issues: issues,
+            flags: Vec::new(),
+            lines,
+            captures: 0,
+            refunds: 0,
+        };
+        // Deterministic fraud rules, decided with the attribution.
+        let mut flags = Vec::new();
+        if let Some(cr) = &order.credit {
+            if let Some(detail) = self_referral(rules, &cr.partner_id, c) {
+                flags.push(("self_referral", 1.0, detail));
+            }
+            let mut partners: Vec<&str> = valid.iter().map(|v| v.partner_id.as_str()).collect();
+            partners.dedup();
+            partners.sort_unstable();
+            partners.dedup();
+            if partners.len() >= 2 {
+                let codes: Vec<&str> = valid.iter().map(|v| v.code.as_str()).collect();
+                flags.push((
+                    "coupon_stacking",
+                    1.0,
+                    format!("valid codes of {} partners on one order: {} (partners {})", partners.len(), codes.join(", "), partners.join(", ")),
+                ));
+            }
+            for (rule, score, detail) in flags {
+                order.flags.push(rule);
+                self.stats.flags += 1;
+                self.out.flags.push(Flag {
+                    program_id: program_id.clone(),
+                    order_id: c.order_id.to_string(),
+                    partner_id: cr.partner_id.clone(),
+                    rule,
+                    score,
+                    detail,
+                    ts,
+                    event_id: e.event_id.to_string(),
+                });
+            }
+        }
+        let idx = self.orders.len();
+        self.orders.push(order);
+        self.order_index.entry(prog).or_default().insert(c.order_id.as_ref().into(), idx as u32);
+        idx
+    }
+
+    fn code_uses(&self, prog: u32, norm: &str) -> u64 {
+        self.code_uses.get(&prog).and_then(|m| m.get(norm)).copied().unwrap_or(0)
+    }
+
+    fn winning_click(&self, visitor: &str, prog: u32, ts: DateTime<Utc>, program: &Program) -> Option<Credit> {
+        let t = ts.timestamp_micros();
+        let from = t.saturating_sub(micros(program.window));
+        let candidates = self.sessions.clicks(visitor).iter().filter(|c| c.program == prog && c.ts >= from && c.ts <= t);
+        let best = match program.model {
+            AttributionModel::LastClick => candidates.max_by_key(|c| (c.ts, c.seq)),
+            AttributionModel::FirstClick => candidates.min_by_key(|c| (c.ts, std::cmp::Reverse(c.seq))),
+        }?;
+        Some(Credit {
+            kind: AttributionKind::Link,
+            source: self.names.name(best.link).clone(),
+            partner_id: self.names.name(best.partner).clone(),
+        })
+    }
+
+    fn accrue(&mut self, idx: usize, e: &Event<'_>, c: &Capture<'_>, rules: &Rules, program: &Program) {
+        let order = &mut self.orders[idx];
+        let Some(credit) = order.credit.clone() else { return };
+        for line in &mut order.lines {
+            let (exact, rate) = if line.tier == 0 {
+                tier0_commission(rules, program, &line.partner_id, c.amount, &c.items)
+            } else {
+                let r = program.overrides.get(usize::from(line.tier) - 1).map_or(Decimal::ZERO, |r| r.fraction());
+                (c.amount * r, Some(r))
+            };
+            let amount = round_money(exact, order.currency);
+            line.accrued += amount;
+            line.net += amount;
+            self.stats.ledger_entries += 1;
+            self.out.ledger.push(LedgerEntry {
+                entry_id: format!("{}:{}", e.event_id, line.tier),
+                event_id: e.event_id.to_string(),
+                ts: e.ts,
+                program_id: order.program_id.clone(),
+                order_id: c.order_id.to_string(),
+                partner_id: line.partner_id.clone(),
+                tier: line.tier,
+                kind: EntryKind::Accrual,
+                basis: c.amount,
+                amount,
+                currency: order.currency,
+                attribution: credit.kind,
+                source: credit.source.clone(),
+                eligible_at: order.eligible_at,
+                rate,
+                rules_version: rules.version(),
+            });
+        }
+    }
+
+    fn apply_refund(&mut self, e: &Event<'_>, r: &Refund<'_>, rules: &Rules, program: &Program) -> Result<(), Reject> {
+        Self::check_money(program, &r.currency, r.amount, &r.items)?;
+        let prog = self.names.get(&program.id);
+        let idx = prog
+            .and_then(|p| self.order_index.get(&p))
+            .and_then(|m| m.get(r.order_id.as_ref()))
+            .copied()
+            .ok_or_else(|| {
+                reject(Reason::UnknownOrder, "order_id", format!("order_id {:?} has no capture in program {:?}", r.order_id, program.id))
+            })? as usize;
+        let order = &mut self.orders[idx];
+        let open = order.captured - order.refunded;
+        if r.amount > open {
+            return Err(reject(
+                Reason::RefundExceedsCapture,
+                "amount",
+                format!("amount {} exceeds what is captured and not yet refunded ({open} of {})", r.amount, order.captured),
+            ));
+        }
+        // Validated: apply.
+        order.refunded += r.amount;
+        order.refunds += 1;
+        if r.chargeback {
+            order.chargeback = true;
+            order.chargeback_amount += r.amount;
+            self.stats.applied_chargebacks += 1;
+        } else {
+            self.stats.applied_refunds += 1;
+        }
+        let full = order.fully_refunded();
+        let Some(credit) = order.credit.clone() else { return Ok(()) };
+        for line in &mut order.lines {
+            let share = if full {
+                line.net
+            } else {
+                round_money(r.amount * line.accrued / order.captured, order.currency).min(line.net)
+            };
+            let amount = -share;
+            line.net += amount;
+            debug_assert!(!line.net.is_sign_negative() || line.net.is_zero(), "line net below zero");
+            debug_assert!(!full || line.net.is_zero(), "fully refunded line not zero");
+            self.stats.ledger_entries += 1;
+            self.out.ledger.push(LedgerEntry {
+                entry_id: format!("{}:{}", e.event_id, line.tier),
+                event_id: e.event_id.to_string(),
+                ts: e.ts,
+                program_id: order.program_id.clone(),
+                order_id: r.order_id.to_string(),
+                partner_id: line.partner_id.clone(),
+                tier: line.tier,
+                kind: EntryKind::Reversal,
+                basis: -r.amount,
+                amount,
+                currency: order.currency,
+                attribution: credit.kind,
+                source: credit.source.clone(),
+                eligible_at: order.eligible_at,
+                rate: None,
+                rules_version: rules.version(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Tier-0 commission before rounding, and the rate when one rate applies to
+/// the whole amount. First match wins: partner's category rate, partner's
+/// rate, program's category rate, program's rate.
+fn tier0_commission(
+    rules: &Rules,
+    program: &Program,
+    partner_id: &str,
+    amount: Decimal,
+    items: &Option<Vec<Item<'_>>>,
+) -> (Decimal, Option<Decimal>) {
+    let partner = rules.partner(partner_id).filter(|p| p.program_id == program.id);
+    let rate_for = |category: Option<&str>| -> Decimal {
+        let cat = category.and_then(|c| {
+            partner.and_then(|p| p.category_rates.get(c)).or_else(|| {
+                // Partner's own rate beats the program's category rate.
+                if partner.and_then(|p| p.rate).is_some() {
+                    None
+                } else {
+                    program.category_rates.get(c)
+                }
+            })
+        });
+        cat.copied().or_else(|| partner.and_then(|p| p.rate)).unwrap_or(program.rate).fraction()
+    };
+    match items {
+        Some(items) if !items.is_empty() => {
+            let mut total = Decimal::ZERO;
+            let mut rates = items.iter().map(|it| {
+                let r = rate_for(it.category.as_deref());
+                total += it.amount * r;
+                r
+            });
+            let first = rates.next();
+            let uniform = rates.all(|r| Some(r) == first);
+            (total, if uniform { first } else { None })
+        }
+        _ => {
+            let r = rate_for(None);
+            (amount * r, Some(r))
+        }
+    }
+}
+
+fn self_referral(rules: &Rules, partner_id: &str, c: &Capture<'_>) -> Option<String> {
+    let partner = rules.partner(partner_id)?;
+    let cu = c.customer.as_ref()?;
+    if let Some(h) = cu.email_sha256.as_deref() {
+        if partner.email_sha256.contains(&h.trim().to_ascii_lowercase()) {
+            return Some(format!("customer email_sha256 {}… is an identity of partner {partner_id:?}", &h.trim()[..h.trim().len().min(12)]));
+        }
+    }
+    if let Some(id) = cu.id.as_deref() {
+        if partner.customer_ids.contains(id) {
+            return Some(format!("customer id {id:?} is an identity of partner {partner_id:?}"));
+        }
+    }
+    None
+}
+
+/// Sizes of the engine's bounded state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryReport {
+    pub visitors: usize,
+    pub clicks: usize,
+    pub dedupe_ids: usize,
+    pub orders: usize,
+}

@@ -1,0 +1,102 @@
+//! Per-order state: attribution, totals, commission lines.
+
+use std::sync::Arc;
+
+use afflio_rules::Currency;
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+
+use crate::output::AttributionKind;
+
+/// Why a typed promo code did not credit the order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CodeIssue {
+    Unknown,
+    NotStarted,
+    Expired,
+    Exhausted,
+}
+
+impl CodeIssue {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CodeIssue::Unknown => "code_unknown",
+            CodeIssue::NotStarted => "code_not_started",
+            CodeIssue::Expired => "code_expired",
+            CodeIssue::Exhausted => "code_exhausted",
+        }
+    }
+}
+
+/// Who an order is credited to, and through what.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Credit {
+    pub kind: AttributionKind,
+    /// The link id, or the code as configured.
+    pub source: Arc<str>,
+    pub partner_id: Arc<str>,
+}
+
+/// One (order, partner, tier) commission line.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Line {
+    pub partner_id: Arc<str>,
+    pub tier: u8,
+    /// Sum of accrual entries.
+    pub accrued: Decimal,
+    /// Sum of all entries (accruals and reversals); never below zero.
+    pub net: Decimal,
+}
+
+/// An order as the engine knows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Order {
+    pub program_id: Arc<str>,
+    pub order_id: Box<str>,
+    pub currency: Currency,
+    pub first_capture_ts: DateTime<Utc>,
+    pub last_capture_ts: DateTime<Utc>,
+    /// Last capture + the program's hold.
+    pub eligible_at: DateTime<Utc>,
+    pub credit: Option<Credit>,
+    pub captured: Decimal,
+    /// Refunded and charged back.
+    pub refunded: Decimal,
+    pub chargeback_amount: Decimal,
+    pub chargeback: bool,
+    /// Codes typed at the first capture, normalised.
+    pub codes: Vec<Box<str>>,
+    /// Codes present but not valid, in typed order.
+    pub code_issues: Vec<(Box<str>, CodeIssue)>,
+    /// Fraud rules that flagged this order (open flags hold every line).
+    pub flags: Vec<&'static str>,
+    pub lines: Vec<Line>,
+    pub captures: u32,
+    pub refunds: u32,
+}
+
+impl Order {
+    pub fn fully_refunded(&self) -> bool {
+        self.refunded == self.captured
+    }
+}
+
+/// Where a line stands in its lifecycle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LineStatus {
+    Pending,
+    Approved,
+    Paid,
+    Rejected,
+}
+
+impl LineStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LineStatus::Pending => "pending",
+            LineStatus::Approved => "approved",
+            LineStatus::Paid => "paid",
+            LineStatus::Rejected => "rejected",
+        }
+    }
+}

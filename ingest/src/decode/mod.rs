@@ -1,0 +1,280 @@
+//! JSON -> [`Event`].
+
+use std::borrow::Cow;
+
+use afflio_engine::{Body, Capture, Click, Customer, Event, EventType, Item, Reason, Refund};
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// Size limits on decoded events.
+pub struct Limits {
+    pub event_id_bytes: usize,
+    pub string_bytes: usize,
+    pub codes: usize,
+    pub items: usize,
+}
+
+pub const LIMITS: Limits = Limits { event_id_bytes: 128, string_bytes: 2048, codes: 32, items: 1000 };
+
+/// Why a text is not an event.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}: {detail}")]
+pub struct DecodeError {
+    /// `malformed` or `invalid_amount`.
+    pub reason: Reason,
+    /// The field at fault, as a path (`items[2].amount`), when one is.
+    pub field: Option<String>,
+    pub detail: String,
+    /// The event id, when it could be read.
+    pub event_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Wire<'a> {
+    #[serde(rename = "type", borrow, default, deserialize_with = "opt_cow")]
+    ty: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "opt_cow")]
+    event_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "opt_cow")]
+    ts: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "opt_cow")]
+    program_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "opt_cow")]
+    link_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "opt_cow")]
+    visitor_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "opt_cow")]
+    ip: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "opt_cow")]
+    user_agent: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "opt_cow")]
+    landing_url: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "opt_cow")]
+    sub_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "opt_cow")]
+    order_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    amount: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "opt_cow")]
+    currency: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "opt_cows")]
+    codes: Option<Vec<Cow<'a, str>>>,
+    #[serde(borrow, default)]
+    customer: Option<WireCustomer<'a>>,
+    #[serde(borrow, default)]
+    items: Option<Vec<WireItem<'a>>>,
+}
+
+#[derive(Deserialize)]
+struct WireCustomer<'a> {
+    #[serde(borrow, default, deserialize_with = "opt_cow")]
+    id: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "opt_cow")]
+    email_sha256: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct WireItem<'a> {
+    #[serde(borrow, default, deserialize_with = "opt_cow")]
+    sku: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "opt_cow")]
+    category: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    amount: Option<&'a RawValue>,
+}
+
+/// A string that borrows from the input unless it has escapes.
+#[derive(Deserialize)]
+struct Str<'a>(#[serde(borrow)] Cow<'a, str>);
+
+fn opt_cow<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Cow<'de, str>>, D::Error> {
+    Ok(Option::<Str<'de>>::deserialize(d)?.map(|s| s.0))
+}
+
+fn opt_cows<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<Cow<'de, str>>>, D::Error> {
+    Ok(Option::<Vec<Str<'de>>>::deserialize(d)?.map(|v| v.into_iter().map(|s| s.0).collect()))
+}
+
+/// Decodes one event from its JSON text.
+pub fn decode_event(text: &str) -> Result<Event<'_>, DecodeError> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let wire: Wire<'_> = match serde_path_to_error::deserialize(&mut de) {
+        Ok(w) => w,
+        Err(e) => {
+            let path = e.path().to_string();
+            let field = (path != ".").then_some(path);
+            let detail = match &field {
+                Some(f) => format!("field `{f}`: {}", e.inner()),
+                None => format!("not a JSON object: {}", e.inner()),
+            };
+            return Err(DecodeError { reason: Reason::Malformed, field, detail, event_id: sniff_event_id(text) });
+        }
+    };
+    if let Err(e) = de.end() {
+        return Err(DecodeError {
+            reason: Reason::Malformed,
+            field: None,
+            detail: format!("text after the JSON object: {e}"),
+            event_id: wire.event_id.as_deref().map(str::to_string),
+        });
+    }
+    let event_id_for_errors = wire.event_id.as_deref().map(str::to_string);
+    convert(wire).map_err(|mut e| {
+        e.event_id = event_id_for_errors;
+        e
+    })
+}
+
+/// Best-effort event id of a text that did not decode.
+fn sniff_event_id(text: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    let id = v.get("event_id")?.as_str()?;
+    (!id.is_empty() && id.len() <= LIMITS.event_id_bytes).then(|| id.to_string())
+}
+
+fn malformed(field: &str, detail: impl Into<String>) -> DecodeError {
+    DecodeError { reason: Reason::Malformed, field: Some(field.to_string()), detail: detail.into(), event_id: None }
+}
+
+fn required<'a>(v: Option<Cow<'a, str>>, field: &str, ty: EventType) -> Result<Cow<'a, str>, DecodeError> {
+    match v {
+        None => Err(malformed(field, format!("missing field `{field}` (required for {ty} events)"))),
+        Some(s) if s.trim().is_empty() => Err(malformed(field, format!("field `{field}` is empty"))),
+        Some(s) => bounded(s, field),
+    }
+}
+
+fn bounded<'a>(s: Cow<'a, str>, field: &str) -> Result<Cow<'a, str>, DecodeError> {
+    if s.len() > LIMITS.string_bytes {
+        return Err(malformed(field, format!("field `{field}` is {} bytes, over the {}-byte limit", s.len(), LIMITS.string_bytes)));
+    }
+    Ok(s)
+}
+
+fn optional<'a>(v: Option<Cow<'a, str>>, field: &str) -> Result<Option<Cow<'a, str>>, DecodeError> {
+    v.map(|s| bounded(s, field)).transpose()
+}
+
+/// Parses a money value: a decimal string (`"120.00"`), or a JSON number
+/// whose text is an exact decimal. Never rounds.
+pub fn parse_money(raw: &str, field: &str) -> Result<Decimal, DecodeError> {
+    let invalid = |what: &str| DecodeError {
+        reason: Reason::InvalidAmount,
+        field: Some(field.to_string()),
+        detail: format!("field `{field}`: {raw} {what}"),
+        event_id: None,
+    };
+    let raw = raw.trim();
+    if let Some(inner) = raw.strip_prefix('"') {
+        let s: String = serde_json::from_str(raw).map_err(|_| invalid("is not a JSON string"))?;
+        let _ = inner;
+        if !is_plain_decimal(&s) {
+            return Err(invalid("is not a decimal number such as \"120.00\""));
+        }
+        return Decimal::from_str_exact(&s).map_err(|_| invalid("does not fit an exact decimal"));
+    }
+    let first = raw.as_bytes().first().copied().unwrap_or(b' ');
+    if first == b'-' || first.is_ascii_digit() {
+        let d = if raw.contains(['e', 'E']) { Decimal::from_scientific(raw) } else { Decimal::from_str_exact(raw) };
+        return d.map_err(|_| invalid("is not exactly representable as a decimal"));
+    }
+    Err(DecodeError {
+        reason: Reason::Malformed,
+        field: Some(field.to_string()),
+        detail: format!("field `{field}`: {raw} is not a decimal string or number"),
+        event_id: None,
+    })
+}
+
+fn is_plain_decimal(s: &str) -> bool {
+    let body = s.strip_prefix('-').unwrap_or(s);
+    let (int, frac) = match body.split_once('.') {
+        Some((i, f)) => (i, Some(f)),
+        None => (body, None),
+    };
+    !int.is_empty() && int.bytes().all(|b| b.is_ascii_digit()) && frac.is_none_or(|f| !f.is_empty() && f.bytes().all(|b| b.is_ascii_digit()))
+}
+
+fn money(v: Option<&RawValue>, field: &str, ty: EventType) -> Result<Decimal, DecodeError> {
+    let v = v.ok_or_else(|| malformed(field, format!("missing field `{field}` (required for {ty} events)")))?;
+    parse_money(v.get(), field)
+}
+
+fn items(v: Option<Vec<WireItem<'_>>>) -> Result<Option<Vec<Item<'_>>>, DecodeError> {
+    let Some(v) = v else { return Ok(None) };
+    if v.len() > LIMITS.items {
+        return Err(malformed("items", format!("{} items, over the limit of {}", v.len(), LIMITS.items)));
+    }
+    v.into_iter()
+        .enumerate()
+        .map(|(i, it)| {
+            let f = format!("items[{i}].amount");
+            let amount = match it.amount {
+                None => return Err(malformed(&f, format!("missing field `{f}`"))),
+                Some(a) => parse_money(a.get(), &f)?,
+            };
+            Ok(Item { sku: optional(it.sku, "items.sku")?, category: optional(it.category, "items.category")?, amount })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+fn convert(w: Wire<'_>) -> Result<Event<'_>, DecodeError> {
+    let ty_text = w.ty.ok_or_else(|| malformed("type", "missing field `type`"))?;
+    let ty = EventType::parse(&ty_text).ok_or_else(|| {
+        malformed("type", format!("type {ty_text:?} is not one of click, capture, refund, chargeback"))
+    })?;
+    let event_id = w.event_id.ok_or_else(|| malformed("event_id", "missing field `event_id`"))?;
+    if event_id.is_empty() || event_id.len() > LIMITS.event_id_bytes {
+        return Err(malformed("event_id", format!("event_id must be 1 to 128 bytes, got {} bytes", event_id.len())));
+    }
+    let ts_text = w.ts.ok_or_else(|| malformed("ts", "missing field `ts`"))?;
+    let ts: DateTime<Utc> = DateTime::parse_from_rfc3339(&ts_text)
+        .map_err(|e| malformed("ts", format!("ts {ts_text:?} is not an RFC 3339 time with offset: {e}")))?
+        .with_timezone(&Utc);
+    let program_id = required(w.program_id, "program_id", ty)?;
+    let body = match ty {
+        EventType::Click => Body::Click(Click {
+            link_id: required(w.link_id, "link_id", ty)?,
+            visitor_id: required(w.visitor_id, "visitor_id", ty)?,
+            ip: optional(w.ip, "ip")?,
+            user_agent: optional(w.user_agent, "user_agent")?,
+            landing_url: optional(w.landing_url, "landing_url")?,
+            sub_id: optional(w.sub_id, "sub_id")?,
+        }),
+        EventType::Capture => {
+            let codes = w.codes.unwrap_or_default();
+            if codes.len() > LIMITS.codes {
+                return Err(malformed("codes", format!("{} codes, over the limit of {}", codes.len(), LIMITS.codes)));
+            }
+            let codes = codes.into_iter().map(|c| bounded(c, "codes")).collect::<Result<Vec<_>, _>>()?;
+            let customer = match w.customer {
+                None => None,
+                Some(c) => Some(Customer { id: optional(c.id, "customer.id")?, email_sha256: optional(c.email_sha256, "customer.email_sha256")? }),
+            };
+            Body::Capture(Capture {
+                order_id: required(w.order_id, "order_id", ty)?,
+                amount: money(w.amount, "amount", ty)?,
+                currency: required(w.currency, "currency", ty)?,
+                visitor_id: optional(w.visitor_id, "visitor_id")?.filter(|v| !v.is_empty()),
+                codes,
+                customer,
+                ip: optional(w.ip, "ip")?,
+                items: items(w.items)?,
+            })
+        }
+        EventType::Refund | EventType::Chargeback => Body::Refund(Refund {
+            order_id: required(w.order_id, "order_id", ty)?,
+            amount: money(w.amount, "amount", ty)?,
+            currency: required(w.currency, "currency", ty)?,
+            items: items(w.items)?,
+            chargeback: ty == EventType::Chargeback,
+        }),
+    };
+    Ok(Event { event_id, ts, program_id, body })
+}
+
+#[cfg(test)]
+mod tests;

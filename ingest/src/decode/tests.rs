@@ -1,0 +1,75 @@
+use super::*;
+
+/// Decodes `text` and compares with `expect`: `Ok(debug fragment)` or
+/// `Err((reason, field))`.
+fn check(text: &str, expect: Result<&str, (Reason, &str)>) {
+    match (decode_event(text), expect) {
+        (Ok(e), Ok(frag)) => assert!(format!("{e:?}").contains(frag), "{e:?} lacks {frag}"),
+        (Err(e), Err((reason, field))) => {
+            assert_eq!((e.reason, e.field.as_deref()), (reason, Some(field)), "{text}: {e}");
+            assert!(e.detail.contains(field.split('[').next().unwrap()), "detail names the field: {}", e.detail);
+        }
+        (got, want) => panic!("{text}: got {got:?}, want {want:?}"),
+    }
+}
+
+const CAP: &str = r#""type":"capture","event_id":"e1","ts":"2026-11-01T10:00:00+05:30","program_id":"acme","order_id":"o1","currency":"USD""#;
+
+#[test]
+fn decodes_every_type() {
+    check(
+        r#"{"type":"click","event_id":"c1","ts":"2026-11-01T10:00:00Z","program_id":"acme","link_id":"l","visitor_id":"v","sub_id":"s","extra":1}"#,
+        Ok(r#"sub_id: Some("s")"#),
+    );
+    check(&format!(r#"{{{CAP},"amount":"120.00","codes":["a"],"customer":{{"id":"c"}},"items":[{{"category":"x","amount":"120.00"}}]}}"#), Ok("amount: 120.00"));
+    check(r#"{"type":"refund","event_id":"r","ts":"2026-11-01T10:00:00Z","program_id":"p","order_id":"o","amount":"1","currency":"USD"}"#, Ok("chargeback: false"));
+    check(r#"{"type":"chargeback","event_id":"r","ts":"2026-11-01T10:00:00Z","program_id":"p","order_id":"o","amount":"1","currency":"USD"}"#, Ok("chargeback: true"));
+}
+
+#[test]
+fn money_is_exact() {
+    check(&format!(r#"{{{CAP},"amount":120.10}}"#), Ok("amount: 120.10"));
+    check(&format!(r#"{{{CAP},"amount":1.5e2}}"#), Ok("amount: 150"));
+    check(&format!(r#"{{{CAP},"amount":"1_000"}}"#), Err((Reason::InvalidAmount, "amount")));
+    check(&format!(r#"{{{CAP},"amount":"abc"}}"#), Err((Reason::InvalidAmount, "amount")));
+    check(&format!(r#"{{{CAP},"amount":"1e3"}}"#), Err((Reason::InvalidAmount, "amount")));
+    check(&format!(r#"{{{CAP},"amount":1e400}}"#), Err((Reason::InvalidAmount, "amount")));
+    check(&format!(r#"{{{CAP},"amount":0.1000000000000000000000000000001}}"#), Err((Reason::InvalidAmount, "amount")));
+    check(&format!(r#"{{{CAP},"amount":true}}"#), Err((Reason::Malformed, "amount")));
+    check(&format!(r#"{{{CAP},"amount":"1","items":[{{"amount":"x"}}]}}"#), Err((Reason::InvalidAmount, "items[0].amount")));
+    check(&format!(r#"{{{CAP},"amount":"1","items":[{{"sku":"x"}}]}}"#), Err((Reason::Malformed, "items[0].amount")));
+}
+
+#[test]
+fn malformed_names_the_field() {
+    let e = decode_event("not json").unwrap_err();
+    assert_eq!((e.reason, e.field), (Reason::Malformed, None));
+    check(r#"{"event_id":"e","ts":"2026-11-01T10:00:00Z","program_id":"p"}"#, Err((Reason::Malformed, "type")));
+    check(r#"{"type":"view","event_id":"e","ts":"2026-11-01T10:00:00Z","program_id":"p"}"#, Err((Reason::Malformed, "type")));
+    check(&format!(r#"{{{CAP}}}"#), Err((Reason::Malformed, "amount")));
+    check(r#"{"type":"refund","event_id":"e","ts":"2026-11-01T10:00:00Z","program_id":"p","amount":"1","order_id":7}"#, Err((Reason::Malformed, "order_id")));
+    check(r#"{"type":"capture","event_id":"","ts":"2026-11-01T10:00:00Z","program_id":"p"}"#, Err((Reason::Malformed, "event_id")));
+    check(r#"{"type":"capture","event_id":"e","ts":"2026-11-01 10:00","program_id":"p"}"#, Err((Reason::Malformed, "ts")));
+    check(r#"{"type":"capture","event_id":"e","ts":"2026-11-01T10:00:00","program_id":"p"}"#, Err((Reason::Malformed, "ts")));
+    check(r#"{"type":"click","event_id":"e","ts":"2026-11-01T10:00:00Z","program_id":"p","link_id":"l"}"#, Err((Reason::Malformed, "visitor_id")));
+    check(r#"{"type":"click","event_id":"e","ts":"2026-11-01T10:00:00Z","program_id":"p","link_id":"l","visitor_id":"  "}"#, Err((Reason::Malformed, "visitor_id")));
+    check(&format!(r#"{{{CAP},"amount":"1","codes":"A"}}"#), Err((Reason::Malformed, "codes")));
+    check(&format!(r#"{{{CAP},"amount":"1","customer":{{"id":5}}}}"#), Err((Reason::Malformed, "customer.id")));
+}
+
+#[test]
+fn the_event_id_is_kept_when_it_can_be_read() {
+    let e = decode_event(r#"{"type":"refund","event_id":"e1","ts":"2026-11-01T10:00:00Z","program_id":"p","amount":"1","order_id":7}"#).unwrap_err();
+    assert_eq!(e.event_id.as_deref(), Some("e1"));
+    let e = decode_event(&format!(r#"{{{CAP},"amount":"x"}}"#)).unwrap_err();
+    assert_eq!(e.event_id.as_deref(), Some("e1"));
+}
+
+#[test]
+fn strings_borrow_from_the_input() {
+    let text = format!(r#"{{{CAP},"amount":"1"}}"#);
+    let e = decode_event(&text).unwrap();
+    assert!(matches!(e.event_id, Cow::Borrowed(_)));
+    let text = r#"{"type":"click","event_id":"e\u0031","ts":"2026-11-01T10:00:00Z","program_id":"p","link_id":"l","visitor_id":"v"}"#;
+    assert_eq!(decode_event(text).unwrap().event_id, "e1");
+}

@@ -1,0 +1,59 @@
+//! Reading JSON Lines with bounded memory.
+
+use std::io::BufRead;
+
+/// One line of a JSON Lines input.
+pub struct Line<'a> {
+    /// 1-based line number.
+    pub number: u64,
+    /// The line's text; invalid UTF-8 is replaced (and will not decode).
+    pub text: &'a str,
+    /// Set when the line was not valid UTF-8 or was too long.
+    pub problem: Option<String>,
+}
+
+/// Reads lines one at a time into a reused buffer. Blank lines are skipped.
+pub struct JsonLines<R> {
+    reader: R,
+    buf: Vec<u8>,
+    text: String,
+    number: u64,
+    max_line_bytes: usize,
+}
+
+impl<R: BufRead> JsonLines<R> {
+    pub fn new(reader: R) -> Self {
+        JsonLines { reader, buf: Vec::with_capacity(4096), text: String::new(), number: 0, max_line_bytes: 1 << 20 }
+    }
+
+    /// The next non-blank line, `Ok(None)` at the end.
+    pub fn next_line(&mut self) -> std::io::Result<Option<Line<'_>>> {
+        loop {
+            self.buf.clear();
+            let n = self.reader.read_until(b'\n', &mut self.buf)?;
+            if n == 0 {
+                return Ok(None);
+            }
+            self.number += 1;
+            while matches!(self.buf.last(), Some(b'\n' | b'\r')) {
+                self.buf.pop();
+            }
+            if self.buf.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            let mut problem = None;
+            if self.buf.len() > self.max_line_bytes {
+                problem = Some(format!("line is {} bytes, over the {}-byte limit", self.buf.len(), self.max_line_bytes));
+            }
+            self.text.clear();
+            match std::str::from_utf8(&self.buf) {
+                Ok(s) => self.text.push_str(s),
+                Err(e) => {
+                    problem.get_or_insert_with(|| format!("line is not valid UTF-8: {e}"));
+                    self.text.push_str(&String::from_utf8_lossy(&self.buf));
+                }
+            }
+            return Ok(Some(Line { number: self.number, text: &self.text, problem }));
+        }
+    }
+}
