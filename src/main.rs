@@ -1,1 +1,188 @@
-fn main(){}
+//! `afflio`: replay, SQL, rules check and the demo.
+
+use std::fs::File;
+use std::io::{BufReader, IsTerminal};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use afflio::demo::{self, DemoOptions};
+use afflio::replay::replay;
+use afflio_engine::rules::Rules;
+use afflio_sinks::OutputFormat;
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Parser)]
+#[command(name = "afflio", version, about = "Affiliate attribution engine: exact commissions from checkout events")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Replays a JSON Lines event file through the engine into a Parquet store.
+    Replay {
+        /// The rules file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+        /// The events, one JSON object per line.
+        #[arg(long)]
+        events: PathBuf,
+        /// The store directory (one subdirectory per table).
+        #[arg(long)]
+        out: PathBuf,
+        /// "Now" for the lifecycle (RFC 3339); default: the newest event time.
+        #[arg(long, value_parser = parse_ts)]
+        as_of: Option<DateTime<Utc>>,
+        /// Never show a progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Runs SQL over a store (tables: ledger, orders, lines, flags, rejections, clicks).
+    Sql {
+        /// The store directory.
+        #[arg(long)]
+        data: PathBuf,
+        /// The query.
+        query: String,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Rules file commands.
+    Rules {
+        #[command(subcommand)]
+        command: RulesCommand,
+    },
+    /// Generates realistic traffic, replays it, and shows the results. No
+    /// external service needed.
+    Demo {
+        /// How many events to generate.
+        #[arg(long, default_value_t = 1_000_000)]
+        events: u64,
+        /// Seed of the generator: the same seed gives the same traffic.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Where to write the generated input and the store.
+        #[arg(long, default_value = "afflio-demo")]
+        out: PathBuf,
+        /// Never show a progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum RulesCommand {
+    /// Validates a rules file and reports every problem with line and field.
+    Check { file: PathBuf },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Table,
+    Csv,
+    Json,
+}
+
+fn parse_ts(s: &str) -> Result<DateTime<Utc>, String> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| format!("{s:?} is not an RFC 3339 time with offset (e.g. 2026-12-01T00:00:00Z): {e}"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn load_rules(path: &Path) -> Result<Rules, ExitCode> {
+    Rules::load(path).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(2)
+    })
+}
+
+fn progress_bar(total: u64, quiet: bool, what: &str) -> ProgressBar {
+    if quiet || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(total);
+    pb.set_style(
+        ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Replay { config, events, out, as_of, quiet } => {
+            let rules = match load_rules(&config) {
+                Ok(r) => r,
+                Err(code) => return Ok(code),
+            };
+            let file = File::open(&events).with_context(|| format!("cannot open events file {}", events.display()))?;
+            let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+            let pb = progress_bar(len, quiet, "replay");
+            let name = events.display().to_string();
+            let summary = replay(rules, BufReader::with_capacity(1 << 20, file), &name, &out, as_of, |b| pb.set_position(b))?;
+            pb.finish_and_clear();
+            print!("{summary}");
+            println!("store              {}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sql { data, query, format } => {
+            let format = match format {
+                Format::Table => OutputFormat::Table,
+                Format::Csv => OutputFormat::Csv,
+                Format::Json => OutputFormat::Json,
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            match rt.block_on(afflio_sinks::query(&data, &query, format)) {
+                Ok(text) => {
+                    print!("{text}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    Ok(ExitCode::from(2))
+                }
+            }
+        }
+        Command::Rules { command: RulesCommand::Check { file } } => match load_rules(&file) {
+            Ok(r) => {
+                println!(
+                    "{}: ok ({} programs, {} partners, {} links, {} codes)",
+                    file.display(),
+                    r.programs().count(),
+                    r.partners().count(),
+                    r.links().count(),
+                    r.programs().map(|p| p.codes.len()).sum::<usize>()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(code) => Ok(code),
+        },
+        Command::Demo { events, seed, out, quiet } => {
+            let opts = DemoOptions { events, seed, out };
+            let pb = progress_bar(0, quiet, "replay");
+            demo::run(&opts, |total, done| {
+                pb.set_length(total);
+                pb.set_position(done);
+            })?;
+            pb.finish_and_clear();
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,324 @@
+//! Engine rows -> Arrow record batches.
+
+use std::sync::Arc;
+
+use afflio_engine::{ClickRow, Engine, Flag, LedgerEntry, Order, Rejection};
+use chrono::{DateTime, Utc};
+use datafusion::arrow::array::{
+    ArrayRef, BooleanArray, Decimal128Array, Float64Array, Int32Array, Int64Array, ListBuilder, RecordBatch,
+    StringArray, StringBuilder, TimestampMicrosecondArray,
+};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::arrow::error::ArrowError;
+use rust_decimal::Decimal;
+
+/// The tables of the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Table {
+    Ledger,
+    Orders,
+    Flags,
+    Rejections,
+    Clicks,
+    Lines,
+}
+
+impl Table {
+    pub const ALL: [Table; 6] = [Table::Ledger, Table::Orders, Table::Flags, Table::Rejections, Table::Clicks, Table::Lines];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Ledger => "ledger",
+            Table::Orders => "orders",
+            Table::Flags => "flags",
+            Table::Rejections => "rejections",
+            Table::Clicks => "clicks",
+            Table::Lines => "lines",
+        }
+    }
+}
+
+/// Money: `Decimal128(18, 4)`.
+const MONEY: DataType = DataType::Decimal128(18, 4);
+/// Rates as fractions (0.125 for 12.5%).
+const RATE: DataType = DataType::Decimal128(18, 8);
+
+fn ts_type() -> DataType {
+    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+}
+
+fn list_of_strings() -> DataType {
+    DataType::List(Arc::new(Field::new("item", DataType::Utf8, true)))
+}
+
+fn f(name: &str, dt: DataType, nullable: bool) -> Field {
+    Field::new(name, dt, nullable)
+}
+
+/// The Arrow schema of a table.
+pub fn schema(t: Table) -> SchemaRef {
+    use DataType::{Boolean, Float64, Int32, Int64, Utf8};
+    let fields = match t {
+        Table::Ledger => vec![
+            f("entry_id", Utf8, false),
+            f("event_id", Utf8, false),
+            f("ts", ts_type(), false),
+            f("program_id", Utf8, false),
+            f("order_id", Utf8, false),
+            f("partner_id", Utf8, false),
+            f("tier", Int32, false),
+            f("kind", Utf8, false),
+            f("basis", MONEY, false),
+            f("amount", MONEY, false),
+            f("currency", Utf8, false),
+            f("attribution", Utf8, false),
+            f("source", Utf8, false),
+            f("eligible_at", ts_type(), false),
+            f("rate", RATE, true),
+            f("rules_version", Int64, false),
+        ],
+        Table::Orders => vec![
+            f("program_id", Utf8, false),
+            f("order_id", Utf8, false),
+            f("first_capture_ts", ts_type(), false),
+            f("last_capture_ts", ts_type(), false),
+            f("eligible_at", ts_type(), false),
+            f("partner_id", Utf8, true),
+            f("attribution", Utf8, true),
+            f("source", Utf8, true),
+            f("captured", MONEY, false),
+            f("refunded", MONEY, false),
+            f("chargeback", Boolean, false),
+            f("chargeback_amount", MONEY, false),
+            f("currency", Utf8, false),
+            f("codes", list_of_strings(), false),
+            f("code_issues", list_of_strings(), false),
+            f("code_issue_codes", list_of_strings(), false),
+            f("flags", list_of_strings(), false),
+            f("captures", Int32, false),
+            f("refunds", Int32, false),
+        ],
+        Table::Flags => vec![
+            f("program_id", Utf8, false),
+            f("order_id", Utf8, false),
+            f("partner_id", Utf8, false),
+            f("rule", Utf8, false),
+            f("score", Float64, false),
+            f("detail", Utf8, false),
+            f("ts", ts_type(), false),
+            f("event_id", Utf8, false),
+        ],
+        Table::Rejections => vec![
+            f("event_id", Utf8, true),
+            f("ts", ts_type(), false),
+            f("reason", Utf8, false),
+            f("field", Utf8, true),
+            f("detail", Utf8, false),
+            f("raw", Utf8, false),
+            f("event_ts", ts_type(), true),
+            f("origin", Utf8, false),
+        ],
+        Table::Clicks => vec![
+            f("event_id", Utf8, false),
+            f("ts", ts_type(), false),
+            f("program_id", Utf8, false),
+            f("link_id", Utf8, false),
+            f("partner_id", Utf8, false),
+            f("visitor_id", Utf8, false),
+            f("ip", Utf8, true),
+            f("user_agent", Utf8, true),
+            f("landing_url", Utf8, true),
+            f("sub_id", Utf8, true),
+        ],
+        Table::Lines => vec![
+            f("program_id", Utf8, false),
+            f("order_id", Utf8, false),
+            f("partner_id", Utf8, false),
+            f("tier", Int32, false),
+            f("net_amount", MONEY, false),
+            f("accrued", MONEY, false),
+            f("reversed", MONEY, false),
+            f("currency", Utf8, false),
+            f("status", Utf8, false),
+            f("eligible_at", ts_type(), false),
+            f("held", Boolean, false),
+            f("as_of", ts_type(), false),
+        ],
+    };
+    Arc::new(Schema::new(fields))
+}
+
+fn strings<'a>(it: impl Iterator<Item = &'a str>) -> ArrayRef {
+    Arc::new(StringArray::from_iter_values(it))
+}
+
+fn opt_strings<'a>(it: impl Iterator<Item = Option<&'a str>>) -> ArrayRef {
+    Arc::new(StringArray::from_iter(it))
+}
+
+fn times(it: impl Iterator<Item = DateTime<Utc>>) -> ArrayRef {
+    Arc::new(TimestampMicrosecondArray::from_iter_values(it.map(|t| t.timestamp_micros())).with_timezone("UTC"))
+}
+
+fn opt_times(it: impl Iterator<Item = Option<DateTime<Utc>>>) -> ArrayRef {
+    Arc::new(TimestampMicrosecondArray::from_iter(it.map(|t| t.map(|t| t.timestamp_micros()))).with_timezone("UTC"))
+}
+
+/// A decimal as an i128 at `scale`; the engine keeps amounts within it.
+fn scaled(d: Decimal, scale: u32) -> i128 {
+    let mut x = d;
+    x.rescale(scale);
+    debug_assert_eq!(x, d, "{d} does not fit scale {scale}");
+    x.mantissa()
+}
+
+fn money(it: impl Iterator<Item = Decimal>) -> Result<ArrayRef, ArrowError> {
+    Ok(Arc::new(Decimal128Array::from_iter_values(it.map(|d| scaled(d, 4))).with_precision_and_scale(18, 4)?))
+}
+
+fn lists<'a, I: Iterator<Item = &'a str>>(rows: impl Iterator<Item = I>) -> ArrayRef {
+    let mut b = ListBuilder::new(StringBuilder::new());
+    for row in rows {
+        for s in row {
+            b.values().append_value(s);
+        }
+        b.append(true);
+    }
+    Arc::new(b.finish())
+}
+
+fn batch(t: Table, cols: Vec<ArrayRef>) -> Result<RecordBatch, ArrowError> {
+    RecordBatch::try_new(schema(t), cols)
+}
+
+pub(crate) fn ledger(rows: &[LedgerEntry]) -> Result<RecordBatch, ArrowError> {
+    batch(
+        Table::Ledger,
+        vec![
+            strings(rows.iter().map(|r| r.entry_id.as_str())),
+            strings(rows.iter().map(|r| r.event_id.as_str())),
+            times(rows.iter().map(|r| r.ts)),
+            strings(rows.iter().map(|r| &*r.program_id)),
+            strings(rows.iter().map(|r| r.order_id.as_str())),
+            strings(rows.iter().map(|r| &*r.partner_id)),
+            Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| i32::from(r.tier)))),
+            strings(rows.iter().map(|r| r.kind.as_str())),
+            money(rows.iter().map(|r| r.basis))?,
+            money(rows.iter().map(|r| r.amount))?,
+            strings(rows.iter().map(|r| r.currency.code())),
+            strings(rows.iter().map(|r| r.attribution.as_str())),
+            strings(rows.iter().map(|r| &*r.source)),
+            times(rows.iter().map(|r| r.eligible_at)),
+            Arc::new(Decimal128Array::from_iter(rows.iter().map(|r| r.rate.map(|d| scaled(d, 8)))).with_precision_and_scale(18, 8)?),
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.rules_version as i64))),
+        ],
+    )
+}
+
+pub(crate) fn clicks(rows: &[ClickRow]) -> Result<RecordBatch, ArrowError> {
+    batch(
+        Table::Clicks,
+        vec![
+            strings(rows.iter().map(|r| r.event_id.as_str())),
+            times(rows.iter().map(|r| r.ts)),
+            strings(rows.iter().map(|r| &*r.program_id)),
+            strings(rows.iter().map(|r| &*r.link_id)),
+            strings(rows.iter().map(|r| &*r.partner_id)),
+            strings(rows.iter().map(|r| r.visitor_id.as_str())),
+            opt_strings(rows.iter().map(|r| r.ip.as_deref())),
+            opt_strings(rows.iter().map(|r| r.user_agent.as_deref())),
+            opt_strings(rows.iter().map(|r| r.landing_url.as_deref())),
+            opt_strings(rows.iter().map(|r| r.sub_id.as_deref())),
+        ],
+    )
+}
+
+pub(crate) fn flags(rows: &[Flag]) -> Result<RecordBatch, ArrowError> {
+    batch(
+        Table::Flags,
+        vec![
+            strings(rows.iter().map(|r| &*r.program_id)),
+            strings(rows.iter().map(|r| r.order_id.as_str())),
+            strings(rows.iter().map(|r| &*r.partner_id)),
+            strings(rows.iter().map(|r| r.rule)),
+            Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.score))),
+            strings(rows.iter().map(|r| r.detail.as_str())),
+            times(rows.iter().map(|r| r.ts)),
+            strings(rows.iter().map(|r| r.event_id.as_str())),
+        ],
+    )
+}
+
+pub(crate) fn rejections(rows: &[Rejection]) -> Result<RecordBatch, ArrowError> {
+    batch(
+        Table::Rejections,
+        vec![
+            opt_strings(rows.iter().map(|r| r.event_id.as_deref())),
+            times(rows.iter().map(|r| r.arrival)),
+            strings(rows.iter().map(|r| r.reason.as_str())),
+            opt_strings(rows.iter().map(|r| r.field.as_deref())),
+            strings(rows.iter().map(|r| r.detail.as_str())),
+            strings(rows.iter().map(|r| r.raw.as_str())),
+            opt_times(rows.iter().map(|r| r.event_ts)),
+            strings(rows.iter().map(|r| r.origin.as_str())),
+        ],
+    )
+}
+
+pub(crate) fn orders(rows: &[Order]) -> Result<RecordBatch, ArrowError> {
+    fn credit(o: &Order) -> Option<&afflio_engine::Credit> {
+        o.credit.as_ref()
+    }
+    batch(
+        Table::Orders,
+        vec![
+            strings(rows.iter().map(|r| &*r.program_id)),
+            strings(rows.iter().map(|r| &*r.order_id)),
+            times(rows.iter().map(|r| r.first_capture_ts)),
+            times(rows.iter().map(|r| r.last_capture_ts)),
+            times(rows.iter().map(|r| r.eligible_at)),
+            opt_strings(rows.iter().map(|r| credit(r).map(|c| &*c.partner_id))),
+            opt_strings(rows.iter().map(|r| credit(r).map(|c| c.kind.as_str()))),
+            opt_strings(rows.iter().map(|r| credit(r).map(|c| &*c.source))),
+            money(rows.iter().map(|r| r.captured))?,
+            money(rows.iter().map(|r| r.refunded))?,
+            Arc::new(BooleanArray::from_iter(rows.iter().map(|r| Some(r.chargeback)))),
+            money(rows.iter().map(|r| r.chargeback_amount))?,
+            strings(rows.iter().map(|r| r.currency.code())),
+            lists(rows.iter().map(|r| r.codes.iter().map(|c| &**c))),
+            lists(rows.iter().map(|r| r.code_issues.iter().map(|(_, i)| i.as_str()))),
+            lists(rows.iter().map(|r| r.code_issues.iter().map(|(c, _)| &**c))),
+            lists(rows.iter().map(|r| r.flags.iter().copied())),
+            Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.captures as i32))),
+            Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.refunds as i32))),
+        ],
+    )
+}
+
+pub(crate) fn lines(engine: &Engine, as_of: DateTime<Utc>) -> Result<RecordBatch, ArrowError> {
+    let rows: Vec<_> = engine
+        .orders()
+        .iter()
+        .flat_map(|o| {
+            let status = engine.line_status(o, as_of);
+            o.lines.iter().map(move |l| (o, l, status))
+        })
+        .collect();
+    batch(
+        Table::Lines,
+        vec![
+            strings(rows.iter().map(|(o, _, _)| &*o.program_id)),
+            strings(rows.iter().map(|(o, _, _)| &*o.order_id)),
+            strings(rows.iter().map(|(_, l, _)| &*l.partner_id)),
+            Arc::new(Int32Array::from_iter_values(rows.iter().map(|(_, l, _)| i32::from(l.tier)))),
+            money(rows.iter().map(|(_, l, _)| l.net))?,
+            money(rows.iter().map(|(_, l, _)| l.accrued))?,
+            money(rows.iter().map(|(_, l, _)| l.net - l.accrued))?,
+            strings(rows.iter().map(|(o, _, _)| o.currency.code())),
+            strings(rows.iter().map(|(_, _, s)| s.as_str())),
+            times(rows.iter().map(|(o, _, _)| o.eligible_at)),
+            Arc::new(BooleanArray::from_iter(rows.iter().map(|(o, _, _)| Some(!o.flags.is_empty())))),
+            times(rows.iter().map(|_| as_of)),
+        ],
+    )
+}

@@ -1,0 +1,6 @@
+//! The `afflio` command's library: the replay pipeline (JSON Lines -> engine
+//! -> Parquet) shared by `replay`, `demo` and the tests, and the demo
+//! traffic generator.
+
+pub mod demo;
+pub mod replay;
