@@ -623,14 +623,17 @@ fn tier0_commission(
     match items {
         Some(items) if !items.is_empty() => {
             let mut total = Decimal::ZERO;
-            let mut rates = items.iter().map(|it| {
+            let mut uniform: Option<Option<Decimal>> = None;
+            for it in items {
                 let r = rate_for(it.category.as_deref());
                 total += it.amount * r;
-                r
-            });
-            let first = rates.next();
-            let uniform = rates.all(|r| Some(r) == first);
-            (total, if uniform { first } else { None })
+                uniform = match uniform {
+                    None => Some(Some(r)),
+                    Some(Some(u)) if u == r => Some(Some(u)),
+                    Some(_) => Some(None),
+                };
+            }
+            (total, uniform.flatten())
         }
         _ => {
             let r = rate_for(None);
