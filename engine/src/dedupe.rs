@@ -1,5 +1,6 @@
-//! Idempotency: which event ids were applied, with their content fingerprint,
-//! kept for the configured retention of event time.
+//! Idempotency: which event ids were seen (applied or refused after
+//! decoding), with their content fingerprint, kept for the configured
+//! retention of event time.
 
 use std::collections::VecDeque;
 

@@ -254,19 +254,26 @@ impl Engine {
             }
         }
         let rules = Arc::clone(&self.rules);
+        let result = self.apply_checked(e, &rules);
+        // Applied or refused, the id is remembered: a redelivery of either is a
+        // duplicate, so replaying a stream with redeliveries inserted gives the
+        // same ledger whatever arrived in between.
+        self.dedupe.insert(&e.event_id, fp, ts);
+        result?;
+        self.seq += 1;
+        self.advance(ts);
+        Ok(Outcome::Applied)
+    }
+
+    fn apply_checked(&mut self, e: &Event<'_>, rules: &Rules) -> Result<(), Reject> {
         let Some(program) = rules.program(&e.program_id) else {
             return Err(reject(Reason::UnknownProgram, "program_id", format!("program_id {:?} names no configured program", e.program_id)));
         };
         match &e.body {
-            Body::Click(c) => self.apply_click(e, c, &rules, program)?,
-            Body::Capture(c) => self.apply_capture(e, c, &rules, program)?,
-            Body::Refund(r) => self.apply_refund(e, r, &rules, program)?,
+            Body::Click(c) => self.apply_click(e, c, rules, program),
+            Body::Capture(c) => self.apply_capture(e, c, rules, program),
+            Body::Refund(r) => self.apply_refund(e, r, rules, program),
         }
-        // Applied: remember the id, move the watermark.
-        self.seq += 1;
-        self.dedupe.insert(&e.event_id, fp, ts);
-        self.advance(ts);
-        Ok(Outcome::Applied)
     }
 
     fn advance(&mut self, ts: i64) {

@@ -1,0 +1,161 @@
+//! End to end through the `afflio` binary: replay, then SQL over the Parquet
+//! it wrote; bad config and unreadable input; rules check; the demo.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn afflio(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_afflio")).args(args).output().expect("run afflio")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn scenario(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scenarios").join(name)
+}
+
+fn replay(dir: &Path, out: &Path) -> Output {
+    afflio(&[
+        "replay",
+        "--config",
+        dir.join("rules.toml").to_str().unwrap(),
+        "--events",
+        dir.join("events.jsonl").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ])
+}
+
+fn sql(out: &Path, query: &str, format: &str) -> String {
+    let o = afflio(&["sql", "--data", out.to_str().unwrap(), query, "--format", format]);
+    assert!(o.status.success(), "sql failed: {}", text(&o.stderr));
+    text(&o.stdout)
+}
+
+#[test]
+fn replay_writes_parquet_that_sql_reads_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("store");
+    let o = replay(&scenario("rejections"), &out);
+    assert!(o.status.success(), "replay exits 0 even with rejections: {}", text(&o.stderr));
+    let summary = text(&o.stdout);
+    for want in ["events read", "duplicates", "malformed", "unknown_order", "commission by status", "orders"] {
+        assert!(summary.contains(want), "summary lacks {want}:\n{summary}");
+    }
+    for t in ["ledger", "orders", "lines", "flags", "rejections", "clicks"] {
+        let files: Vec<_> = std::fs::read_dir(out.join(t)).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(files.len(), 1, "{t}: {files:?}");
+        assert!(files[0].to_string_lossy().ends_with(".parquet"), "{files:?}");
+    }
+    let csv = sql(&out, "SELECT reason, count(*) AS n FROM rejections GROUP BY reason ORDER BY reason", "csv");
+    assert!(csv.starts_with("reason,n\n"), "{csv}");
+    assert!(csv.contains("invalid_amount,5\n"), "{csv}");
+    let json = sql(&out, "SELECT entry_id, amount FROM ledger", "json");
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v[0]["entry_id"], "r13:0", "{json}");
+    let table = sql(&out, "SELECT entry_id FROM ledger", "table");
+    assert!(table.contains("| entry_id |") && table.contains("| r13:0    |"), "{table}");
+}
+
+#[test]
+fn output_tables_have_the_contract_types() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("store");
+    assert!(replay(&scenario("attribution_last_click"), &out).status.success());
+    let csv = sql(
+        &out,
+        "SELECT arrow_typeof(amount) AS a, arrow_typeof(basis) AS b, arrow_typeof(ts) AS t, arrow_typeof(tier) AS i FROM ledger LIMIT 1",
+        "csv",
+    );
+    assert_eq!(csv, "a,b,t,i\n\"Decimal128(18, 4)\",\"Decimal128(18, 4)\",\"Timestamp(µs, \"\"UTC\"\")\",Int32\n");
+    let csv = sql(&out, "SELECT arrow_typeof(code_issues) AS c, arrow_typeof(chargeback) AS b, arrow_typeof(captured) AS m FROM orders LIMIT 1", "csv");
+    assert!(csv.contains("List(") && csv.contains(",Boolean,\"Decimal128(18, 4)\""), "{csv}");
+}
+
+#[test]
+fn a_second_replay_replaces_the_tables() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("store");
+    assert!(replay(&scenario("attribution_last_click"), &out).status.success());
+    assert!(replay(&scenario("attribution_last_click"), &out).status.success());
+    assert_eq!(sql(&out, "SELECT count(*) AS n FROM ledger", "csv"), "n\n7\n");
+    let hidden: Vec<_> = std::fs::read_dir(out.join("ledger")).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with('.')).collect();
+    assert!(hidden.is_empty(), "temporary files left: {hidden:?}");
+}
+
+#[test]
+fn a_bad_config_is_refused_with_every_problem_and_nothing_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("bad.toml");
+    std::fs::write(&cfg, "[[programs]]\nid = \"p\"\ncurrency = \"XYZ\"\nrate = \"ten\"\n").unwrap();
+    let out = tmp.path().join("store");
+    let o = afflio(&["replay", "--config", cfg.to_str().unwrap(), "--events", "/dev/null", "--out", out.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = text(&o.stderr);
+    assert!(err.contains("bad.toml:3:") && err.contains("programs[0].currency") && err.contains("\"XYZ\""), "{err}");
+    assert!(err.contains("bad.toml:4:") && err.contains("programs[0].rate"), "{err}");
+    assert!(!out.exists(), "nothing may be written for a bad config");
+    let o = afflio(&["rules", "check", cfg.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o.stderr).contains("2 problems"), "{}", text(&o.stderr));
+    let o = afflio(&["rules", "check", scenario("attribution_last_click").join("rules.toml").to_str().unwrap()]);
+    assert!(o.status.success());
+    assert!(text(&o.stdout).contains("ok (1 programs, 5 partners, 3 links, 2 codes)"), "{}", text(&o.stdout));
+}
+
+#[test]
+fn an_unreadable_input_fails_clearly_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("store");
+    let cfg = scenario("attribution_last_click").join("rules.toml");
+    let o = afflio(&["replay", "--config", cfg.to_str().unwrap(), "--events", "/no/such/file.jsonl", "--out", out.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o.stderr).contains("cannot open events file /no/such/file.jsonl"), "{}", text(&o.stderr));
+    assert!(!out.exists());
+    let o = afflio(&["sql", "--data", out.to_str().unwrap(), "SELECT 1"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o.stderr).contains("no Afflio data"), "{}", text(&o.stderr));
+    let o = afflio(&["replay", "--config", cfg.to_str().unwrap(), "--events", "x", "--out", "y", "--as-of", "yesterday"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o.stderr).contains("RFC 3339"), "{}", text(&o.stderr));
+}
+
+#[test]
+fn sql_errors_name_the_problem() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("store");
+    assert!(replay(&scenario("attribution_last_click"), &out).status.success());
+    let o = afflio(&["sql", "--data", out.to_str().unwrap(), "SELECT nope FROM ledger"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o.stderr).contains("nope"), "{}", text(&o.stderr));
+}
+
+#[test]
+fn the_demo_runs_the_whole_pipeline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("demo");
+    let o = afflio(&["demo", "--events", "30000", "--seed", "7", "--out", out.to_str().unwrap(), "--quiet"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let s = text(&o.stdout);
+    for want in ["Afflio demo: 30000 events", "Top partners by net commission", "Commission by status", "Rejections by reason", "by link"] {
+        assert!(s.contains(want), "demo output lacks {want}:\n{s}");
+    }
+    // The generated input replays to the same ledger.
+    let again = tmp.path().join("again");
+    let o = afflio(&[
+        "replay",
+        "--config",
+        out.join("input/rules.toml").to_str().unwrap(),
+        "--events",
+        out.join("input/events.jsonl").to_str().unwrap(),
+        "--out",
+        again.to_str().unwrap(),
+    ]);
+    assert!(o.status.success());
+    let q = "SELECT entry_id, amount FROM ledger ORDER BY entry_id";
+    assert_eq!(sql(&out.join("store"), q, "csv"), sql(&again, q, "csv"));
+    let n = sql(&again, "SELECT count(*) AS n FROM ledger", "csv");
+    assert!(n != "n\n0\n", "the demo produces commissions");
+}
