@@ -40,8 +40,20 @@ struct ProgramSpec {
 }
 
 const PROGRAMS: [ProgramSpec; 2] = [
-    ProgramSpec { id: "acme", currency: "USD", categories: &["electronics", "apparel", "home"], min_amount: 15, max_amount: 400 },
-    ProgramSpec { id: "bharat", currency: "INR", categories: &["fashion", "beauty"], min_amount: 299, max_amount: 9_999 },
+    ProgramSpec {
+        id: "acme",
+        currency: "USD",
+        categories: &["electronics", "apparel", "home"],
+        min_amount: 15,
+        max_amount: 400,
+    },
+    ProgramSpec {
+        id: "bharat",
+        currency: "INR",
+        categories: &["fashion", "beauty"],
+        min_amount: 299,
+        max_amount: 9_999,
+    },
 ];
 
 const CREATORS_PER_PROGRAM: usize = 400;
@@ -52,7 +64,11 @@ fn email_hash(id: &str) -> String {
         event_id: id.into(),
         ts: DateTime::UNIX_EPOCH,
         program_id: "email".into(),
-        body: afflio_engine::Body::Click(afflio_engine::Click { link_id: "x".into(), visitor_id: "x".into(), ..Default::default() }),
+        body: afflio_engine::Body::Click(afflio_engine::Click {
+            link_id: "x".into(),
+            visitor_id: "x".into(),
+            ..Default::default()
+        }),
     });
     format!("{h:032x}{:032x}", h.rotate_left(64))
 }
@@ -77,7 +93,14 @@ fn build_rules(rng: &mut SmallRng) -> (String, Vec<Creator>) {
             let _ = writeln!(t, "[[partners]]\nid = \"{}-network{n}\"\nprogram_id = \"{}\"\n", p.id, p.id);
         }
         for a in 0..8 {
-            let _ = writeln!(t, "[[partners]]\nid = \"{}-agency{a}\"\nprogram_id = \"{}\"\nparent = \"{}-network{}\"\n", p.id, p.id, p.id, a % 2);
+            let _ = writeln!(
+                t,
+                "[[partners]]\nid = \"{}-agency{a}\"\nprogram_id = \"{}\"\nparent = \"{}-network{}\"\n",
+                p.id,
+                p.id,
+                p.id,
+                a % 2
+            );
         }
         for c in 0..CREATORS_PER_PROGRAM {
             let id = format!("{}-creator{c:03}", p.id);
@@ -228,7 +251,10 @@ impl Gen<'_> {
             let amount = format!("{part}.{cents:02}");
             let items = if i == 0 && p.categories.len() > 1 && self.rng.random_bool(0.3) {
                 let cat = p.categories[self.rng.random_range(0..p.categories.len())];
-                format!(r#","items":[{{"sku":"sku-{}","category":"{cat}","amount":"{amount}"}}]"#, self.rng.random_range(0..5000))
+                format!(
+                    r#","items":[{{"sku":"sku-{}","category":"{cat}","amount":"{amount}"}}]"#,
+                    self.rng.random_range(0..5000)
+                )
             } else {
                 String::new()
             };
@@ -270,11 +296,21 @@ impl Gen<'_> {
         let k: u32 = self.rng.random_range(0..5);
         let eid = self.id("bad");
         let json = match k {
-            0 => format!(r#"{{"type":"capture","event_id":"{eid}","ts":"{t}","program_id":"acme","order_id":"x","amount":"#),
-            1 => format!(r#"{{"type":"click","event_id":"{eid}","ts":"{t}","program_id":"acme","link_id":"retired-link","visitor_id":"v-x"}}"#),
-            2 => format!(r#"{{"type":"capture","event_id":"{eid}","ts":"{t}","program_id":"acme","order_id":"eur-{eid}","amount":"10.00","currency":"EUR"}}"#),
-            3 => format!(r#"{{"type":"refund","event_id":"{eid}","ts":"{t}","program_id":"bharat","order_id":"never-{eid}","amount":"100","currency":"INR"}}"#),
-            _ => format!(r#"{{"type":"capture","event_id":"{eid}","ts":"{t}","program_id":"shop-unknown","order_id":"u","amount":"1.00","currency":"USD"}}"#),
+            0 => format!(
+                r#"{{"type":"capture","event_id":"{eid}","ts":"{t}","program_id":"acme","order_id":"x","amount":"#
+            ),
+            1 => format!(
+                r#"{{"type":"click","event_id":"{eid}","ts":"{t}","program_id":"acme","link_id":"retired-link","visitor_id":"v-x"}}"#
+            ),
+            2 => format!(
+                r#"{{"type":"capture","event_id":"{eid}","ts":"{t}","program_id":"acme","order_id":"eur-{eid}","amount":"10.00","currency":"EUR"}}"#
+            ),
+            3 => format!(
+                r#"{{"type":"refund","event_id":"{eid}","ts":"{t}","program_id":"bharat","order_id":"never-{eid}","amount":"100","currency":"INR"}}"#
+            ),
+            _ => format!(
+                r#"{{"type":"capture","event_id":"{eid}","ts":"{t}","program_id":"shop-unknown","order_id":"u","amount":"1.00","currency":"USD"}}"#
+            ),
         };
         self.push(ts, json);
     }
@@ -282,7 +318,12 @@ impl Gen<'_> {
 
 /// Writes the demo's rules and events (sorted by event time) and returns
 /// the rules text and the number of events written.
-pub fn generate(seed: u64, events: u64, rules_out: &mut impl Write, events_out: &mut impl Write) -> anyhow::Result<u64> {
+pub fn generate(
+    seed: u64,
+    events: u64,
+    rules_out: &mut impl Write,
+    events_out: &mut impl Write,
+) -> anyhow::Result<u64> {
     let mut rng = SmallRng::seed_from_u64(seed);
     let (rules, creators) = build_rules(&mut rng);
     rules_out.write_all(rules.as_bytes())?;
@@ -294,7 +335,14 @@ pub fn generate(seed: u64, events: u64, rules_out: &mut impl Write, events_out: 
     }
     let start = Utc.with_ymd_and_hms(2026, 9, 1, 0, 0, 0).single().context("start time")?;
     let span_secs = 60 * 86_400;
-    let mut g = Gen { rng, creators: &creators, cumulative, events: Vec::with_capacity(events as usize + 64), next_id: 0, order_no: 0 };
+    let mut g = Gen {
+        rng,
+        creators: &creators,
+        cumulative,
+        events: Vec::with_capacity(events as usize + 64),
+        next_id: 0,
+        order_no: 0,
+    };
     while (g.events.len() as u64) < events {
         let at = start + Duration::seconds(g.rng.random_range(0..span_secs));
         g.session(at);
@@ -338,8 +386,12 @@ pub fn run(opts: &DemoOptions, mut progress: impl FnMut(u64, u64)) -> anyhow::Re
     let events_path = input.join("events.jsonl");
     eprintln!("generating {} events (seed {}) into {}", opts.events, opts.seed, input.display());
     {
-        let mut r = BufWriter::new(File::create(&rules_path).with_context(|| format!("cannot create {}", rules_path.display()))?);
-        let mut e = BufWriter::new(File::create(&events_path).with_context(|| format!("cannot create {}", events_path.display()))?);
+        let mut r = BufWriter::new(
+            File::create(&rules_path).with_context(|| format!("cannot create {}", rules_path.display()))?,
+        );
+        let mut e = BufWriter::new(
+            File::create(&events_path).with_context(|| format!("cannot create {}", events_path.display()))?,
+        );
         generate(opts.seed, opts.events, &mut r, &mut e)?;
         r.flush()?;
         e.flush()?;
@@ -348,9 +400,14 @@ pub fn run(opts: &DemoOptions, mut progress: impl FnMut(u64, u64)) -> anyhow::Re
     let file = File::open(&events_path)?;
     let total = file.metadata()?.len();
     let store = opts.out.join("store");
-    let summary = crate::replay::replay(rules, BufReader::with_capacity(1 << 20, file), &events_path.display().to_string(), &store, None, |b| {
-        progress(total, b)
-    })?;
+    let summary = crate::replay::replay(
+        rules,
+        BufReader::with_capacity(1 << 20, file),
+        &events_path.display().to_string(),
+        &store,
+        None,
+        |b| progress(total, b),
+    )?;
     println!("== Afflio demo: {} events, seed {} ==", opts.events, opts.seed);
     print!("{summary}");
     println!("store              {}", store.display());

@@ -136,7 +136,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let len = file.metadata().map(|m| m.len()).unwrap_or(0);
             let pb = progress_bar(len, quiet, "replay");
             let name = events.display().to_string();
-            let summary = replay(rules, BufReader::with_capacity(1 << 20, file), &name, &out, as_of, |b| pb.set_position(b))?;
+            let summary =
+                replay(rules, BufReader::with_capacity(1 << 20, file), &name, &out, as_of, |b| pb.set_position(b))?;
             pb.finish_and_clear();
             print!("{summary}");
             println!("store              {}", out.display());

@@ -113,7 +113,8 @@ pub fn replay(
     let arrival_ts = Utc::now();
     let run_id = format!("{}", arrival_ts.format("%Y%m%dT%H%M%S%6fZ"));
     let mut engine = Engine::new(Arc::new(rules));
-    let mut store = ParquetStore::create(out, &run_id).with_context(|| format!("cannot create the store at {}", out.display()))?;
+    let mut store =
+        ParquetStore::create(out, &run_id).with_context(|| format!("cannot create the store at {}", out.display()))?;
     let mut lines = JsonLines::new(input);
     let (mut lines_read, mut bytes) = (0u64, 0u64);
     while let Some(line) = lines.next_line().with_context(|| format!("cannot read {input_name}"))? {
@@ -129,7 +130,14 @@ pub fn replay(
                     engine.apply(&event, line.text, arrival);
                 }
                 Err(e) => {
-                    engine.reject_undecodable(line.text, e.event_id.as_deref(), e.reason, e.field.as_deref(), e.detail, arrival);
+                    engine.reject_undecodable(
+                        line.text,
+                        e.event_id.as_deref(),
+                        e.reason,
+                        e.field.as_deref(),
+                        e.detail,
+                        arrival,
+                    );
                 }
             }
         }

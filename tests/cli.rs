@@ -81,7 +81,10 @@ fn a_second_replay_replaces_the_tables() {
     assert!(replay(&scenario("attribution_last_click"), &out).status.success());
     assert!(replay(&scenario("attribution_last_click"), &out).status.success());
     assert_eq!(sql(&out, "SELECT count(*) AS n FROM ledger", "csv"), "n\n7\n");
-    let hidden: Vec<_> = std::fs::read_dir(out.join("ledger")).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with('.')).collect();
+    let hidden: Vec<_> = std::fs::read_dir(out.join("ledger"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with('.'))
+        .collect();
     assert!(hidden.is_empty(), "temporary files left: {hidden:?}");
 }
 
@@ -91,7 +94,8 @@ fn a_bad_config_is_refused_with_every_problem_and_nothing_written() {
     let cfg = tmp.path().join("bad.toml");
     std::fs::write(&cfg, "[[programs]]\nid = \"p\"\ncurrency = \"XYZ\"\nrate = \"ten\"\n").unwrap();
     let out = tmp.path().join("store");
-    let o = afflio(&["replay", "--config", cfg.to_str().unwrap(), "--events", "/dev/null", "--out", out.to_str().unwrap()]);
+    let o =
+        afflio(&["replay", "--config", cfg.to_str().unwrap(), "--events", "/dev/null", "--out", out.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2));
     let err = text(&o.stderr);
     assert!(err.contains("bad.toml:3:") && err.contains("programs[0].currency") && err.contains("\"XYZ\""), "{err}");
@@ -110,14 +114,23 @@ fn an_unreadable_input_fails_clearly_and_writes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("store");
     let cfg = scenario("attribution_last_click").join("rules.toml");
-    let o = afflio(&["replay", "--config", cfg.to_str().unwrap(), "--events", "/no/such/file.jsonl", "--out", out.to_str().unwrap()]);
+    let o = afflio(&[
+        "replay",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--events",
+        "/no/such/file.jsonl",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o.stderr).contains("cannot open events file /no/such/file.jsonl"), "{}", text(&o.stderr));
     assert!(!out.exists());
     let o = afflio(&["sql", "--data", out.to_str().unwrap(), "SELECT 1"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o.stderr).contains("no Afflio data"), "{}", text(&o.stderr));
-    let o = afflio(&["replay", "--config", cfg.to_str().unwrap(), "--events", "x", "--out", "y", "--as-of", "yesterday"]);
+    let o =
+        afflio(&["replay", "--config", cfg.to_str().unwrap(), "--events", "x", "--out", "y", "--as-of", "yesterday"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o.stderr).contains("RFC 3339"), "{}", text(&o.stderr));
 }
@@ -139,7 +152,13 @@ fn the_demo_runs_the_whole_pipeline() {
     let o = afflio(&["demo", "--events", "30000", "--seed", "7", "--out", out.to_str().unwrap(), "--quiet"]);
     assert!(o.status.success(), "{}", text(&o.stderr));
     let s = text(&o.stdout);
-    for want in ["Afflio demo: 30000 events", "Top partners by net commission", "Commission by status", "Rejections by reason", "by link"] {
+    for want in [
+        "Afflio demo: 30000 events",
+        "Top partners by net commission",
+        "Commission by status",
+        "Rejections by reason",
+        "by link",
+    ] {
         assert!(s.contains(want), "demo output lacks {want}:\n{s}");
     }
     // The generated input replays to the same ledger.

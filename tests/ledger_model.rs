@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use afflio_engine::rules::Rules;
-use afflio_engine::{Arrival, Body, Capture, EntryKind, Engine, Event, Outcome, Reason, Refund};
+use afflio_engine::{Arrival, Body, Capture, Engine, EntryKind, Event, Outcome, Reason, Refund};
 use chrono::{DateTime, Duration, Utc};
 use proptest::prelude::*;
 use rust_decimal::Decimal;
@@ -128,7 +128,8 @@ impl Model {
                 o.refunded += r;
                 let full = o.refunded == o.captured;
                 for t in 0..3 {
-                    let rev = if full { o.net[t] } else { div_round_half_even(r * o.accrued[t], o.captured).min(o.net[t]) };
+                    let rev =
+                        if full { o.net[t] } else { div_round_half_even(r * o.accrued[t], o.captured).min(o.net[t]) };
                     o.net[t] -= rev;
                 }
                 Outcome::Applied

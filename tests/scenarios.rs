@@ -106,7 +106,11 @@ fn check(dir: &Path) -> Vec<String> {
             if bless {
                 println!("> {sql}\n{}\n", got.join("\n"));
             } else if got != *want {
-                failures.push(format!("{name}: > {sql}\n  got:\n    {}\n  want:\n    {}", got.join("\n    "), want.join("\n    ")));
+                failures.push(format!(
+                    "{name}: > {sql}\n  got:\n    {}\n  want:\n    {}",
+                    got.join("\n    "),
+                    want.join("\n    ")
+                ));
             }
         }
     }
@@ -115,7 +119,8 @@ fn check(dir: &Path) -> Vec<String> {
 
 fn scenario_dirs() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scenarios");
-    let mut dirs: Vec<PathBuf> = fs::read_dir(&root).unwrap().map(|e| e.unwrap().path()).filter(|p| p.is_dir()).collect();
+    let mut dirs: Vec<PathBuf> =
+        fs::read_dir(&root).unwrap().map(|e| e.unwrap().path()).filter(|p| p.is_dir()).collect();
     dirs.sort();
     dirs
 }

@@ -267,7 +267,11 @@ impl Engine {
 
     fn apply_checked(&mut self, e: &Event<'_>, rules: &Rules) -> Result<(), Reject> {
         let Some(program) = rules.program(&e.program_id) else {
-            return Err(reject(Reason::UnknownProgram, "program_id", format!("program_id {:?} names no configured program", e.program_id)));
+            return Err(reject(
+                Reason::UnknownProgram,
+                "program_id",
+                format!("program_id {:?} names no configured program", e.program_id),
+            ));
         };
         match &e.body {
             Body::Click(c) => self.apply_click(e, c, rules, program),
@@ -290,7 +294,11 @@ impl Engine {
 
     fn apply_click(&mut self, e: &Event<'_>, c: &Click<'_>, rules: &Rules, program: &Program) -> Result<(), Reject> {
         let Some(link) = rules.link(&c.link_id) else {
-            return Err(reject(Reason::UnknownLink, "link_id", format!("link_id {:?} names no configured link", c.link_id)));
+            return Err(reject(
+                Reason::UnknownLink,
+                "link_id",
+                format!("link_id {:?} names no configured link", c.link_id),
+            ));
         };
         if link.program_id != program.id {
             return Err(reject(
@@ -324,7 +332,12 @@ impl Engine {
         Ok(())
     }
 
-    fn check_money(program: &Program, currency: &str, amount: Decimal, items: &Option<Vec<Item<'_>>>) -> Result<(), Reject> {
+    fn check_money(
+        program: &Program,
+        currency: &str,
+        amount: Decimal,
+        items: &Option<Vec<Item<'_>>>,
+    ) -> Result<(), Reject> {
         if currency != program.currency.code() {
             return Err(reject(
                 Reason::CurrencyMismatch,
@@ -351,7 +364,13 @@ impl Engine {
         Ok(())
     }
 
-    fn apply_capture(&mut self, e: &Event<'_>, c: &Capture<'_>, rules: &Rules, program: &Program) -> Result<(), Reject> {
+    fn apply_capture(
+        &mut self,
+        e: &Event<'_>,
+        c: &Capture<'_>,
+        rules: &Rules,
+        program: &Program,
+    ) -> Result<(), Reject> {
         Self::check_money(program, &c.currency, c.amount, &c.items)?;
         // Validated: from here on nothing can fail.
         let prog = self.names.intern(&program.id);
@@ -389,7 +408,9 @@ impl Engine {
                 None => Some(CodeIssue::Unknown),
                 Some(code) if code.starts_at.is_some_and(|s| ts < s) => Some(CodeIssue::NotStarted),
                 Some(code) if code.expires_at.is_some_and(|x| ts >= x) => Some(CodeIssue::Expired),
-                Some(code) if code.max_uses.is_some_and(|m| self.code_uses(prog, &norm) >= m) => Some(CodeIssue::Exhausted),
+                Some(code) if code.max_uses.is_some_and(|m| self.code_uses(prog, &norm) >= m) => {
+                    Some(CodeIssue::Exhausted)
+                }
                 Some(code) => {
                     valid.push(code);
                     None
@@ -422,7 +443,12 @@ impl Engine {
         if let Some(cr) = &credit {
             lines.push(Line { partner_id: cr.partner_id.clone(), tier: 0, accrued: Decimal::ZERO, net: Decimal::ZERO });
             for (i, anc) in rules.ancestors(&cr.partner_id, program.overrides.len()).enumerate() {
-                lines.push(Line { partner_id: anc.id.as_str().into(), tier: (i + 1) as u8, accrued: Decimal::ZERO, net: Decimal::ZERO });
+                lines.push(Line {
+                    partner_id: anc.id.as_str().into(),
+                    tier: (i + 1) as u8,
+                    accrued: Decimal::ZERO,
+                    net: Decimal::ZERO,
+                });
             }
         }
         let program_id = self.names.name(prog).clone();
@@ -460,7 +486,12 @@ impl Engine {
                 flags.push((
                     "coupon_stacking",
                     1.0,
-                    format!("valid codes of {} partners on one order: {} (partners {})", partners.len(), codes.join(", "), partners.join(", ")),
+                    format!(
+                        "valid codes of {} partners on one order: {} (partners {})",
+                        partners.len(),
+                        codes.join(", "),
+                        partners.join(", ")
+                    ),
                 ));
             }
             for (rule, score, detail) in flags {
@@ -491,7 +522,8 @@ impl Engine {
     fn winning_click(&self, visitor: &str, prog: u32, ts: DateTime<Utc>, program: &Program) -> Option<Credit> {
         let t = ts.timestamp_micros();
         let from = t.saturating_sub(micros(program.window));
-        let candidates = self.sessions.clicks(visitor).iter().filter(|c| c.program == prog && c.ts >= from && c.ts <= t);
+        let candidates =
+            self.sessions.clicks(visitor).iter().filter(|c| c.program == prog && c.ts >= from && c.ts <= t);
         let best = match program.model {
             AttributionModel::LastClick => candidates.max_by_key(|c| (c.ts, c.seq)),
             AttributionModel::FirstClick => candidates.min_by_key(|c| (c.ts, std::cmp::Reverse(c.seq))),
@@ -541,20 +573,26 @@ impl Engine {
     fn apply_refund(&mut self, e: &Event<'_>, r: &Refund<'_>, rules: &Rules, program: &Program) -> Result<(), Reject> {
         Self::check_money(program, &r.currency, r.amount, &r.items)?;
         let prog = self.names.get(&program.id);
-        let idx = prog
-            .and_then(|p| self.order_index.get(&p))
-            .and_then(|m| m.get(r.order_id.as_ref()))
-            .copied()
-            .ok_or_else(|| {
-                reject(Reason::UnknownOrder, "order_id", format!("order_id {:?} has no capture in program {:?}", r.order_id, program.id))
-            })? as usize;
+        let idx =
+            prog.and_then(|p| self.order_index.get(&p)).and_then(|m| m.get(r.order_id.as_ref())).copied().ok_or_else(
+                || {
+                    reject(
+                        Reason::UnknownOrder,
+                        "order_id",
+                        format!("order_id {:?} has no capture in program {:?}", r.order_id, program.id),
+                    )
+                },
+            )? as usize;
         let order = &mut self.orders[idx];
         let open = order.captured - order.refunded;
         if r.amount > open {
             return Err(reject(
                 Reason::RefundExceedsCapture,
                 "amount",
-                format!("amount {} exceeds what is captured and not yet refunded ({open} of {})", r.amount, order.captured),
+                format!(
+                    "amount {} exceeds what is captured and not yet refunded ({open} of {})",
+                    r.amount, order.captured
+                ),
             ));
         }
         // Validated: apply.
@@ -654,7 +692,10 @@ fn self_referral(rules: &Rules, partner_id: &str, c: &Capture<'_>) -> Option<Str
     let cu = c.customer.as_ref()?;
     if let Some(h) = cu.email_sha256.as_deref() {
         if partner.email_sha256.contains(&h.trim().to_ascii_lowercase()) {
-            return Some(format!("customer email_sha256 {}… is an identity of partner {partner_id:?}", &h.trim()[..h.trim().len().min(12)]));
+            return Some(format!(
+                "customer email_sha256 {}… is an identity of partner {partner_id:?}",
+                &h.trim()[..h.trim().len().min(12)]
+            ));
         }
     }
     if let Some(id) = cu.id.as_deref() {

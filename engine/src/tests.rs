@@ -1,0 +1,174 @@
+//! Engine behaviours not reachable through a replay file: runtime rules
+//! changes, bounded state, program isolation.
+
+use std::sync::Arc;
+
+use afflio_rules::Rules;
+use chrono::{DateTime, Duration, Utc};
+use rust_decimal::Decimal;
+
+use crate::{Arrival, Body, Capture, Click, Engine, Event, Outcome, Reason};
+
+const RULES: &str = r#"
+[engine]
+max_clicks_per_visitor = 2
+[[programs]]
+id = "acme"
+currency = "USD"
+rate = "10%"
+[programs.attribution]
+window = "1d"
+[[programs]]
+id = "other"
+currency = "USD"
+rate = "10%"
+[[partners]]
+id = "alice"
+program_id = "acme"
+[[partners]]
+id = "olga"
+program_id = "other"
+[[links]]
+id = "a1"
+partner_id = "alice"
+[[links]]
+id = "o1"
+partner_id = "olga"
+[[codes]]
+code = "ALICE"
+partner_id = "alice"
+"#;
+
+struct Origin;
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("test")
+    }
+}
+
+fn at(mins: i64) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("2026-11-10T00:00:00Z").unwrap().with_timezone(&Utc) + Duration::minutes(mins)
+}
+
+fn click(id: &str, mins: i64, link: &str, visitor: &str, program: &str) -> Event<'static> {
+    Event {
+        event_id: id.to_string().into(),
+        ts: at(mins),
+        program_id: program.to_string().into(),
+        body: Body::Click(Click {
+            link_id: link.to_string().into(),
+            visitor_id: visitor.to_string().into(),
+            ..Click::default()
+        }),
+    }
+}
+
+fn capture(id: &str, mins: i64, order: &str, amount: &str, visitor: Option<&str>, codes: &[&str]) -> Event<'static> {
+    Event {
+        event_id: id.to_string().into(),
+        ts: at(mins),
+        program_id: "acme".into(),
+        body: Body::Capture(Capture {
+            order_id: order.to_string().into(),
+            amount: amount.parse().unwrap(),
+            currency: "USD".into(),
+            visitor_id: visitor.map(|v| v.to_string().into()),
+            codes: codes.iter().map(|c| c.to_string().into()).collect(),
+            customer: None,
+            ip: None,
+            items: None,
+        }),
+    }
+}
+
+fn engine() -> Engine {
+    Engine::new(Arc::new(Rules::parse("t.toml", RULES).unwrap()))
+}
+
+fn apply(e: &mut Engine, ev: &Event<'_>) -> Outcome {
+    e.apply(ev, "{}", Arrival { ts: at(0), origin: &Origin })
+}
+
+#[test]
+fn a_rules_change_applies_to_later_events_only() {
+    let mut e = engine();
+    assert_eq!(apply(&mut e, &capture("c1", 0, "o1", "100", None, &["alice"])), Outcome::Applied);
+    let v2 = e.rules().with_update("[[partners]]\nid = 'alice'\nprogram_id = 'acme'\nrate = '20%'\n").unwrap();
+    e.set_rules(Arc::new(v2));
+    assert_eq!(apply(&mut e, &capture("c2", 1, "o1", "100", None, &[])), Outcome::Applied);
+    assert_eq!(apply(&mut e, &capture("c3", 2, "o2", "100", None, &["ALICE"])), Outcome::Applied);
+    let ledger = e.take_output().ledger;
+    let got: Vec<(String, Decimal, u64)> =
+        ledger.iter().map(|l| (l.entry_id.clone(), l.amount, l.rules_version)).collect();
+    assert_eq!(
+        got,
+        [
+            ("c1:0".to_string(), Decimal::new(1000, 2), 1),
+            ("c2:0".to_string(), Decimal::new(2000, 2), 2),
+            ("c3:0".to_string(), Decimal::new(2000, 2), 2)
+        ]
+    );
+    // The first accrual is not recomputed.
+    assert_eq!(e.order("acme", "o1").unwrap().lines[0].accrued, Decimal::new(3000, 2));
+}
+
+#[test]
+fn partners_and_links_join_at_runtime() {
+    let mut e = engine();
+    assert_eq!(apply(&mut e, &click("k1", 0, "new-link", "v", "acme")), Outcome::Rejected(Reason::UnknownLink));
+    let v2 = e
+        .rules()
+        .with_update(
+            "[[partners]]\nid = 'nina'\nprogram_id = 'acme'\n[[links]]\nid = 'new-link'\npartner_id = 'nina'\n",
+        )
+        .unwrap();
+    e.set_rules(Arc::new(v2));
+    assert_eq!(apply(&mut e, &click("k2", 0, "new-link", "v", "acme")), Outcome::Applied);
+    assert_eq!(apply(&mut e, &capture("c1", 5, "o1", "10", Some("v"), &[])), Outcome::Applied);
+    assert_eq!(&*e.order("acme", "o1").unwrap().credit.as_ref().unwrap().partner_id, "nina");
+}
+
+#[test]
+fn a_link_of_another_program_is_unknown_and_clicks_stay_in_their_program() {
+    let mut e = engine();
+    assert_eq!(apply(&mut e, &click("k1", 0, "o1", "v", "acme")), Outcome::Rejected(Reason::UnknownLink));
+    let rej = e.take_output().rejections;
+    assert!(rej[0].detail.contains("belongs to program \"other\""), "{}", rej[0].detail);
+    assert_eq!(apply(&mut e, &click("k2", 0, "o1", "v", "other")), Outcome::Applied);
+    assert_eq!(apply(&mut e, &capture("c1", 5, "ord", "10", Some("v"), &[])), Outcome::Applied);
+    assert!(e.order("acme", "ord").unwrap().credit.is_none(), "a click in program other never credits an acme order");
+}
+
+#[test]
+fn clicks_per_visitor_are_bounded_keeping_the_newest() {
+    let mut e = engine();
+    for (i, m) in [0, 1, 2].iter().enumerate() {
+        assert_eq!(apply(&mut e, &click(&format!("k{i}"), *m, "a1", "v", "acme")), Outcome::Applied);
+    }
+    assert_eq!(e.memory().clicks, 2);
+    assert_eq!(e.stats().clicks_dropped, 1);
+}
+
+#[test]
+fn clicks_are_evicted_by_the_watermark_not_the_clock() {
+    let mut e = engine();
+    apply(&mut e, &click("k1", 0, "a1", "old", "acme"));
+    apply(&mut e, &click("k2", 0, "a1", "also-old", "acme"));
+    assert_eq!(e.memory().visitors, 2);
+    // Window 1d (longest of all programs is the default 30d of `other`):
+    // two months of event time later both are gone.
+    apply(&mut e, &click("k3", 60 * 24 * 62, "a1", "new", "acme"));
+    assert_eq!(e.memory().visitors, 1);
+    assert_eq!(e.memory().dedupe_ids, 1, "dedupe ids older than the 30d retention are forgotten");
+}
+
+#[test]
+fn duplicates_and_conflicts_are_told_apart() {
+    let mut e = engine();
+    let c = capture("c1", 0, "o1", "10", None, &[]);
+    assert_eq!(apply(&mut e, &c), Outcome::Applied);
+    assert_eq!(apply(&mut e, &c), Outcome::Duplicate);
+    assert_eq!(apply(&mut e, &capture("c1", 0, "o1", "11", None, &[])), Outcome::Rejected(Reason::IdempotencyConflict));
+    let s = e.stats();
+    assert_eq!((s.events, s.applied(), s.duplicates, s.rejections()), (3, 1, 1, 1));
+}

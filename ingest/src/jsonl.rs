@@ -43,7 +43,8 @@ impl<R: BufRead> JsonLines<R> {
             }
             let mut problem = None;
             if self.buf.len() > self.max_line_bytes {
-                problem = Some(format!("line is {} bytes, over the {}-byte limit", self.buf.len(), self.max_line_bytes));
+                problem =
+                    Some(format!("line is {} bytes, over the {}-byte limit", self.buf.len(), self.max_line_bytes));
             }
             self.text.clear();
             match std::str::from_utf8(&self.buf) {

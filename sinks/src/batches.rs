@@ -24,7 +24,8 @@ pub enum Table {
 }
 
 impl Table {
-    pub const ALL: [Table; 6] = [Table::Ledger, Table::Orders, Table::Flags, Table::Rejections, Table::Clicks, Table::Lines];
+    pub const ALL: [Table; 6] =
+        [Table::Ledger, Table::Orders, Table::Flags, Table::Rejections, Table::Clicks, Table::Lines];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -209,7 +210,10 @@ pub(crate) fn ledger(rows: &[LedgerEntry]) -> Result<RecordBatch, ArrowError> {
             strings(rows.iter().map(|r| r.attribution.as_str())),
             strings(rows.iter().map(|r| &*r.source)),
             times(rows.iter().map(|r| r.eligible_at)),
-            Arc::new(Decimal128Array::from_iter(rows.iter().map(|r| r.rate.map(|d| scaled(d, 8)))).with_precision_and_scale(18, 8)?),
+            Arc::new(
+                Decimal128Array::from_iter(rows.iter().map(|r| r.rate.map(|d| scaled(d, 8))))
+                    .with_precision_and_scale(18, 8)?,
+            ),
             Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.rules_version as i64))),
         ],
     )

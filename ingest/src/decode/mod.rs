@@ -148,7 +148,10 @@ fn required<'a>(v: Option<Cow<'a, str>>, field: &str, ty: EventType) -> Result<C
 
 fn bounded<'a>(s: Cow<'a, str>, field: &str) -> Result<Cow<'a, str>, DecodeError> {
     if s.len() > LIMITS.string_bytes {
-        return Err(malformed(field, format!("field `{field}` is {} bytes, over the {}-byte limit", s.len(), LIMITS.string_bytes)));
+        return Err(malformed(
+            field,
+            format!("field `{field}` is {} bytes, over the {}-byte limit", s.len(), LIMITS.string_bytes),
+        ));
     }
     Ok(s)
 }
@@ -194,7 +197,9 @@ fn is_plain_decimal(s: &str) -> bool {
         Some((i, f)) => (i, Some(f)),
         None => (body, None),
     };
-    !int.is_empty() && int.bytes().all(|b| b.is_ascii_digit()) && frac.is_none_or(|f| !f.is_empty() && f.bytes().all(|b| b.is_ascii_digit()))
+    !int.is_empty()
+        && int.bytes().all(|b| b.is_ascii_digit())
+        && frac.is_none_or(|f| !f.is_empty() && f.bytes().all(|b| b.is_ascii_digit()))
 }
 
 fn money(v: Option<&RawValue>, field: &str, ty: EventType) -> Result<Decimal, DecodeError> {
@@ -252,7 +257,10 @@ fn convert(w: Wire<'_>) -> Result<Event<'_>, DecodeError> {
             let codes = codes.into_iter().map(|c| bounded(c, "codes")).collect::<Result<Vec<_>, _>>()?;
             let customer = match w.customer {
                 None => None,
-                Some(c) => Some(Customer { id: optional(c.id, "customer.id")?, email_sha256: optional(c.email_sha256, "customer.email_sha256")? }),
+                Some(c) => Some(Customer {
+                    id: optional(c.id, "customer.id")?,
+                    email_sha256: optional(c.email_sha256, "customer.email_sha256")?,
+                }),
             };
             Body::Capture(Capture {
                 order_id: required(w.order_id, "order_id", ty)?,

@@ -21,9 +21,20 @@ fn decodes_every_type() {
         r#"{"type":"click","event_id":"c1","ts":"2026-11-01T10:00:00Z","program_id":"acme","link_id":"l","visitor_id":"v","sub_id":"s","extra":1}"#,
         Ok(r#"sub_id: Some("s")"#),
     );
-    check(&format!(r#"{{{CAP},"amount":"120.00","codes":["a"],"customer":{{"id":"c"}},"items":[{{"category":"x","amount":"120.00"}}]}}"#), Ok("amount: 120.00"));
-    check(r#"{"type":"refund","event_id":"r","ts":"2026-11-01T10:00:00Z","program_id":"p","order_id":"o","amount":"1","currency":"USD"}"#, Ok("chargeback: false"));
-    check(r#"{"type":"chargeback","event_id":"r","ts":"2026-11-01T10:00:00Z","program_id":"p","order_id":"o","amount":"1","currency":"USD"}"#, Ok("chargeback: true"));
+    check(
+        &format!(
+            r#"{{{CAP},"amount":"120.00","codes":["a"],"customer":{{"id":"c"}},"items":[{{"category":"x","amount":"120.00"}}]}}"#
+        ),
+        Ok("amount: 120.00"),
+    );
+    check(
+        r#"{"type":"refund","event_id":"r","ts":"2026-11-01T10:00:00Z","program_id":"p","order_id":"o","amount":"1","currency":"USD"}"#,
+        Ok("chargeback: false"),
+    );
+    check(
+        r#"{"type":"chargeback","event_id":"r","ts":"2026-11-01T10:00:00Z","program_id":"p","order_id":"o","amount":"1","currency":"USD"}"#,
+        Ok("chargeback: true"),
+    );
 }
 
 #[test]
@@ -36,7 +47,10 @@ fn money_is_exact() {
     check(&format!(r#"{{{CAP},"amount":1e400}}"#), Err((Reason::InvalidAmount, "amount")));
     check(&format!(r#"{{{CAP},"amount":0.1000000000000000000000000000001}}"#), Err((Reason::InvalidAmount, "amount")));
     check(&format!(r#"{{{CAP},"amount":true}}"#), Err((Reason::Malformed, "amount")));
-    check(&format!(r#"{{{CAP},"amount":"1","items":[{{"amount":"x"}}]}}"#), Err((Reason::InvalidAmount, "items[0].amount")));
+    check(
+        &format!(r#"{{{CAP},"amount":"1","items":[{{"amount":"x"}}]}}"#),
+        Err((Reason::InvalidAmount, "items[0].amount")),
+    );
     check(&format!(r#"{{{CAP},"amount":"1","items":[{{"sku":"x"}}]}}"#), Err((Reason::Malformed, "items[0].amount")));
 }
 
@@ -45,21 +59,45 @@ fn malformed_names_the_field() {
     let e = decode_event("not json").unwrap_err();
     assert_eq!((e.reason, e.field), (Reason::Malformed, None));
     check(r#"{"event_id":"e","ts":"2026-11-01T10:00:00Z","program_id":"p"}"#, Err((Reason::Malformed, "type")));
-    check(r#"{"type":"view","event_id":"e","ts":"2026-11-01T10:00:00Z","program_id":"p"}"#, Err((Reason::Malformed, "type")));
+    check(
+        r#"{"type":"view","event_id":"e","ts":"2026-11-01T10:00:00Z","program_id":"p"}"#,
+        Err((Reason::Malformed, "type")),
+    );
     check(&format!(r#"{{{CAP}}}"#), Err((Reason::Malformed, "amount")));
-    check(r#"{"type":"refund","event_id":"e","ts":"2026-11-01T10:00:00Z","program_id":"p","amount":"1","order_id":7}"#, Err((Reason::Malformed, "order_id")));
-    check(r#"{"type":"capture","event_id":"","ts":"2026-11-01T10:00:00Z","program_id":"p"}"#, Err((Reason::Malformed, "event_id")));
-    check(r#"{"type":"capture","event_id":"e","ts":"2026-11-01 10:00","program_id":"p"}"#, Err((Reason::Malformed, "ts")));
-    check(r#"{"type":"capture","event_id":"e","ts":"2026-11-01T10:00:00","program_id":"p"}"#, Err((Reason::Malformed, "ts")));
-    check(r#"{"type":"click","event_id":"e","ts":"2026-11-01T10:00:00Z","program_id":"p","link_id":"l"}"#, Err((Reason::Malformed, "visitor_id")));
-    check(r#"{"type":"click","event_id":"e","ts":"2026-11-01T10:00:00Z","program_id":"p","link_id":"l","visitor_id":"  "}"#, Err((Reason::Malformed, "visitor_id")));
+    check(
+        r#"{"type":"refund","event_id":"e","ts":"2026-11-01T10:00:00Z","program_id":"p","amount":"1","order_id":7}"#,
+        Err((Reason::Malformed, "order_id")),
+    );
+    check(
+        r#"{"type":"capture","event_id":"","ts":"2026-11-01T10:00:00Z","program_id":"p"}"#,
+        Err((Reason::Malformed, "event_id")),
+    );
+    check(
+        r#"{"type":"capture","event_id":"e","ts":"2026-11-01 10:00","program_id":"p"}"#,
+        Err((Reason::Malformed, "ts")),
+    );
+    check(
+        r#"{"type":"capture","event_id":"e","ts":"2026-11-01T10:00:00","program_id":"p"}"#,
+        Err((Reason::Malformed, "ts")),
+    );
+    check(
+        r#"{"type":"click","event_id":"e","ts":"2026-11-01T10:00:00Z","program_id":"p","link_id":"l"}"#,
+        Err((Reason::Malformed, "visitor_id")),
+    );
+    check(
+        r#"{"type":"click","event_id":"e","ts":"2026-11-01T10:00:00Z","program_id":"p","link_id":"l","visitor_id":"  "}"#,
+        Err((Reason::Malformed, "visitor_id")),
+    );
     check(&format!(r#"{{{CAP},"amount":"1","codes":"A"}}"#), Err((Reason::Malformed, "codes")));
     check(&format!(r#"{{{CAP},"amount":"1","customer":{{"id":5}}}}"#), Err((Reason::Malformed, "customer.id")));
 }
 
 #[test]
 fn the_event_id_is_kept_when_it_can_be_read() {
-    let e = decode_event(r#"{"type":"refund","event_id":"e1","ts":"2026-11-01T10:00:00Z","program_id":"p","amount":"1","order_id":7}"#).unwrap_err();
+    let e = decode_event(
+        r#"{"type":"refund","event_id":"e1","ts":"2026-11-01T10:00:00Z","program_id":"p","amount":"1","order_id":7}"#,
+    )
+    .unwrap_err();
     assert_eq!(e.event_id.as_deref(), Some("e1"));
     let e = decode_event(&format!(r#"{{{CAP},"amount":"x"}}"#)).unwrap_err();
     assert_eq!(e.event_id.as_deref(), Some("e1"));

@@ -133,10 +133,8 @@ pub struct Rules {
 impl Rules {
     /// Reads and compiles a rules file.
     pub fn load(path: &std::path::Path) -> Result<Rules, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
         Rules::parse(&path.display().to_string(), &text)
     }
 
@@ -310,9 +308,7 @@ impl Ctx<'_> {
     }
 
     fn category_rates(&mut self, m: &BTreeMap<String, S<String>>, field: &str) -> HashMap<String, Rate> {
-        m.iter()
-            .filter_map(|(cat, r)| Some((cat.clone(), self.rate(r, format!("{field}.{cat}"))?)))
-            .collect()
+        m.iter().filter_map(|(cat, r)| Some((cat.clone(), self.rate(r, format!("{field}.{cat}"))?))).collect()
     }
 
     fn time(&mut self, v: Option<&S<String>>, field: String) -> Option<DateTime<Utc>> {
@@ -335,7 +331,11 @@ fn compile(file: &str, text: &str, raw: RawConfig, version: u64) -> Result<Rules
     for (i, p) in raw.programs.iter().enumerate() {
         if let Some(prog) = compile_program(&mut cx, i, p) {
             if programs.contains_key(&prog.id) {
-                cx.err(p.get_ref().id.span(), format!("programs[{i}].id"), format!("duplicate program id {:?}", prog.id));
+                cx.err(
+                    p.get_ref().id.span(),
+                    format!("programs[{i}].id"),
+                    format!("duplicate program id {:?}", prog.id),
+                );
             } else {
                 programs.insert(prog.id.clone(), prog);
             }
@@ -357,7 +357,11 @@ fn compile(file: &str, text: &str, raw: RawConfig, version: u64) -> Result<Rules
         for (j, e) in rp.email_sha256.iter().enumerate() {
             let v = e.get_ref().trim().to_ascii_lowercase();
             if v.len() != 64 || !v.bytes().all(|b| b.is_ascii_hexdigit()) {
-                cx.err(e.span(), format!("partners[{i}].email_sha256[{j}]"), format!("{:?} is not a hex SHA-256 (64 hex digits)", e.get_ref()));
+                cx.err(
+                    e.span(),
+                    format!("partners[{i}].email_sha256[{j}]"),
+                    format!("{:?} is not a hex SHA-256 (64 hex digits)", e.get_ref()),
+                );
             }
             email_sha256.insert(v);
         }
@@ -390,7 +394,11 @@ fn compile(file: &str, text: &str, raw: RawConfig, version: u64) -> Result<Rules
                 let mut cur = Some(parent.get_ref().as_str());
                 while let Some(c) = cur {
                     if !seen.insert(c) {
-                        cx.err(parent.span(), field.clone(), format!("parent chain of {:?} has a cycle through {c:?}", rp.id.get_ref()));
+                        cx.err(
+                            parent.span(),
+                            field.clone(),
+                            format!("parent chain of {:?} has a cycle through {c:?}", rp.id.get_ref()),
+                        );
                         break;
                     }
                     cur = partners.get(c).and_then(|x| x.parent.as_deref());
@@ -407,7 +415,11 @@ fn compile(file: &str, text: &str, raw: RawConfig, version: u64) -> Result<Rules
             cx.err(rl.id.span(), format!("links[{i}].id"), format!("link id {id:?} must not contain '/', '?' or '#'"));
         }
         let Some(partner) = partners.get(rl.partner_id.get_ref()) else {
-            cx.err(rl.partner_id.span(), format!("links[{i}].partner_id"), format!("unknown partner {:?}", rl.partner_id.get_ref()));
+            cx.err(
+                rl.partner_id.span(),
+                format!("links[{i}].partner_id"),
+                format!("unknown partner {:?}", rl.partner_id.get_ref()),
+            );
             continue;
         };
         if let Some(d) = &rl.destination {
@@ -459,12 +471,27 @@ fn compile(file: &str, text: &str, raw: RawConfig, version: u64) -> Result<Rules
         };
         let Some(program) = programs.get_mut(&partner.program_id) else { continue };
         if program.codes.contains_key(&normalized) {
-            cx.err(rc.code.span(), f("code"), format!("duplicate code {:?} in program {:?} (codes match case-insensitively)", rc.code.get_ref(), program.id));
+            cx.err(
+                rc.code.span(),
+                f("code"),
+                format!(
+                    "duplicate code {:?} in program {:?} (codes match case-insensitively)",
+                    rc.code.get_ref(),
+                    program.id
+                ),
+            );
             continue;
         }
         program.codes.insert(
             normalized.clone(),
-            Code { code: rc.code.get_ref().trim().to_string(), normalized, partner_id: partner.id.clone(), starts_at, expires_at, max_uses },
+            Code {
+                code: rc.code.get_ref().trim().to_string(),
+                normalized,
+                partner_id: partner.id.clone(),
+                starts_at,
+                expires_at,
+                max_uses,
+            },
         );
     }
 
@@ -495,8 +522,10 @@ fn compile_engine(cx: &mut Ctx<'_>, raw: &RawConfig) -> EngineSettings {
             default
         }
     };
-    let max_clicks_per_visitor = limit(&e.max_clicks_per_visitor, d.max_clicks_per_visitor, "engine.max_clicks_per_visitor", 10_000);
-    let max_tracked_visitors = limit(&e.max_tracked_visitors, d.max_tracked_visitors, "engine.max_tracked_visitors", 1_000_000_000);
+    let max_clicks_per_visitor =
+        limit(&e.max_clicks_per_visitor, d.max_clicks_per_visitor, "engine.max_clicks_per_visitor", 10_000);
+    let max_tracked_visitors =
+        limit(&e.max_tracked_visitors, d.max_tracked_visitors, "engine.max_tracked_visitors", 1_000_000_000);
     EngineSettings {
         dedupe_retention: cx.duration(e.dedupe_retention.as_ref(), d.dedupe_retention, "engine.dedupe_retention"),
         out_of_order: cx.duration(e.out_of_order.as_ref(), d.out_of_order, "engine.out_of_order"),
@@ -511,7 +540,11 @@ fn compile_program(cx: &mut Ctx<'_>, i: usize, p: &S<RawProgram>) -> Option<Prog
     let id = cx.id(&rp.id, f("id"));
     let currency = Currency::from_code(rp.currency.get_ref());
     if currency.is_none() {
-        cx.err(rp.currency.span(), f("currency"), format!("{:?} is not an ISO 4217 currency code (upper case, e.g. \"USD\")", rp.currency.get_ref()));
+        cx.err(
+            rp.currency.span(),
+            f("currency"),
+            format!("{:?} is not an ISO 4217 currency code (upper case, e.g. \"USD\")", rp.currency.get_ref()),
+        );
     }
     let rate = cx.rate(&rp.rate, f("rate"));
     let overrides: Vec<Option<Rate>> =
@@ -557,7 +590,11 @@ fn compile_payout(cx: &mut Ctx<'_>, po: &S<RawPayout>, field: &str) -> Option<Pa
         "paypal" => PayoutProvider::Paypal,
         "razorpayx" => PayoutProvider::Razorpayx,
         other => {
-            cx.err(r.provider.span(), format!("{field}.provider"), format!("{other:?} is not \"paypal\" or \"razorpayx\""));
+            cx.err(
+                r.provider.span(),
+                format!("{field}.provider"),
+                format!("{other:?} is not \"paypal\" or \"razorpayx\""),
+            );
             return None;
         }
     };
@@ -580,9 +617,16 @@ fn compile_payout(cx: &mut Ctx<'_>, po: &S<RawPayout>, field: &str) -> Option<Pa
             }
             if let Some(ifsc) = &r.ifsc {
                 let s = ifsc.get_ref();
-                let ok = s.len() == 11 && s.is_char_boundary(4) && s[..4].bytes().all(|b| b.is_ascii_uppercase()) && s.as_bytes()[4] == b'0';
+                let ok = s.len() == 11
+                    && s.is_char_boundary(4)
+                    && s[..4].bytes().all(|b| b.is_ascii_uppercase())
+                    && s.as_bytes()[4] == b'0';
                 if !ok {
-                    cx.err(ifsc.span(), format!("{field}.ifsc"), format!("{s:?} is not an IFSC code (4 letters, 0, 6 characters)"));
+                    cx.err(
+                        ifsc.span(),
+                        format!("{field}.ifsc"),
+                        format!("{s:?} is not an IFSC code (4 letters, 0, 6 characters)"),
+                    );
                 }
             }
         }

@@ -185,10 +185,17 @@ fn shape_errors_name_the_line_and_field() {
 fn payouts_are_validated_per_provider() {
     let base = "[[programs]]\nid='p'\ncurrency='INR'\nrate='1%'\n[[partners]]\nid='a'\nprogram_id='p'\n";
     check(&format!("{base}payout = {{ provider = 'razorpayx' }}\n"), &[(8, "partners[0].payout", "vpa")]);
-    check(&format!("{base}payout = {{ provider = 'razorpayx', account_number = '1', ifsc = 'bad' }}\n"), &[(8, "partners[0].payout.ifsc", "\"bad\"")]);
+    check(
+        &format!("{base}payout = {{ provider = 'razorpayx', account_number = '1', ifsc = 'bad' }}\n"),
+        &[(8, "partners[0].payout.ifsc", "\"bad\"")],
+    );
     check(&format!("{base}payout = {{ provider = 'wire' }}\n"), &[(8, "partners[0].payout.provider", "\"wire\"")]);
     Rules::parse("ok", &format!("{base}payout = {{ provider = 'razorpayx', vpa = 'a@upi' }}\n")).unwrap();
-    Rules::parse("ok", &format!("{base}payout = {{ provider = 'razorpayx', account_number = '123', ifsc = 'HDFC0001234' }}\n")).unwrap();
+    Rules::parse(
+        "ok",
+        &format!("{base}payout = {{ provider = 'razorpayx', account_number = '123', ifsc = 'HDFC0001234' }}\n"),
+    )
+    .unwrap();
 }
 
 #[test]
