@@ -110,8 +110,8 @@ impl Model {
             Op::Capture { order, cents } => {
                 let o = self.orders[*order as usize].get_or_insert_with(ModelOrder::default);
                 o.captured += i128::from(*cents);
-                for t in 0..3 {
-                    let a = div_round_half_even(i128::from(*cents) * RATES_PER_100K[t], 100_000);
+                for (t, rate) in RATES_PER_100K.iter().enumerate() {
+                    let a = div_round_half_even(i128::from(*cents) * rate, 100_000);
                     o.accrued[t] += a;
                     o.net[t] += a;
                 }

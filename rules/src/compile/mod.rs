@@ -496,7 +496,7 @@ fn compile(file: &str, text: &str, raw: RawConfig, version: u64) -> Result<Rules
     }
 
     if !cx.problems.is_empty() {
-        cx.problems.sort_by(|a, b| (a.line, a.column).cmp(&(b.line, b.column)));
+        cx.problems.sort_by_key(|p| (p.line, p.column));
         return Err(ConfigError::Invalid { file: file.to_string(), problems: cx.problems });
     }
     Ok(Rules {
