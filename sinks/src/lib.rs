@@ -10,5 +10,8 @@ pub use batches::{schema, Table};
 pub use sql::{query, sql_context, OutputFormat, SqlError};
 pub use store::{ParquetStore, StoreError};
 
+#[cfg(test)]
+mod tests;
+
 /// Re-exported so that callers use the same Arrow as the sinks.
 pub use datafusion::arrow;
