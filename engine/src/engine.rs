@@ -538,7 +538,8 @@ impl Engine {
     fn accrue(&mut self, idx: usize, e: &Event<'_>, c: &Capture<'_>, rules: &Rules, program: &Program) {
         let order = &mut self.orders[idx];
         let Some(credit) = order.credit.clone() else { return };
-        for line in &mut order.lines {
+        for i in 0..order.lines.len() {
+            let line = &mut order.lines[i];
             let (exact, rate) = if line.tier == 0 {
                 tier0_commission(rules, program, &line.partner_id, c.amount, &c.items)
             } else {
@@ -548,25 +549,10 @@ impl Engine {
             let amount = round_money(exact, order.currency);
             line.accrued += amount;
             line.net += amount;
+            let row =
+                Posting { kind: EntryKind::Accrual, basis: c.amount, amount, rate, rules_version: rules.version() };
+            self.out.ledger.push(row.entry(e, order, &order.lines[i], &credit));
             self.stats.ledger_entries += 1;
-            self.out.ledger.push(LedgerEntry {
-                entry_id: format!("{}:{}", e.event_id, line.tier),
-                event_id: e.event_id.to_string(),
-                ts: e.ts,
-                program_id: order.program_id.clone(),
-                order_id: c.order_id.to_string(),
-                partner_id: line.partner_id.clone(),
-                tier: line.tier,
-                kind: EntryKind::Accrual,
-                basis: c.amount,
-                amount,
-                currency: order.currency,
-                attribution: credit.kind,
-                source: credit.source.clone(),
-                eligible_at: order.eligible_at,
-                rate,
-                rules_version: rules.version(),
-            });
         }
     }
 
@@ -607,7 +593,8 @@ impl Engine {
         }
         let full = order.fully_refunded();
         let Some(credit) = order.credit.clone() else { return Ok(()) };
-        for line in &mut order.lines {
+        for i in 0..order.lines.len() {
+            let line = &mut order.lines[i];
             let share = if full {
                 line.net
             } else {
@@ -617,27 +604,49 @@ impl Engine {
             line.net += amount;
             debug_assert!(!line.net.is_sign_negative() || line.net.is_zero(), "line net below zero");
             debug_assert!(!full || line.net.is_zero(), "fully refunded line not zero");
-            self.stats.ledger_entries += 1;
-            self.out.ledger.push(LedgerEntry {
-                entry_id: format!("{}:{}", e.event_id, line.tier),
-                event_id: e.event_id.to_string(),
-                ts: e.ts,
-                program_id: order.program_id.clone(),
-                order_id: r.order_id.to_string(),
-                partner_id: line.partner_id.clone(),
-                tier: line.tier,
+            let row = Posting {
                 kind: EntryKind::Reversal,
                 basis: -r.amount,
                 amount,
-                currency: order.currency,
-                attribution: credit.kind,
-                source: credit.source.clone(),
-                eligible_at: order.eligible_at,
                 rate: None,
                 rules_version: rules.version(),
-            });
+            };
+            self.out.ledger.push(row.entry(e, order, &order.lines[i], &credit));
+            self.stats.ledger_entries += 1;
         }
         Ok(())
+    }
+}
+
+/// The amounts of one ledger row; the rest comes from the event, order and line.
+struct Posting {
+    kind: EntryKind,
+    basis: Decimal,
+    amount: Decimal,
+    rate: Option<Decimal>,
+    rules_version: u64,
+}
+
+impl Posting {
+    fn entry(self, e: &Event<'_>, order: &Order, line: &Line, credit: &Credit) -> LedgerEntry {
+        LedgerEntry {
+            entry_id: format!("{}:{}", e.event_id, line.tier),
+            event_id: e.event_id.to_string(),
+            ts: e.ts,
+            program_id: order.program_id.clone(),
+            order_id: order.order_id.to_string(),
+            partner_id: line.partner_id.clone(),
+            tier: line.tier,
+            kind: self.kind,
+            basis: self.basis,
+            amount: self.amount,
+            currency: order.currency,
+            attribution: credit.kind,
+            source: credit.source.clone(),
+            eligible_at: order.eligible_at,
+            rate: self.rate,
+            rules_version: self.rules_version,
+        }
     }
 }
 
