@@ -162,7 +162,7 @@ pub fn replay(
     let mut flags_by_rule = BTreeMap::new();
     for o in engine.orders() {
         for r in &o.flags {
-            *flags_by_rule.entry(*r).or_insert(0) += 1;
+            *flags_by_rule.entry(r.as_str()).or_insert(0) += 1;
         }
     }
     Ok(Summary {

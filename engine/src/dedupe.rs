@@ -5,15 +5,16 @@
 use std::collections::VecDeque;
 
 use hashbrown::HashMap;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub(crate) struct Dedupe {
     seen: HashMap<Box<str>, Seen>,
     /// Arrival order, for eviction; event times are nearly sorted in it.
     order: VecDeque<(i64, Box<str>)>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 struct Seen {
     fingerprint: u128,
 }

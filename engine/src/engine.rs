@@ -7,12 +7,14 @@ use afflio_rules::{normalize_code, AttributionModel, Program, Rules};
 use chrono::{DateTime, TimeDelta, Utc};
 use hashbrown::HashMap;
 use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
 
 use crate::dedupe::{Check, Dedupe};
 use crate::event::{fingerprint, Body, Capture, Click, Event, Item, Refund};
 use crate::money::{check_amount, round_money};
 use crate::output::{
-    Arrival, AttributionKind, ClickRow, EntryKind, Flag, LedgerEntry, Outcome, Output, Reason, Rejection, Stats,
+    Arrival, AttributionKind, ClickRow, EntryKind, Flag, FraudRule, LedgerEntry, Outcome, Output, Reason, Rejection,
+    Stats,
 };
 use crate::sessions::{ClickRec, Sessions};
 use crate::state::{CodeIssue, Credit, Line, LineStatus, Order};
@@ -29,7 +31,7 @@ fn reject(reason: Reason, field: &'static str, detail: String) -> Reject {
 }
 
 /// Interned names (programs, partners, links): small, bounded by the rules.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 struct Names {
     index: HashMap<Arc<str>, u32>,
     names: Vec<Arc<str>>,
@@ -59,8 +61,9 @@ impl Names {
 /// Turns events into ledger entries, order and line state, flags and
 /// rejections. Does no I/O and reads no clock: the same events in the same
 /// order always give the same effects.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Engine {
+    #[serde(skip, default = "no_rules")]
     rules: Arc<Rules>,
     dedupe: Dedupe,
     sessions: Sessions,
@@ -74,8 +77,28 @@ pub struct Engine {
     watermark: Option<i64>,
     next_sweep: i64,
     stats: Stats,
+    #[serde(skip)]
     out: Output,
 }
+
+fn no_rules() -> Arc<Rules> {
+    Arc::new(Rules::parse("(none)", "").expect("empty rules are valid"))
+}
+
+/// Why a checkpoint could not be taken or restored.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// A bug in the caller: output must be taken (and made durable) first.
+    #[error("internal error: checkpoint with {0} output rows not taken")]
+    PendingOutput(usize),
+    /// The bytes are not a checkpoint of this version (external: a corrupt or foreign file).
+    #[error("not an Afflio engine checkpoint (or a different version)")]
+    Format,
+    #[error("checkpoint encoding: {0}")]
+    Encoding(#[from] postcard::Error),
+}
+
+const CHECKPOINT_MAGIC: &[u8] = b"AFFLIO-ENGINE-CKPT-1\n";
 
 const MICROS_PER_SEC: i64 = 1_000_000;
 
@@ -101,6 +124,30 @@ impl Engine {
             stats: Stats::default(),
             out: Output::default(),
         }
+    }
+
+    /// The whole state as bytes, for a durable checkpoint. The rules are not
+    /// included (they come from the config); output must have been taken.
+    pub fn checkpoint(&self) -> Result<Vec<u8>, CheckpointError> {
+        if !self.out.is_empty() {
+            return Err(CheckpointError::PendingOutput(self.out.len()));
+        }
+        let mut bytes = CHECKPOINT_MAGIC.to_vec();
+        bytes.extend(postcard::to_stdvec(self)?);
+        Ok(bytes)
+    }
+
+    /// An engine in the state of `checkpoint`, with `rules`.
+    pub fn restore(rules: Arc<Rules>, checkpoint: &[u8]) -> Result<Engine, CheckpointError> {
+        let body = checkpoint.strip_prefix(CHECKPOINT_MAGIC).ok_or(CheckpointError::Format)?;
+        let mut e: Engine = postcard::from_bytes(body)?;
+        e.set_rules(rules);
+        Ok(e)
+    }
+
+    /// Events applied so far (the position of the engine in its stream).
+    pub fn applied_seq(&self) -> u64 {
+        self.seq
     }
 
     /// Swaps the rules. Commissions already accrued stay as they are; later
@@ -475,7 +522,7 @@ impl Engine {
         let mut flags = Vec::new();
         if let Some(cr) = &order.credit {
             if let Some(detail) = self_referral(rules, &cr.partner_id, c) {
-                flags.push(("self_referral", 1.0, detail));
+                flags.push((FraudRule::SelfReferral, 1.0, detail));
             }
             let mut partners: Vec<&str> = valid.iter().map(|v| v.partner_id.as_str()).collect();
             partners.dedup();
@@ -484,7 +531,7 @@ impl Engine {
             if partners.len() >= 2 {
                 let codes: Vec<&str> = valid.iter().map(|v| v.code.as_str()).collect();
                 flags.push((
-                    "coupon_stacking",
+                    FraudRule::CouponStacking,
                     1.0,
                     format!(
                         "valid codes of {} partners on one order: {} (partners {})",

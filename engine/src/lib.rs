@@ -17,11 +17,12 @@ mod sessions;
 mod state;
 
 pub use afflio_rules as rules;
-pub use engine::{Engine, MemoryReport};
+pub use engine::{CheckpointError, Engine, MemoryReport};
 pub use event::{fingerprint, Body, Capture, Click, Customer, Event, EventType, Item, Refund};
 pub use money::round_money;
 pub use output::{
-    Arrival, AttributionKind, ClickRow, EntryKind, Flag, LedgerEntry, Outcome, Output, Reason, Rejection, Stats,
+    Arrival, AttributionKind, ClickRow, EntryKind, Flag, FraudRule, LedgerEntry, Outcome, Output, Reason, Rejection,
+    Stats,
 };
 pub use state::{CodeIssue, Credit, Line, LineStatus, Order};
 

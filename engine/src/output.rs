@@ -8,9 +8,10 @@ use std::sync::Arc;
 use afflio_rules::Currency;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
 
 /// Why an event could not be applied.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Reason {
     /// Not JSON, wrong types, a missing or empty required field.
     Malformed,
@@ -114,7 +115,7 @@ impl EntryKind {
 }
 
 /// How an order was credited.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum AttributionKind {
     Link,
     Code,
@@ -154,13 +155,37 @@ pub struct LedgerEntry {
     pub rules_version: u64,
 }
 
+/// A fraud rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum FraudRule {
+    /// The customer is an identity of the credited partner.
+    SelfReferral,
+    /// Valid codes of two or more partners on one order.
+    CouponStacking,
+}
+
+impl FraudRule {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FraudRule::SelfReferral => "self_referral",
+            FraudRule::CouponStacking => "coupon_stacking",
+        }
+    }
+}
+
+impl fmt::Display for FraudRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A fraud signal on an order.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Flag {
     pub program_id: Arc<str>,
     pub order_id: String,
     pub partner_id: Arc<str>,
-    pub rule: &'static str,
+    pub rule: FraudRule,
     pub score: f64,
     pub detail: String,
     pub ts: DateTime<Utc>,
@@ -202,7 +227,7 @@ impl Output {
 }
 
 /// Counters since the engine started.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stats {
     pub events: u64,
     pub applied_clicks: u64,

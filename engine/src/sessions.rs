@@ -2,9 +2,10 @@
 //! event-time watermark, with a bound on clicks per visitor and on visitors.
 
 use hashbrown::HashMap;
+use serde::{Deserialize, Serialize};
 
 /// One remembered click, interned: 32 bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct ClickRec {
     pub(crate) ts: i64,
     /// Order of application: breaks ties in `ts` towards the later-applied click.
@@ -14,13 +15,13 @@ pub(crate) struct ClickRec {
     pub(crate) program: u32,
 }
 
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 struct Visitor {
     clicks: Vec<ClickRec>,
     last_ts: i64,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct Sessions {
     visitors: HashMap<Box<str>, Visitor>,
     max_per_visitor: usize,

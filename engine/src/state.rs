@@ -6,10 +6,12 @@ use afflio_rules::Currency;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 
-use crate::output::AttributionKind;
+use serde::{Deserialize, Serialize};
+
+use crate::output::{AttributionKind, FraudRule};
 
 /// Why a typed promo code did not credit the order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum CodeIssue {
     Unknown,
     NotStarted,
@@ -29,7 +31,7 @@ impl CodeIssue {
 }
 
 /// Who an order is credited to, and through what.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Credit {
     pub kind: AttributionKind,
     /// The link id, or the code as configured.
@@ -38,7 +40,7 @@ pub struct Credit {
 }
 
 /// One (order, partner, tier) commission line.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Line {
     pub partner_id: Arc<str>,
     pub tier: u8,
@@ -49,7 +51,7 @@ pub struct Line {
 }
 
 /// An order as the engine knows it.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Order {
     pub program_id: Arc<str>,
     pub order_id: Box<str>,
@@ -69,7 +71,7 @@ pub struct Order {
     /// Codes present but not valid, in typed order.
     pub code_issues: Vec<(Box<str>, CodeIssue)>,
     /// Fraud rules that flagged this order (open flags hold every line).
-    pub flags: Vec<&'static str>,
+    pub flags: Vec<FraudRule>,
     pub lines: Vec<Line>,
     pub captures: u32,
     pub refunds: u32,

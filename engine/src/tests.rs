@@ -172,3 +172,41 @@ fn duplicates_and_conflicts_are_told_apart() {
     let s = e.stats();
     assert_eq!((s.events, s.applied(), s.duplicates, s.rejections()), (3, 1, 1, 1));
 }
+
+#[test]
+fn a_restored_checkpoint_continues_exactly_where_it_stopped() {
+    let events: Vec<Event<'static>> = vec![
+        click("k1", 0, "a1", "v", "acme"),
+        capture("c1", 5, "o1", "100", Some("v"), &[]),
+        capture("c2", 6, "o2", "50", None, &["alice"]),
+        click("k2", 7, "a1", "w", "acme"),
+        capture("c3", 8, "o3", "70", Some("w"), &[]),
+        capture("c1", 5, "o1", "100", Some("v"), &[]),
+    ];
+    let mut straight = engine();
+    let mut all = Vec::new();
+    for ev in &events {
+        apply(&mut straight, ev);
+    }
+    all.extend(straight.take_output().ledger);
+    for cut in 0..events.len() {
+        let mut first = engine();
+        for ev in &events[..cut] {
+            apply(&mut first, ev);
+        }
+        let mut ledger = first.take_output().ledger;
+        assert!(first.checkpoint().is_ok());
+        let bytes = first.checkpoint().unwrap();
+        let mut second = Engine::restore(first.rules().clone(), &bytes).unwrap();
+        for ev in &events[cut..] {
+            apply(&mut second, ev);
+        }
+        ledger.extend(second.take_output().ledger);
+        assert_eq!(format!("{ledger:?}"), format!("{all:?}"), "cut at {cut}");
+        assert_eq!(second.stats(), straight.stats(), "cut at {cut}");
+    }
+    let mut busy = engine();
+    apply(&mut busy, &click("k9", 0, "a1", "v", "acme"));
+    assert!(matches!(busy.checkpoint(), Err(crate::CheckpointError::PendingOutput(1))));
+    assert!(matches!(Engine::restore(busy.rules().clone(), b"garbage"), Err(crate::CheckpointError::Format)));
+}

@@ -83,7 +83,7 @@ pub fn format_duration(d: TimeDelta) -> String {
 }
 
 /// An ISO 4217 currency with its minor units.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Currency {
     code: [u8; 3],
     minor_units: u8,
