@@ -12,7 +12,9 @@ mod error;
 mod raw;
 mod units;
 
-pub use compile::{AttributionModel, Code, EngineSettings, Link, Partner, Payout, PayoutProvider, Program, Rules};
+pub use compile::{
+    ApiKey, AttributionModel, Code, EngineSettings, Link, Partner, Payout, PayoutProvider, Program, Rules, Secret,
+};
 pub use error::{ConfigError, Problem};
 pub use units::{format_duration, parse_duration, Currency, Rate};
 

@@ -21,6 +21,18 @@ pub(crate) struct RawConfig {
     pub(crate) links: Vec<S<RawLink>>,
     #[serde(default)]
     pub(crate) codes: Vec<S<RawCode>>,
+    #[serde(default)]
+    pub(crate) api_keys: Vec<S<RawApiKey>>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawApiKey {
+    pub(crate) program_id: S<String>,
+    /// The key itself (prefer `key_env` so that the file holds no secret).
+    pub(crate) key: Option<S<String>>,
+    /// The environment variable that holds the key.
+    pub(crate) key_env: Option<S<String>>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]

@@ -118,6 +118,29 @@ pub struct Code {
     pub max_uses: Option<u64>,
 }
 
+/// A secret (an API key): never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// An ingest API key and the program it may send events for.
+#[derive(Clone, Debug)]
+pub struct ApiKey {
+    pub program_id: String,
+    pub key: Secret,
+}
+
 /// Validated, immutable rules. Cheap to share (`Arc`), replaced as a whole.
 #[derive(Clone, Debug)]
 pub struct Rules {
@@ -126,6 +149,7 @@ pub struct Rules {
     programs: HashMap<String, Arc<Program>>,
     partners: HashMap<String, Partner>,
     links: HashMap<String, Link>,
+    api_keys: Vec<ApiKey>,
     file: String,
     raw: RawConfig,
 }
@@ -159,6 +183,7 @@ impl Rules {
         merge(&mut merged.programs, add.programs, |p| p.get_ref().id.get_ref().clone());
         merge(&mut merged.partners, add.partners, |p| p.get_ref().id.get_ref().clone());
         merge(&mut merged.links, add.links, |l| l.get_ref().id.get_ref().clone());
+        merged.api_keys.extend(add.api_keys);
         merge(&mut merged.codes, add.codes, |c| {
             let c = c.get_ref();
             format!("{}\u{0}{}", c.partner_id.get_ref(), crate::normalize_code(c.code.get_ref()))
@@ -220,6 +245,11 @@ impl Rules {
     /// watermark minus this can never win again).
     pub fn max_window(&self) -> TimeDelta {
         self.programs.values().map(|p| p.window).max().unwrap_or_else(TimeDelta::zero)
+    }
+
+    /// Ingest API keys (secrets: compare in constant time, never log).
+    pub fn api_keys(&self) -> &[ApiKey] {
+        &self.api_keys
     }
 
     /// The file the rules were read from.
@@ -495,6 +525,40 @@ fn compile(file: &str, text: &str, raw: RawConfig, version: u64) -> Result<Rules
         );
     }
 
+    let mut api_keys = Vec::new();
+    for (i, k) in raw.api_keys.iter().enumerate() {
+        let rk = k.get_ref();
+        let f = |name: &str| format!("api_keys[{i}].{name}");
+        if !programs.contains_key(rk.program_id.get_ref()) {
+            cx.err(rk.program_id.span(), f("program_id"), format!("unknown program {:?}", rk.program_id.get_ref()));
+        }
+        let key = match (&rk.key, &rk.key_env) {
+            (Some(key), None) => Some(key.get_ref().clone()),
+            (None, Some(var)) => match std::env::var(var.get_ref()) {
+                Ok(v) => Some(v),
+                Err(_) => {
+                    cx.err(var.span(), f("key_env"), format!("environment variable {:?} is not set", var.get_ref()));
+                    None
+                }
+            },
+            _ => {
+                cx.err(k.span(), f("key"), "set exactly one of `key` and `key_env`");
+                None
+            }
+        };
+        if let Some(key) = key {
+            if key.len() < 16 {
+                // Never quote the key itself.
+                cx.err(
+                    k.span(),
+                    f("key"),
+                    format!("an API key needs at least 16 characters, this one has {}", key.len()),
+                );
+            }
+            api_keys.push(ApiKey { program_id: rk.program_id.get_ref().clone(), key: Secret(key) });
+        }
+    }
+
     if !cx.problems.is_empty() {
         cx.problems.sort_by_key(|p| (p.line, p.column));
         return Err(ConfigError::Invalid { file: file.to_string(), problems: cx.problems });
@@ -505,6 +569,7 @@ fn compile(file: &str, text: &str, raw: RawConfig, version: u64) -> Result<Rules
         programs: programs.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
         partners,
         links,
+        api_keys,
         file: file.to_string(),
         raw,
     })

@@ -221,3 +221,21 @@ fn updates_add_and_replace_without_touching_the_rest() {
     assert!(err.to_string().contains("unknown partner \"nobody\""), "{err}");
     assert!(r3.link("z").is_none());
 }
+
+#[test]
+fn api_keys_come_from_the_file_or_the_environment_and_are_never_printed() {
+    let base = "[[programs]]\nid='p'\ncurrency='USD'\nrate='1%'\n";
+    let r = Rules::parse("k", &format!("{base}[[api_keys]]\nprogram_id='p'\nkey='0123456789abcdef'\n")).unwrap();
+    assert_eq!(r.api_keys()[0].key.expose(), "0123456789abcdef");
+    assert!(!format!("{:?}", r.api_keys()).contains("0123456789abcdef"));
+    check(
+        &format!("{base}[[api_keys]]\nprogram_id='q'\nkey='short'\n"),
+        &[(5, "api_keys[0].key", "16 characters"), (6, "api_keys[0].program_id", "\"q\"")],
+    );
+    let err = Rules::parse("k", &format!("{base}[[api_keys]]\nprogram_id='p'\nkey='short-secret'\n")).unwrap_err();
+    assert!(!err.to_string().contains("short-secret"), "{err}");
+    check(
+        &format!("{base}[[api_keys]]\nprogram_id='p'\nkey_env='AFFLIO_TEST_UNSET_VAR'\n"),
+        &[(7, "api_keys[0].key_env", "not set")],
+    );
+}
