@@ -8,7 +8,7 @@ mod store;
 
 pub use batches::{schema, Table};
 pub use sql::{query, sql_context, OutputFormat, SqlError};
-pub use store::{ParquetStore, StoreError};
+pub use store::{ParquetStore, StoreError, StreamStore};
 
 #[cfg(test)]
 mod tests;

@@ -131,6 +131,118 @@ impl ParquetStore {
     }
 }
 
+/// Writes `batch` to `path` atomically: a hidden temporary file in the same
+/// directory, synced, then renamed into place.
+fn write_file_atomic(path: &Path, t: Table, batch: &RecordBatch) -> Result<(), StoreError> {
+    let dir = path.parent().expect("table files live in a table directory");
+    let name = path.file_name().expect("a file name").to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let file = File::create(&tmp).map_err(io(&tmp))?;
+    let props = WriterProperties::builder().set_compression(Compression::SNAPPY).build();
+    let mut w = ArrowWriter::try_new(file, schema(t), Some(props))
+        .map_err(|source| StoreError::Parquet { table: t.name(), source })?;
+    w.write(batch).map_err(|source| StoreError::Parquet { table: t.name(), source })?;
+    let file = w.into_inner().map_err(|source| StoreError::Parquet { table: t.name(), source })?;
+    file.sync_all().map_err(io(&tmp))?;
+    fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// Parsed name of a streamed file: `part-{first:020}-{last:020}.parquet`
+/// (events first..=last of the stream) or `snap-{last:020}.parquet`.
+fn stream_file_last_seq(name: &str) -> Option<u64> {
+    let stem = name.strip_suffix(".parquet")?;
+    if let Some(rest) = stem.strip_prefix("part-") {
+        return rest.split_once('-')?.1.parse().ok();
+    }
+    stem.strip_prefix("snap-")?.parse().ok()
+}
+
+/// The store as the live service writes it: append tables grow by one file
+/// per flush, named by the stream positions they hold; state tables are
+/// replaced by a snapshot per flush. A flush is committed when the engine
+/// checkpoint that follows it is; [`StreamStore::recover`] removes what a
+/// crash left uncommitted, so that replaying the stream from the checkpoint
+/// writes each row exactly once.
+pub struct StreamStore {
+    dir: PathBuf,
+}
+
+const APPEND_TABLES: [Table; 4] = [Table::Ledger, Table::Clicks, Table::Flags, Table::Rejections];
+
+impl StreamStore {
+    pub fn open(dir: &Path) -> Result<StreamStore, StoreError> {
+        for t in Table::ALL {
+            let tdir = dir.join(t.name());
+            fs::create_dir_all(&tdir).map_err(io(&tdir))?;
+        }
+        Ok(StreamStore { dir: dir.to_path_buf() })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Removes files holding stream positions after `committed` (and
+    /// temporary files): what was written after the last checkpoint.
+    /// Returns how many files were removed.
+    pub fn recover(&self, committed: u64) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        for t in Table::ALL {
+            let tdir = self.dir.join(t.name());
+            for entry in fs::read_dir(&tdir).map_err(io(&tdir))? {
+                let p = entry.map_err(io(&tdir))?.path();
+                let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let stale = name.starts_with('.') || stream_file_last_seq(&name).is_some_and(|last| last > committed);
+                if stale {
+                    fs::remove_file(&p).map_err(io(&p))?;
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Writes the rows of stream positions `first..=last`, one file per table
+    /// that has rows.
+    pub fn append(&self, first: u64, last: u64, out: &Output) -> Result<(), StoreError> {
+        let name = format!("part-{first:020}-{last:020}.parquet");
+        for t in APPEND_TABLES {
+            let b = match t {
+                Table::Ledger => batches::ledger(&out.ledger),
+                Table::Clicks => batches::clicks(&out.clicks),
+                Table::Flags => batches::flags(&out.flags),
+                _ => batches::rejections(&out.rejections),
+            }
+            .map_err(|source| StoreError::Arrow { table: t.name(), source })?;
+            if b.num_rows() > 0 {
+                write_file_atomic(&self.dir.join(t.name()).join(&name), t, &b)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces the state tables (orders, lines as of `as_of`) with the
+    /// engine's state at stream position `last`.
+    pub fn snapshot(&self, engine: &Engine, as_of: DateTime<Utc>, last: u64) -> Result<(), StoreError> {
+        let name = format!("snap-{last:020}.parquet");
+        for (t, b) in [(Table::Orders, batches::orders(engine.orders())), (Table::Lines, batches::lines(engine, as_of))]
+        {
+            let b = b.map_err(|source| StoreError::Arrow { table: t.name(), source })?;
+            let tdir = self.dir.join(t.name());
+            let path = tdir.join(&name);
+            write_file_atomic(&path, t, &b)?;
+            for entry in fs::read_dir(&tdir).map_err(io(&tdir))? {
+                let p = entry.map_err(io(&tdir))?.path();
+                let old = p.extension().is_some_and(|e| e == "parquet") && p != path;
+                if old {
+                    fs::remove_file(&p).map_err(io(&p))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Drop for ParquetStore {
     fn drop(&mut self) {
         // An unfinished run leaves no files behind.

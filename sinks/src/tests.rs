@@ -5,7 +5,7 @@ use afflio_engine::{Arrival, Body, Capture, Engine, Event};
 use chrono::{DateTime, Utc};
 use datafusion::arrow::datatypes::{DataType, TimeUnit};
 
-use crate::{query, schema, OutputFormat, ParquetStore, Table};
+use crate::{query, schema, OutputFormat, ParquetStore, StreamStore, Table};
 
 struct Origin;
 impl std::fmt::Display for Origin {
@@ -104,4 +104,34 @@ fn queries_render_as_table_csv_and_json() {
     assert!(q("SELECT order_id FROM orders", OutputFormat::Table).contains("| o1       |"));
     let err = rt.block_on(query(&dir.path().join("missing"), "SELECT 1", OutputFormat::Csv)).unwrap_err();
     assert!(err.to_string().contains("no Afflio data"), "{err}");
+}
+
+#[test]
+fn stream_files_after_the_committed_position_are_removed_on_recovery() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut e = engine_with_one_order();
+    let out = e.take_output();
+    let s = StreamStore::open(dir.path()).unwrap();
+    s.append(1, 10, &out).unwrap();
+    s.snapshot(&e, Utc::now(), 10).unwrap();
+    s.append(11, 20, &out).unwrap();
+    s.snapshot(&e, Utc::now(), 20).unwrap();
+    std::fs::write(dir.path().join("ledger/.part-x.parquet.tmp"), b"partial").unwrap();
+    let names = |t: &str| {
+        let mut v: Vec<String> = std::fs::read_dir(dir.path().join(t))
+            .unwrap()
+            .map(|f| f.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names("ledger").len(), 3);
+    assert_eq!(names("orders"), ["snap-00000000000000000020.parquet"]);
+    // The checkpoint says 10: the second flush never happened.
+    assert_eq!(s.recover(10).unwrap(), 4);
+    assert_eq!(names("ledger"), ["part-00000000000000000001-00000000000000000010.parquet"]);
+    assert!(names("orders").is_empty(), "a snapshot newer than the checkpoint is removed");
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let csv = rt.block_on(query(dir.path(), "SELECT count(*) AS n FROM ledger", OutputFormat::Csv)).unwrap();
+    assert_eq!(csv, "n\n1\n");
 }
