@@ -19,15 +19,53 @@ use crate::output::{
 use crate::sessions::{ClickRec, Sessions};
 use crate::state::{CodeIssue, Credit, Line, LineStatus, Order};
 
-/// A rejection found while validating, before anything was changed.
-struct Reject {
-    reason: Reason,
-    field: &'static str,
-    detail: String,
+/// Why an event is refused, found before anything was changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Invalid {
+    pub reason: Reason,
+    /// The field at fault.
+    pub field: &'static str,
+    pub detail: String,
 }
 
+type Reject = Invalid;
+
 fn reject(reason: Reason, field: &'static str, detail: String) -> Reject {
-    Reject { reason, field, detail }
+    Invalid { reason, field, detail }
+}
+
+/// The checks that need the rules but no state: known program, known link
+/// of that program, currency, amounts, items. Ingest runs them to answer a
+/// client at once; the engine runs them again when it applies the event.
+pub fn check_event(rules: &Rules, e: &Event<'_>) -> Result<(), Invalid> {
+    let Some(program) = rules.program(&e.program_id) else {
+        return Err(reject(
+            Reason::UnknownProgram,
+            "program_id",
+            format!("program_id {:?} names no configured program", e.program_id),
+        ));
+    };
+    match &e.body {
+        Body::Click(c) => {
+            let Some(link) = rules.link(&c.link_id) else {
+                return Err(reject(
+                    Reason::UnknownLink,
+                    "link_id",
+                    format!("link_id {:?} names no configured link", c.link_id),
+                ));
+            };
+            if link.program_id != program.id {
+                return Err(reject(
+                    Reason::UnknownLink,
+                    "link_id",
+                    format!("link_id {:?} belongs to program {:?}, not {:?}", c.link_id, link.program_id, program.id),
+                ));
+            }
+            Ok(())
+        }
+        Body::Capture(c) => check_money(program, &c.currency, c.amount, &c.items),
+        Body::Refund(r) => check_money(program, &r.currency, r.amount, &r.items),
+    }
 }
 
 /// Interned names (programs, partners, links): small, bounded by the rules.
@@ -313,6 +351,7 @@ impl Engine {
     }
 
     fn apply_checked(&mut self, e: &Event<'_>, rules: &Rules) -> Result<(), Reject> {
+        check_event(rules, e)?;
         let Some(program) = rules.program(&e.program_id) else {
             return Err(reject(
                 Reason::UnknownProgram,
@@ -347,13 +386,6 @@ impl Engine {
                 format!("link_id {:?} names no configured link", c.link_id),
             ));
         };
-        if link.program_id != program.id {
-            return Err(reject(
-                Reason::UnknownLink,
-                "link_id",
-                format!("link_id {:?} belongs to program {:?}, not {:?}", c.link_id, link.program_id, program.id),
-            ));
-        }
         let rec = ClickRec {
             ts: e.ts.timestamp_micros(),
             seq: self.seq,
@@ -379,38 +411,6 @@ impl Engine {
         Ok(())
     }
 
-    fn check_money(
-        program: &Program,
-        currency: &str,
-        amount: Decimal,
-        items: &Option<Vec<Item<'_>>>,
-    ) -> Result<(), Reject> {
-        if currency != program.currency.code() {
-            return Err(reject(
-                Reason::CurrencyMismatch,
-                "currency",
-                format!("currency {currency:?} is not the program's currency {:?}", program.currency.code()),
-            ));
-        }
-        check_amount(amount, false).map_err(|m| reject(Reason::InvalidAmount, "amount", format!("amount {m}")))?;
-        if let Some(items) = items {
-            let mut sum = Decimal::ZERO;
-            for (i, it) in items.iter().enumerate() {
-                check_amount(it.amount, true)
-                    .map_err(|m| reject(Reason::InvalidAmount, "items.amount", format!("items[{i}].amount {m}")))?;
-                sum += it.amount;
-            }
-            if sum != amount {
-                return Err(reject(
-                    Reason::ItemsMismatch,
-                    "items",
-                    format!("item amounts sum to {sum}, not to amount {amount}"),
-                ));
-            }
-        }
-        Ok(())
-    }
-
     fn apply_capture(
         &mut self,
         e: &Event<'_>,
@@ -418,7 +418,6 @@ impl Engine {
         rules: &Rules,
         program: &Program,
     ) -> Result<(), Reject> {
-        Self::check_money(program, &c.currency, c.amount, &c.items)?;
         // Validated: from here on nothing can fail.
         let prog = self.names.intern(&program.id);
         let existing = self.order_index.get(&prog).and_then(|m| m.get(c.order_id.as_ref())).copied();
@@ -604,7 +603,6 @@ impl Engine {
     }
 
     fn apply_refund(&mut self, e: &Event<'_>, r: &Refund<'_>, rules: &Rules, program: &Program) -> Result<(), Reject> {
-        Self::check_money(program, &r.currency, r.amount, &r.items)?;
         let prog = self.names.get(&program.id);
         let idx =
             prog.and_then(|p| self.order_index.get(&p)).and_then(|m| m.get(r.order_id.as_ref())).copied().ok_or_else(
@@ -663,6 +661,38 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+fn check_money(
+    program: &Program,
+    currency: &str,
+    amount: Decimal,
+    items: &Option<Vec<Item<'_>>>,
+) -> Result<(), Reject> {
+    if currency != program.currency.code() {
+        return Err(reject(
+            Reason::CurrencyMismatch,
+            "currency",
+            format!("currency {currency:?} is not the program's currency {:?}", program.currency.code()),
+        ));
+    }
+    check_amount(amount, false).map_err(|m| reject(Reason::InvalidAmount, "amount", format!("amount {m}")))?;
+    if let Some(items) = items {
+        let mut sum = Decimal::ZERO;
+        for (i, it) in items.iter().enumerate() {
+            check_amount(it.amount, true)
+                .map_err(|m| reject(Reason::InvalidAmount, "items.amount", format!("items[{i}].amount {m}")))?;
+            sum += it.amount;
+        }
+        if sum != amount {
+            return Err(reject(
+                Reason::ItemsMismatch,
+                "items",
+                format!("item amounts sum to {sum}, not to amount {amount}"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The amounts of one ledger row; the rest comes from the event, order and line.

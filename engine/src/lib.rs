@@ -17,7 +17,7 @@ mod sessions;
 mod state;
 
 pub use afflio_rules as rules;
-pub use engine::{CheckpointError, Engine, MemoryReport};
+pub use engine::{check_event, CheckpointError, Engine, Invalid, MemoryReport};
 pub use event::{fingerprint, Body, Capture, Click, Customer, Event, EventType, Item, Refund};
 pub use money::round_money;
 pub use output::{
