@@ -1,0 +1,135 @@
+//! Counters and latency histograms, rendered as Prometheus text.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use afflio_engine::Reason;
+use hdrhistogram::Histogram;
+
+/// Service metrics, shared by the HTTP ingest and the engine consumer.
+pub struct Metrics {
+    pub events_received: AtomicU64,
+    pub events_accepted: AtomicU64,
+    pub events_duplicate: AtomicU64,
+    pub publish_failures: AtomicU64,
+    pub redirects: AtomicU64,
+    pub clicks_lost: AtomicU64,
+    rejected: [AtomicU64; Reason::ALL.len()],
+    pub engine_applied: AtomicU64,
+    pub engine_duplicates: AtomicU64,
+    pub engine_rejected: AtomicU64,
+    pub stream_last_seq: AtomicU64,
+    pub engine_seq: AtomicU64,
+    pub tracked_visitors: AtomicU64,
+    pub tracked_orders: AtomicU64,
+    pub rules_version: AtomicU64,
+    pub rules_reload_failures: AtomicU64,
+    /// Flush (Parquet + checkpoint) durations, microseconds.
+    flush_us: Mutex<Histogram<u64>>,
+    /// From broker storage to durable ledger row, microseconds.
+    capture_to_ledger_us: Mutex<Histogram<u64>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let h = || Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static bounds"));
+        Metrics {
+            events_received: AtomicU64::new(0),
+            events_accepted: AtomicU64::new(0),
+            events_duplicate: AtomicU64::new(0),
+            publish_failures: AtomicU64::new(0),
+            redirects: AtomicU64::new(0),
+            clicks_lost: AtomicU64::new(0),
+            rejected: std::array::from_fn(|_| AtomicU64::new(0)),
+            engine_applied: AtomicU64::new(0),
+            engine_duplicates: AtomicU64::new(0),
+            engine_rejected: AtomicU64::new(0),
+            stream_last_seq: AtomicU64::new(0),
+            engine_seq: AtomicU64::new(0),
+            tracked_visitors: AtomicU64::new(0),
+            tracked_orders: AtomicU64::new(0),
+            rules_version: AtomicU64::new(0),
+            rules_reload_failures: AtomicU64::new(0),
+            flush_us: h(),
+            capture_to_ledger_us: h(),
+        }
+    }
+}
+
+fn record(h: &Mutex<Histogram<u64>>, us: u64) {
+    if let Ok(mut h) = h.lock() {
+        let _ = h.record(us.clamp(1, 3_600_000_000));
+    }
+}
+
+impl Metrics {
+    pub fn rejected(&self, reason: Reason) {
+        let i = Reason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
+        self.rejected[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn record_flush_us(&self, us: u64) {
+        record(&self.flush_us, us);
+    }
+
+    pub fn record_capture_to_ledger_us(&self, us: u64) {
+        record(&self.capture_to_ledger_us, us);
+    }
+
+    /// (p50, p99, p99.9, max, count) of capture-to-ledger latency in microseconds.
+    pub fn capture_to_ledger_quantiles(&self) -> (u64, u64, u64, u64, u64) {
+        let h = self.capture_to_ledger_us.lock().expect("metrics lock");
+        (h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.value_at_quantile(0.999), h.max(), h.len())
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let c = |s: &mut String, name: &str, help: &str, v: u64| {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        };
+        let g = |s: &mut String, name: &str, help: &str, v: u64| {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        };
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        c(&mut s, "afflio_events_received_total", "Events received over HTTP.", get(&self.events_received));
+        c(&mut s, "afflio_events_accepted_total", "Events stored by the broker.", get(&self.events_accepted));
+        c(&mut s, "afflio_events_duplicate_total", "Events the broker already had.", get(&self.events_duplicate));
+        c(
+            &mut s,
+            "afflio_publish_failures_total",
+            "Events not stored: broker unavailable.",
+            get(&self.publish_failures),
+        );
+        c(&mut s, "afflio_redirects_total", "Tracking link redirects served.", get(&self.redirects));
+        c(&mut s, "afflio_clicks_lost_total", "Redirect clicks the broker did not store.", get(&self.clicks_lost));
+        let _ = writeln!(s, "# HELP afflio_events_rejected_total Events refused at ingest, by reason.\n# TYPE afflio_events_rejected_total counter");
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            let _ = writeln!(s, "afflio_events_rejected_total{{reason=\"{}\"}} {}", r.as_str(), get(&self.rejected[i]));
+        }
+        c(&mut s, "afflio_engine_applied_total", "Events applied by the engine.", get(&self.engine_applied));
+        c(&mut s, "afflio_engine_duplicates_total", "Duplicates seen by the engine.", get(&self.engine_duplicates));
+        c(&mut s, "afflio_engine_rejected_total", "Events the engine refused.", get(&self.engine_rejected));
+        let last = get(&self.stream_last_seq);
+        let at = get(&self.engine_seq);
+        g(&mut s, "afflio_consumer_lag", "Stream messages not yet applied.", last.saturating_sub(at));
+        g(&mut s, "afflio_engine_stream_seq", "Last stream position applied.", at);
+        g(&mut s, "afflio_tracked_visitors", "Visitors with clicks in memory.", get(&self.tracked_visitors));
+        g(&mut s, "afflio_tracked_orders", "Orders in memory.", get(&self.tracked_orders));
+        g(&mut s, "afflio_rules_version", "Version of the rules in force.", get(&self.rules_version));
+        c(&mut s, "afflio_rules_reload_failures_total", "Rules reloads refused.", get(&self.rules_reload_failures));
+        for (name, help, h) in [
+            ("afflio_flush_latency_seconds", "Parquet flush and checkpoint time.", &self.flush_us),
+            ("afflio_capture_to_ledger_seconds", "Broker storage to durable ledger row.", &self.capture_to_ledger_us),
+        ] {
+            let h = h.lock().expect("metrics lock");
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} summary");
+            for q in [0.5, 0.9, 0.99, 0.999] {
+                let _ = writeln!(s, "{name}{{quantile=\"{q}\"}} {}", h.value_at_quantile(q) as f64 / 1e6);
+            }
+            let _ = writeln!(s, "{name}_sum {}\n{name}_count {}", h.mean() * h.len() as f64 / 1e6, h.len());
+        }
+        s
+    }
+}
