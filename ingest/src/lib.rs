@@ -13,5 +13,8 @@ mod jsonl;
 pub mod metrics;
 pub mod nats;
 
+#[cfg(test)]
+mod http_tests;
+
 pub use decode::{decode_event, parse_money, DecodeError, LIMITS};
 pub use jsonl::{JsonLines, Line};
