@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use chrono::{SecondsFormat, Utc};
-use futures::future::{join_all, BoxFuture};
+use futures::future::BoxFuture;
 use serde_json::{json, value::RawValue, Value};
 use subtle::ConstantTimeEq;
 
@@ -30,14 +30,14 @@ pub enum PublishOutcome {
     Duplicate,
 }
 
+/// One message to publish: subject, message id, payload.
+pub type Message = (String, String, Bytes);
+
 /// Where accepted events go (JetStream in the service, a fake in tests).
 pub trait Publisher: Send + Sync + 'static {
-    fn publish(
-        &self,
-        subject: String,
-        msg_id: String,
-        payload: Bytes,
-    ) -> BoxFuture<'static, Result<PublishOutcome, PublishError>>;
+    /// Publishes `msgs` in order (the stream keeps that order) and answers
+    /// once the broker acknowledged (or failed) each.
+    fn publish(&self, msgs: Vec<Message>) -> BoxFuture<'static, Vec<Result<PublishOutcome, PublishError>>>;
     /// Whether the broker is connected (for `/readyz`).
     fn ready(&self) -> bool;
 }
@@ -163,6 +163,7 @@ async fn post_events(State(st): State<Ingest>, headers: HeaderMap, body: Bytes) 
 
     let mut answers: Vec<Option<Answer>> = Vec::with_capacity(texts.len());
     let mut pending = Vec::new();
+    let mut msgs = Vec::new();
     for (i, text) in texts.iter().enumerate() {
         let reject = |reason: Reason, field: Option<&str>, detail: String, event_id: Option<&str>| {
             st.metrics.rejected(reason);
@@ -206,16 +207,13 @@ async fn post_events(State(st): State<Ingest>, headers: HeaderMap, body: Bytes) 
         // duplicates, and a conflicting reuse of the id reaches the engine,
         // which records it as idempotency_conflict.
         let msg_id = format!("{}:{:032x}", ev.event_id, fingerprint(&ev));
-        pending.push((
-            i,
-            ev.event_id.to_string(),
-            st.publisher.publish(subject, msg_id, Bytes::copy_from_slice(text.as_bytes())),
-        ));
+        pending.push((i, ev.event_id.to_string()));
+        msgs.push((subject, msg_id, Bytes::copy_from_slice(text.as_bytes())));
         answers.push(None);
     }
-    let results = join_all(pending.into_iter().map(|(i, id, fut)| async move { (i, id, fut.await) })).await;
+    let results = if msgs.is_empty() { Vec::new() } else { st.publisher.publish(msgs).await };
     let mut unavailable = false;
-    for (i, id, r) in results {
+    for ((i, id), r) in pending.into_iter().zip(results) {
         let m = &st.metrics;
         answers[i] = Some(match r {
             Ok(PublishOutcome::Stored) => {
@@ -322,11 +320,11 @@ async fn redirect(
     if let Ok(ev) = decode_event(&text) {
         let subject = crate::nats::subject(&link.program_id, "click");
         let msg_id = format!("{}:{:032x}", ev.event_id, fingerprint(&ev));
-        let fut = st.publisher.publish(subject, msg_id, Bytes::from(text.clone()));
+        let fut = st.publisher.publish(vec![(subject, msg_id, Bytes::from(text.clone()))]);
         let metrics = st.metrics.clone();
         // The shopper is never kept waiting for the broker.
         tokio::spawn(async move {
-            if fut.await.is_err() {
+            if fut.await.iter().any(Result::is_err) {
                 metrics.clicks_lost.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
         });

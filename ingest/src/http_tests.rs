@@ -4,14 +4,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use afflio_engine::rules::Rules;
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use futures::future::BoxFuture;
 use http_body_util::BodyExt;
 use serde_json::Value;
 use tower::ServiceExt;
 
-use crate::http::{router, Ingest, PublishError, PublishOutcome, Publisher};
+use crate::http::{router, Ingest, Message, PublishError, PublishOutcome, Publisher};
 use crate::metrics::Metrics;
 
 const RULES: &str = r#"
@@ -46,23 +46,22 @@ struct FakeBroker {
 }
 
 impl Publisher for Arc<FakeBroker> {
-    fn publish(
-        &self,
-        subject: String,
-        msg_id: String,
-        payload: Bytes,
-    ) -> BoxFuture<'static, Result<PublishOutcome, PublishError>> {
+    fn publish(&self, msgs: Vec<Message>) -> BoxFuture<'static, Vec<Result<PublishOutcome, PublishError>>> {
         let me = self.clone();
         Box::pin(async move {
-            if me.down.load(Ordering::SeqCst) {
-                return Err(PublishError("connection refused".into()));
-            }
-            let mut s = me.stored.lock().unwrap();
-            if s.iter().any(|(_, id, _)| *id == msg_id) {
-                return Ok(PublishOutcome::Duplicate);
-            }
-            s.push((subject, msg_id, String::from_utf8(payload.to_vec()).unwrap()));
-            Ok(PublishOutcome::Stored)
+            msgs.into_iter()
+                .map(|(subject, msg_id, payload)| {
+                    if me.down.load(Ordering::SeqCst) {
+                        return Err(PublishError("connection refused".into()));
+                    }
+                    let mut s = me.stored.lock().unwrap();
+                    if s.iter().any(|(_, id, _)| *id == msg_id) {
+                        return Ok(PublishOutcome::Duplicate);
+                    }
+                    s.push((subject, msg_id, String::from_utf8(payload.to_vec()).unwrap()));
+                    Ok(PublishOutcome::Stored)
+                })
+                .collect()
         })
     }
 

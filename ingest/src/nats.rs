@@ -5,10 +5,9 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
 use async_nats::HeaderMap;
-use bytes::Bytes;
-use futures::future::BoxFuture;
+use futures::future::{join_all, BoxFuture};
 
-use crate::http::{PublishError, PublishOutcome, Publisher};
+use crate::http::{Message, PublishError, PublishOutcome, Publisher};
 
 /// The stream holding every event.
 pub const STREAM: &str = "AFFLIO_EVENTS";
@@ -74,23 +73,28 @@ impl JetStreamPublisher {
 }
 
 impl Publisher for JetStreamPublisher {
-    fn publish(
-        &self,
-        subject: String,
-        msg_id: String,
-        payload: Bytes,
-    ) -> BoxFuture<'static, Result<PublishOutcome, PublishError>> {
+    fn publish(&self, msgs: Vec<Message>) -> BoxFuture<'static, Vec<Result<PublishOutcome, PublishError>>> {
         let js = self.js.clone();
         Box::pin(async move {
-            let mut headers = HeaderMap::new();
-            headers.insert("Nats-Msg-Id", msg_id.as_str());
-            let ack =
-                js.publish_with_headers(subject, headers, payload).await.map_err(|e| PublishError(e.to_string()))?;
-            let ack = tokio::time::timeout(Duration::from_secs(5), ack.into_future())
-                .await
-                .map_err(|_| PublishError("no acknowledgement from the broker within 5s".into()))?
-                .map_err(|e| PublishError(e.to_string()))?;
-            Ok(if ack.duplicate { PublishOutcome::Duplicate } else { PublishOutcome::Stored })
+            // Sent one after the other (the stream keeps this order), then all
+            // acknowledgements awaited together.
+            let mut acks = Vec::with_capacity(msgs.len());
+            for (subject, msg_id, payload) in msgs {
+                let mut headers = HeaderMap::new();
+                headers.insert("Nats-Msg-Id", msg_id.as_str());
+                acks.push(
+                    js.publish_with_headers(subject, headers, payload).await.map_err(|e| PublishError(e.to_string())),
+                );
+            }
+            join_all(acks.into_iter().map(|ack| async move {
+                let ack = ack?;
+                let ack = tokio::time::timeout(Duration::from_secs(5), ack.into_future())
+                    .await
+                    .map_err(|_| PublishError("no acknowledgement from the broker within 5s".into()))?
+                    .map_err(|e| PublishError(e.to_string()))?;
+                Ok(if ack.duplicate { PublishOutcome::Duplicate } else { PublishOutcome::Stored })
+            }))
+            .await
         })
     }
 
