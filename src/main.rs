@@ -51,6 +51,34 @@ enum Command {
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
+    /// The live service: HTTP ingest and tracking redirects, NATS JetStream,
+    /// the engine, streaming Parquet sinks. Stops cleanly on SIGTERM.
+    Serve {
+        /// The rules file (TOML); reloaded on SIGHUP or when it changes.
+        #[arg(long)]
+        config: PathBuf,
+        /// NATS server with JetStream.
+        #[arg(long, default_value = "nats://127.0.0.1:4222", env = "AFFLIO_NATS_URL")]
+        nats: String,
+        /// Address for the HTTP API.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http: std::net::SocketAddr,
+        /// The store directory (one subdirectory per table).
+        #[arg(long)]
+        data: PathBuf,
+        /// Where the engine keeps its checkpoint (default: DATA/../state).
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Flush after this many events...
+        #[arg(long, default_value_t = 50_000)]
+        flush_events: usize,
+        /// ...or after this many milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        flush_ms: u64,
+        /// Largest accepted request body, bytes.
+        #[arg(long, default_value_t = 4 * 1024 * 1024)]
+        max_body: usize,
+    },
     /// Rules file commands.
     Rules {
         #[command(subcommand)]
@@ -160,6 +188,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Ok(ExitCode::from(2))
                 }
             }
+        }
+        Command::Serve { config, nats, http, data, state, flush_events, flush_ms, max_body } => {
+            let rules = match load_rules(&config) {
+                Ok(r) => r,
+                Err(code) => return Ok(code),
+            };
+            let state = state.unwrap_or_else(|| data.parent().unwrap_or(Path::new(".")).join("state"));
+            let opts = afflio::serve::ServeOptions {
+                config,
+                nats,
+                http,
+                data,
+                state,
+                flush_events: flush_events.max(1),
+                flush_interval: std::time::Duration::from_millis(flush_ms.max(10)),
+                max_body,
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(afflio::serve::run(opts, rules))?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Rules { command: RulesCommand::Check { file } } => match load_rules(&file) {
             Ok(r) => {

@@ -46,7 +46,6 @@ pub async fn connect(
         .await
         .map_err(|source| NatsError::Connect { url: url.to_string(), source })?;
     let js = jetstream::new(client.clone());
-    js.query_account().await.map_err(|e| NatsError::NoJetStream { url: url.to_string(), detail: e.to_string() })?;
     js.get_or_create_stream(stream::Config {
         name: STREAM.to_string(),
         subjects: vec![SUBJECTS.to_string()],
@@ -55,7 +54,15 @@ pub async fn connect(
         ..Default::default()
     })
     .await
-    .map_err(|e| NatsError::Stream(e.to_string()))?;
+    .map_err(|e| {
+        let detail = e.to_string();
+        let lower = detail.to_lowercase();
+        if lower.contains("no responders") || lower.contains("jetstream not enabled") || lower.contains("timed out") {
+            NatsError::NoJetStream { url: url.to_string(), detail }
+        } else {
+            NatsError::Stream(detail)
+        }
+    })?;
     Ok((client, js))
 }
 

@@ -193,6 +193,13 @@ impl Rules {
         compile(file, "", merged, self.version + 1)
     }
 
+    /// The same rules with another version number (a reloaded file continues
+    /// the numbering of the rules it replaces).
+    pub fn with_version(mut self, version: u64) -> Rules {
+        self.version = version;
+        self
+    }
+
     /// Increases with every change; ledger entries record the version they were computed with.
     pub fn version(&self) -> u64 {
         self.version
