@@ -191,6 +191,12 @@ async fn consume(
     metrics.engine_seq.store(committed, Ordering::Relaxed);
 
     let stream = js.get_stream(STREAM).await.map_err(|e| anyhow::anyhow!("stream {STREAM}: {e}"))?;
+    // The checkpoint, not the consumer's delivery state, says where to resume:
+    // messages delivered but not acknowledged before a crash would otherwise
+    // come back only after the ack wait, out of order. Recreate the durable
+    // consumer at the first position the checkpoint does not hold.
+    let _ = stream.delete_consumer(CONSUMER).await;
+    let deliver_policy = jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence: committed + 1 };
     let consumer: pull::Stream = loop {
         let c = stream
             .get_or_create_consumer(
@@ -200,6 +206,7 @@ async fn consume(
                     ack_policy: AckPolicy::All,
                     ack_wait: Duration::from_secs(60),
                     max_ack_pending: 1_000_000,
+                    deliver_policy,
                     ..Default::default()
                 },
             )
