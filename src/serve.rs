@@ -105,6 +105,8 @@ async fn reload_rules(path: PathBuf, shared: SharedRules, metrics: Arc<Metrics>,
     };
     let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let mut seen: Option<SystemTime> = modified(&path);
+    // What the rules in force were read from: an unchanged file is not reloaded.
+    let mut loaded: Option<Vec<u8>> = std::fs::read(&path).ok();
     loop {
         tokio::select! {
             _ = hup.recv() => {}
@@ -115,11 +117,16 @@ async fn reload_rules(path: PathBuf, shared: SharedRules, metrics: Arc<Metrics>,
             _ = stop.changed() => return,
         }
         seen = modified(&path);
+        let text = std::fs::read(&path).ok();
+        if text.is_some() && text == loaded {
+            continue;
+        }
         let current = shared.read().map(|r| r.version()).unwrap_or(0);
         match Rules::load(&path) {
             Ok(new) => {
                 // Versions only go up, so ledger rows tell which rules made them.
                 let new = new.with_version(current + 1);
+                loaded = text;
                 metrics.rules_version.store(new.version(), Ordering::Relaxed);
                 if let Ok(mut w) = shared.write() {
                     *w = Arc::new(new);

@@ -334,3 +334,42 @@ fn a_broker_outage_gives_503_and_loses_nothing() {
     assert_eq!(svc.term(), Some(0));
     assert_same((ledger(&data), orders(&data)), &expected);
 }
+
+#[test]
+fn rules_reload_on_sighup_keeps_the_old_rules_when_the_new_are_invalid() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rules_path = tmp.path().join("rules.toml");
+    let base = "[[programs]]\nid = \"acme\"\ncurrency = \"USD\"\nrate = \"10%\"\n[[partners]]\nid = \"alice\"\nprogram_id = \"acme\"\n\
+                [[codes]]\ncode = \"A\"\npartner_id = \"alice\"\n[[api_keys]]\nprogram_id = \"acme\"\nkey = \"acme-test-key-0123456789\"\n";
+    std::fs::write(&rules_path, base).unwrap();
+    let nats = Nats::start(&tmp.path().join("js"));
+    let (data, state) = (tmp.path().join("data"), tmp.path().join("state"));
+    let mut svc = Service::start(&rules_path, &nats.url(), &data, &state);
+    let key = KEYS[0].1;
+    let capture = |id: &str, order: &str| {
+        format!(
+            r#"{{"type":"capture","event_id":"{id}","ts":"2026-11-10T10:00:00Z","program_id":"acme","order_id":"{order}","amount":"100.00","currency":"USD","codes":["A"]}}"#
+        )
+    };
+    assert_eq!(post(svc.port, key, &capture("e1", "o1")), 1);
+    let pid = svc.child.as_ref().unwrap().id().to_string();
+    // An invalid file: refused, the old rules stay.
+    std::fs::write(&rules_path, base.replace("rate = \"10%\"", "rate = \"ten\"")).unwrap();
+    Command::new("kill").args(["-HUP", &pid]).status().unwrap();
+    wait_for("the reload to be refused", Duration::from_secs(10), || {
+        svc.metric("afflio_rules_reload_failures_total") >= 1
+    });
+    assert_eq!(svc.metric("afflio_rules_version"), 1);
+    assert_eq!(post(svc.port, key, &capture("e2", "o2")), 1);
+    // A valid change: swapped, recorded on later rows only.
+    std::fs::write(&rules_path, base.replace("rate = \"10%\"", "rate = \"12%\"")).unwrap();
+    Command::new("kill").args(["-HUP", &pid]).status().unwrap();
+    wait_for("the reload", Duration::from_secs(10), || svc.metric("afflio_rules_version") == 2);
+    assert_eq!(post(svc.port, key, &capture("e3", "o3")), 1);
+    wait_for("the engine", Duration::from_secs(30), || svc.metric("afflio_engine_stream_seq") >= 3);
+    assert_eq!(svc.term(), Some(0));
+    assert_eq!(
+        sql(&data, "SELECT entry_id, amount, rules_version FROM ledger ORDER BY entry_id"),
+        "entry_id,amount,rules_version\ne1:0,10.0000,1\ne2:0,10.0000,1\ne3:0,12.0000,2\n"
+    );
+}
