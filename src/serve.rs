@@ -47,6 +47,8 @@ pub struct ServeOptions {
 
 const CONSUMER: &str = "afflio-engine";
 const CHECKPOINT: &str = "engine.ckpt";
+/// A table with more small files than this is compacted after a flush.
+const COMPACT_AFTER_FILES: usize = 32;
 
 /// Runs until SIGTERM or SIGINT: then drains HTTP, flushes, checkpoints.
 pub async fn run(opts: ServeOptions, rules: Rules) -> anyhow::Result<()> {
@@ -308,6 +310,8 @@ async fn flush(
         store.snapshot(engine, Utc::now(), pending.last)?;
         write_checkpoint(ckpt, pending.last, engine)?;
         *committed = pending.last;
+        // Committed files only: keep the number of small files bounded.
+        store.compact(COMPACT_AFTER_FILES)?;
         let done_us = Utc::now().timestamp_micros();
         for p in pending.published_us.drain(..) {
             metrics.record_capture_to_ledger_us((done_us - p).max(1) as u64);

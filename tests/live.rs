@@ -295,6 +295,8 @@ fn live_pipeline_gives_the_replay_ledger_through_engine_crashes() {
     });
     assert_eq!(svc.term(), Some(0), "SIGTERM stops cleanly");
     assert_same((ledger(&data), orders(&data)), &expected);
+    let files = std::fs::read_dir(data.join("clicks")).unwrap().count();
+    assert!(files <= 33, "small files are compacted: {files} click files");
     // A restart on a fully applied stream writes nothing twice.
     svc.restart();
     assert_eq!(svc.term(), Some(0));

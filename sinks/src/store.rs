@@ -167,6 +167,9 @@ pub struct StreamStore {
     dir: PathBuf,
 }
 
+/// Files at least this large are left alone by compaction.
+const COMPACTED_BYTES: u64 = 64 * 1024 * 1024;
+
 const APPEND_TABLES: [Table; 4] = [Table::Ledger, Table::Clicks, Table::Flags, Table::Rejections];
 
 impl StreamStore {
@@ -183,10 +186,14 @@ impl StreamStore {
     }
 
     /// Removes files holding stream positions after `committed` (and
-    /// temporary files): what was written after the last checkpoint.
-    /// Returns how many files were removed.
+    /// temporary files): what was written after the last checkpoint; and
+    /// finishes a compaction a crash interrupted. Returns how many files
+    /// were removed.
     pub fn recover(&self, committed: u64) -> Result<usize, StoreError> {
         let mut removed = 0;
+        for t in APPEND_TABLES {
+            removed += self.finish_compactions(t)?;
+        }
         for t in Table::ALL {
             let tdir = self.dir.join(t.name());
             for entry in fs::read_dir(&tdir).map_err(io(&tdir))? {
@@ -219,6 +226,92 @@ impl StreamStore {
             }
         }
         Ok(())
+    }
+
+    /// The committed part files of a table, oldest first, with their ranges.
+    fn parts(&self, t: Table) -> Result<Vec<(u64, u64, PathBuf)>, StoreError> {
+        let tdir = self.dir.join(t.name());
+        let mut parts = Vec::new();
+        for entry in fs::read_dir(&tdir).map_err(io(&tdir))? {
+            let p = entry.map_err(io(&tdir))?.path();
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let range = name
+                .strip_prefix("part-")
+                .and_then(|r| r.strip_suffix(".parquet"))
+                .and_then(|r| r.split_once('-'))
+                .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)));
+            if let Some((first, last)) = range {
+                parts.push((first, last, p));
+            }
+        }
+        parts.sort();
+        Ok(parts)
+    }
+
+    /// Merges the small files of each append table into one when a table
+    /// has more than `max_files`. The merged file is written hidden, the
+    /// small ones removed, then it is renamed into place; a crash in between
+    /// is finished by [`StreamStore::recover`], so no row is ever counted
+    /// twice (a reader may briefly miss the merged rows). Returns files merged.
+    pub fn compact(&self, max_files: usize) -> Result<usize, StoreError> {
+        use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+        let mut merged = 0;
+        for t in APPEND_TABLES {
+            // The newest run of small files: merged files grow no further than
+            // COMPACTED_BYTES, and a merge never spans a file it does not read.
+            let all = self.parts(t)?;
+            let small = all
+                .iter()
+                .rev()
+                .take_while(|(_, _, p)| fs::metadata(p).map(|m| m.len() < COMPACTED_BYTES).unwrap_or(false))
+                .count();
+            let parts = &all[all.len() - small..];
+            if parts.len() <= max_files.max(2) {
+                continue;
+            }
+            let (first, last) = (parts[0].0, parts[parts.len() - 1].1);
+            let mut batches = Vec::new();
+            for (_, _, p) in parts {
+                let file = File::open(p).map_err(io(p))?;
+                let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+                    .and_then(|b| b.build())
+                    .map_err(|source| StoreError::Parquet { table: t.name(), source })?;
+                for b in reader {
+                    batches.push(b.map_err(|source| StoreError::Arrow { table: t.name(), source })?);
+                }
+            }
+            let batch = datafusion::arrow::compute::concat_batches(&schema(t), &batches)
+                .map_err(|source| StoreError::Arrow { table: t.name(), source })?;
+            let tdir = self.dir.join(t.name());
+            let done = tdir.join(format!(".part-{first:020}-{last:020}.parquet.compacted"));
+            write_file_atomic(&done, t, &batch)?;
+            merged += parts.len();
+            self.finish_compactions(t)?;
+        }
+        Ok(merged)
+    }
+
+    /// Puts complete merged files in place of the files they replace.
+    fn finish_compactions(&self, t: Table) -> Result<usize, StoreError> {
+        let tdir = self.dir.join(t.name());
+        let mut removed = 0;
+        for entry in fs::read_dir(&tdir).map_err(io(&tdir))? {
+            let p = entry.map_err(io(&tdir))?.path();
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let Some(visible) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".compacted")) else { continue };
+            let Some(last) = stream_file_last_seq(visible) else { continue };
+            let first: u64 =
+                visible.trim_start_matches("part-").split('-').next().and_then(|f| f.parse().ok()).unwrap_or(0);
+            for (a, b, old) in self.parts(t)? {
+                if a >= first && b <= last {
+                    fs::remove_file(&old).map_err(io(&old))?;
+                    removed += 1;
+                }
+            }
+            let target = tdir.join(visible);
+            fs::rename(&p, &target).map_err(io(&target))?;
+        }
+        Ok(removed)
     }
 
     /// Replaces the state tables (orders, lines as of `as_of`) with the
