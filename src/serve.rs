@@ -73,7 +73,7 @@ pub async fn run(opts: ServeOptions, rules: Rules) -> anyhow::Result<()> {
         opts.nats,
         opts.data.display()
     );
-    let mut consumer_done = Box::pin(async { consumer.await });
+    let mut consumer_done = consumer;
     let result = tokio::select! {
         r = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()) => r.context("HTTP server"),
         r = &mut consumer_done => {
