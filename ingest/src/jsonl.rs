@@ -38,6 +38,10 @@ impl<R: BufRead> JsonLines<R> {
             while matches!(self.buf.last(), Some(b'\n' | b'\r')) {
                 self.buf.pop();
             }
+            // A byte order mark some editors write at the start of a file.
+            if self.number == 1 && self.buf.starts_with(b"\xEF\xBB\xBF") {
+                self.buf.drain(..3);
+            }
             if self.buf.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
@@ -56,5 +60,29 @@ impl<R: BufRead> JsonLines<R> {
             }
             return Ok(Some(Line { number: self.number, text: &self.text, problem }));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::JsonLines;
+
+    #[test]
+    fn lines_are_numbered_blank_lines_skipped_and_crlf_bom_and_bad_utf8_handled() {
+        let input: &[u8] = b"\xEF\xBB\xBF{\"a\":1}\r\n\n  \n{\"b\":2}\n\xFF\xFE\n{\"c\":3}";
+        let mut r = JsonLines::new(input);
+        let mut got = Vec::new();
+        while let Some(l) = r.next_line().unwrap() {
+            got.push((l.number, l.text.to_string(), l.problem.is_some()));
+        }
+        assert_eq!(
+            got,
+            [
+                (1, "{\"a\":1}".to_string(), false),
+                (4, "{\"b\":2}".to_string(), false),
+                (5, "\u{FFFD}\u{FFFD}".to_string(), true),
+                (6, "{\"c\":3}".to_string(), false),
+            ]
+        );
     }
 }
