@@ -31,6 +31,30 @@ impl fmt::Display for LineOrigin<'_> {
     }
 }
 
+/// Commission by status and flags by rule, over open and closed orders.
+#[derive(Default)]
+struct Tally {
+    commission: BTreeMap<(String, LineStatus), Decimal>,
+    flags_by_rule: BTreeMap<&'static str, u64>,
+}
+
+impl Tally {
+    fn order(&mut self, o: &afflio_engine::Order, status: LineStatus) {
+        for l in &o.lines {
+            *self.commission.entry((o.currency.code().to_string(), status)).or_insert(Decimal::ZERO) += l.net;
+        }
+        for r in &o.flags {
+            *self.flags_by_rule.entry(r.as_str()).or_insert(0) += 1;
+        }
+    }
+
+    fn closed(&mut self, closed: &[afflio_engine::ClosedOrder]) {
+        for c in closed {
+            self.order(&c.order, c.status);
+        }
+    }
+}
+
 /// What a replay did.
 #[derive(Debug, Clone)]
 pub struct Summary {
@@ -116,6 +140,7 @@ pub fn replay(
     let mut store =
         ParquetStore::create(out, &run_id).with_context(|| format!("cannot create the store at {}", out.display()))?;
     let mut lines = JsonLines::new(input);
+    let mut tally = Tally::default();
     let (mut lines_read, mut bytes) = (0u64, 0u64);
     while let Some(line) = lines.next_line().with_context(|| format!("cannot read {input_name}"))? {
         lines_read += 1;
@@ -142,35 +167,30 @@ pub fn replay(
             }
         }
         if engine.pending_output().len() >= FLUSH_ROWS {
-            store.append(&engine.take_output())?;
+            let out = engine.take_output();
+            tally.closed(&out.closed);
+            store.append(&out)?;
         }
         if lines_read % 8192 == 0 {
             progress(bytes);
         }
     }
     progress(bytes);
-    store.append(&engine.take_output())?;
+    let out = engine.take_output();
+    tally.closed(&out.closed);
+    store.append(&out)?;
     let as_of = as_of.or_else(|| engine.watermark());
-    let tables = store.finish(&engine, as_of.unwrap_or(DateTime::UNIX_EPOCH))?;
-    let mut commission = BTreeMap::new();
+    let at = as_of.unwrap_or(DateTime::UNIX_EPOCH);
+    let tables = store.finish(&engine, at)?;
     for o in engine.orders() {
-        let status = engine.line_status(o, as_of.unwrap_or(DateTime::UNIX_EPOCH));
-        for l in &o.lines {
-            *commission.entry((o.currency.code().to_string(), status)).or_insert(Decimal::ZERO) += l.net;
-        }
-    }
-    let mut flags_by_rule = BTreeMap::new();
-    for o in engine.orders() {
-        for r in &o.flags {
-            *flags_by_rule.entry(r.as_str()).or_insert(0) += 1;
-        }
+        tally.order(o, engine.line_status(o, at));
     }
     Ok(Summary {
         stats: engine.stats(),
         as_of,
         tables,
-        commission,
-        flags_by_rule,
+        commission: tally.commission,
+        flags_by_rule: tally.flags_by_rule,
         lines_read,
         bytes,
         elapsed: started.elapsed(),

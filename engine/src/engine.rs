@@ -17,7 +17,7 @@ use crate::output::{
     Stats,
 };
 use crate::sessions::{ClickRec, Sessions};
-use crate::state::{CodeIssue, Credit, Line, LineStatus, Order};
+use crate::state::{ClosedOrder, CodeIssue, Credit, Line, LineStatus, Order};
 
 /// Why an event is refused, found before anything was changed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -374,7 +374,38 @@ impl Engine {
         if wm >= self.next_sweep {
             let horizon = micros(self.rules.max_window()).saturating_add(micros(cfg.out_of_order));
             self.sessions.evict_before(wm.saturating_sub(horizon));
+            self.close_orders_before(wm.saturating_sub(micros(cfg.order_retention)));
             self.next_sweep = wm.saturating_add((horizon / 16).max(60 * MICROS_PER_SEC));
+        }
+    }
+
+    /// Closes orders with no activity since `cutoff`: their final state is
+    /// output and they are forgotten (bounded memory).
+    fn close_orders_before(&mut self, cutoff: i64) {
+        let as_of = DateTime::from_timestamp_micros(cutoff).unwrap_or(DateTime::UNIX_EPOCH);
+        let mut i = 0;
+        while i < self.orders.len() {
+            if self.orders[i].last_activity.timestamp_micros() >= cutoff {
+                i += 1;
+                continue;
+            }
+            let order = self.orders.swap_remove(i);
+            if let Some(p) = self.names.get(&order.program_id) {
+                if let Some(m) = self.order_index.get_mut(&p) {
+                    m.remove(&order.order_id);
+                }
+            }
+            // The order moved into slot i (if any) keeps its index right.
+            if let Some(moved) = self.orders.get(i) {
+                if let Some(p) = self.names.get(&moved.program_id) {
+                    if let Some(slot) = self.order_index.get_mut(&p).and_then(|m| m.get_mut(&moved.order_id)) {
+                        *slot = i as u32;
+                    }
+                }
+            }
+            let status = self.line_status(&order, as_of);
+            self.stats.orders_closed += 1;
+            self.out.closed.push(ClosedOrder { order, status, as_of });
         }
     }
 
@@ -428,6 +459,7 @@ impl Engine {
         let order = &mut self.orders[idx];
         order.captured += c.amount;
         order.captures += 1;
+        order.last_activity = order.last_activity.max(e.ts);
         if e.ts > order.last_capture_ts {
             order.last_capture_ts = e.ts;
         }
@@ -516,6 +548,7 @@ impl Engine {
             lines,
             captures: 0,
             refunds: 0,
+            last_activity: ts,
         };
         // Deterministic fraud rules, decided with the attribution.
         let mut flags = Vec::new();
@@ -629,6 +662,7 @@ impl Engine {
         // Validated: apply.
         order.refunded += r.amount;
         order.refunds += 1;
+        order.last_activity = order.last_activity.max(e.ts);
         if r.chargeback {
             order.chargeback = true;
             order.chargeback_amount += r.amount;

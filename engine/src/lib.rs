@@ -24,7 +24,7 @@ pub use output::{
     Arrival, AttributionKind, ClickRow, EntryKind, Flag, FraudRule, LedgerEntry, Outcome, Output, Reason, Rejection,
     Stats,
 };
-pub use state::{CodeIssue, Credit, Line, LineStatus, Order};
+pub use state::{ClosedOrder, CodeIssue, Credit, Line, LineStatus, Order};
 
 #[cfg(test)]
 mod tests;

@@ -214,15 +214,17 @@ pub struct Output {
     pub clicks: Vec<ClickRow>,
     pub flags: Vec<Flag>,
     pub rejections: Vec<Rejection>,
+    /// Orders closed by retention, with their final line status.
+    pub closed: Vec<crate::state::ClosedOrder>,
 }
 
 impl Output {
     pub fn is_empty(&self) -> bool {
-        self.ledger.is_empty() && self.clicks.is_empty() && self.flags.is_empty() && self.rejections.is_empty()
+        self.len() == 0
     }
 
     pub fn len(&self) -> usize {
-        self.ledger.len() + self.clicks.len() + self.flags.len() + self.rejections.len()
+        self.ledger.len() + self.clicks.len() + self.flags.len() + self.rejections.len() + self.closed.len()
     }
 }
 
@@ -245,6 +247,8 @@ pub struct Stats {
     pub clicks_dropped: u64,
     /// Visitors evicted because the tracked-visitor limit was reached.
     pub visitors_evicted_capacity: u64,
+    /// Orders closed by `order_retention`.
+    pub orders_closed: u64,
 }
 
 impl Stats {

@@ -75,6 +75,17 @@ pub struct Order {
     pub lines: Vec<Line>,
     pub captures: u32,
     pub refunds: u32,
+    /// The newest capture, refund or chargeback time: the order is closed
+    /// `order_retention` after it.
+    pub last_activity: DateTime<Utc>,
+}
+
+/// An order closed by retention: its final state and its lines' status.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClosedOrder {
+    pub order: Order,
+    pub status: LineStatus,
+    pub as_of: DateTime<Utc>,
 }
 
 impl Order {

@@ -210,3 +210,37 @@ fn a_restored_checkpoint_continues_exactly_where_it_stopped() {
     assert!(matches!(busy.checkpoint(), Err(crate::CheckpointError::PendingOutput(1))));
     assert!(matches!(Engine::restore(busy.rules().clone(), b"garbage"), Err(crate::CheckpointError::Format)));
 }
+
+#[test]
+fn orders_are_closed_after_their_retention_and_written_out() {
+    let text = RULES
+        .replace("max_clicks_per_visitor = 2", "order_retention = \"1d\"")
+        .replace("rate = \"10%\"", "rate = \"10%\"\nhold = \"12h\"");
+    let rules = Rules::parse("t.toml", &text).unwrap();
+    let mut e = Engine::new(Arc::new(rules));
+    assert_eq!(apply(&mut e, &capture("c1", 0, "o1", "100", None, &["alice"])), Outcome::Applied);
+    assert_eq!(apply(&mut e, &capture("c2", 60 * 20, "o2", "100", None, &["alice"])), Outcome::Applied);
+    // Three days later o1 (idle since day 0) and o2 are closed.
+    assert_eq!(apply(&mut e, &click("k1", 60 * 24 * 3, "a1", "v", "acme")), Outcome::Applied);
+    let out = e.take_output();
+    let closed: Vec<&str> = out.closed.iter().map(|c| &*c.order.order_id).collect();
+    assert_eq!(closed, ["o1", "o2"]);
+    assert_eq!(e.memory().orders, 0);
+    assert_eq!(e.stats().orders_closed, 2);
+    let refund = Event {
+        event_id: "r1".into(),
+        ts: at(60 * 24 * 3),
+        program_id: "acme".into(),
+        body: Body::Refund(crate::Refund {
+            order_id: "o1".into(),
+            amount: "1".parse().unwrap(),
+            currency: "USD".into(),
+            items: None,
+            chargeback: false,
+        }),
+    };
+    assert_eq!(apply(&mut e, &refund), Outcome::Rejected(Reason::UnknownOrder));
+    // A new order with an old id is a new order.
+    assert_eq!(apply(&mut e, &capture("c3", 60 * 24 * 3, "o1", "10", None, &[])), Outcome::Applied);
+    assert_eq!(e.order("acme", "o1").unwrap().captured, Decimal::new(10, 0));
+}

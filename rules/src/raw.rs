@@ -44,6 +44,9 @@ pub(crate) struct RawEngine {
     pub(crate) out_of_order: Option<S<String>>,
     pub(crate) max_clicks_per_visitor: Option<S<i64>>,
     pub(crate) max_tracked_visitors: Option<S<i64>>,
+    /// How long after its last capture, refund or chargeback an order is
+    /// kept in memory; later refunds of it are `unknown_order`.
+    pub(crate) order_retention: Option<S<String>>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use afflio_engine::{ClickRow, Engine, Flag, LedgerEntry, Order, Rejection};
+use afflio_engine::{ClickRow, ClosedOrder, Engine, Flag, LedgerEntry, LineStatus, Order, Rejection};
 use chrono::{DateTime, Utc};
 use datafusion::arrow::array::{
     ArrayRef, BooleanArray, Decimal128Array, Float64Array, Int32Array, Int64Array, ListBuilder, RecordBatch,
@@ -269,7 +269,7 @@ pub(crate) fn rejections(rows: &[Rejection]) -> Result<RecordBatch, ArrowError> 
     )
 }
 
-pub(crate) fn orders(rows: &[Order]) -> Result<RecordBatch, ArrowError> {
+pub(crate) fn orders(rows: &[&Order]) -> Result<RecordBatch, ArrowError> {
     fn credit(o: &Order) -> Option<&afflio_engine::Credit> {
         o.credit.as_ref()
     }
@@ -299,30 +299,34 @@ pub(crate) fn orders(rows: &[Order]) -> Result<RecordBatch, ArrowError> {
     )
 }
 
-pub(crate) fn lines(engine: &Engine, as_of: DateTime<Utc>) -> Result<RecordBatch, ArrowError> {
-    let rows: Vec<_> = engine
-        .orders()
-        .iter()
-        .flat_map(|o| {
-            let status = engine.line_status(o, as_of);
-            o.lines.iter().map(move |l| (o, l, status))
-        })
-        .collect();
+/// The engine's open orders' lines as of `as_of`.
+pub(crate) fn open_lines(engine: &Engine, as_of: DateTime<Utc>) -> Vec<(&Order, LineStatus, DateTime<Utc>)> {
+    engine.orders().iter().map(|o| (o, engine.line_status(o, as_of), as_of)).collect()
+}
+
+/// Closed orders with the status their lines had when they were closed.
+pub(crate) fn closed_lines(closed: &[ClosedOrder]) -> Vec<(&Order, LineStatus, DateTime<Utc>)> {
+    closed.iter().map(|c| (&c.order, c.status, c.as_of)).collect()
+}
+
+pub(crate) fn lines(orders: &[(&Order, LineStatus, DateTime<Utc>)]) -> Result<RecordBatch, ArrowError> {
+    let rows: Vec<_> =
+        orders.iter().flat_map(|(o, status, as_of)| o.lines.iter().map(move |l| (*o, l, *status, *as_of))).collect();
     batch(
         Table::Lines,
         vec![
-            strings(rows.iter().map(|(o, _, _)| &*o.program_id)),
-            strings(rows.iter().map(|(o, _, _)| &*o.order_id)),
-            strings(rows.iter().map(|(_, l, _)| &*l.partner_id)),
-            Arc::new(Int32Array::from_iter_values(rows.iter().map(|(_, l, _)| i32::from(l.tier)))),
-            money(rows.iter().map(|(_, l, _)| l.net))?,
-            money(rows.iter().map(|(_, l, _)| l.accrued))?,
-            money(rows.iter().map(|(_, l, _)| l.net - l.accrued))?,
-            strings(rows.iter().map(|(o, _, _)| o.currency.code())),
-            strings(rows.iter().map(|(_, _, s)| s.as_str())),
-            times(rows.iter().map(|(o, _, _)| o.eligible_at)),
-            Arc::new(BooleanArray::from_iter(rows.iter().map(|(o, _, _)| Some(!o.flags.is_empty())))),
-            times(rows.iter().map(|_| as_of)),
+            strings(rows.iter().map(|(o, _, _, _)| &*o.program_id)),
+            strings(rows.iter().map(|(o, _, _, _)| &*o.order_id)),
+            strings(rows.iter().map(|(_, l, _, _)| &*l.partner_id)),
+            Arc::new(Int32Array::from_iter_values(rows.iter().map(|(_, l, _, _)| i32::from(l.tier)))),
+            money(rows.iter().map(|(_, l, _, _)| l.net))?,
+            money(rows.iter().map(|(_, l, _, _)| l.accrued))?,
+            money(rows.iter().map(|(_, l, _, _)| l.net - l.accrued))?,
+            strings(rows.iter().map(|(o, _, _, _)| o.currency.code())),
+            strings(rows.iter().map(|(_, _, s, _)| s.as_str())),
+            times(rows.iter().map(|(o, _, _, _)| o.eligible_at)),
+            Arc::new(BooleanArray::from_iter(rows.iter().map(|(o, _, _, _)| Some(!o.flags.is_empty())))),
+            times(rows.iter().map(|(_, _, _, a)| *a)),
         ],
     )
 }

@@ -102,15 +102,19 @@ impl ParquetStore {
         self.write(Table::Ledger, batches::ledger(&out.ledger))?;
         self.write(Table::Clicks, batches::clicks(&out.clicks))?;
         self.write(Table::Flags, batches::flags(&out.flags))?;
-        self.write(Table::Rejections, batches::rejections(&out.rejections))
+        self.write(Table::Rejections, batches::rejections(&out.rejections))?;
+        let closed: Vec<&afflio_engine::Order> = out.closed.iter().map(|c| &c.order).collect();
+        self.write(Table::Orders, batches::orders(&closed))?;
+        self.write(Table::Lines, batches::lines(&batches::closed_lines(&out.closed)))
     }
 
     /// Writes the state tables (orders, lines as of `as_of`), closes every
     /// file, and moves each into place, replacing what an earlier run wrote
     /// to the same table. Returns rows written per table.
     pub fn finish(mut self, engine: &Engine, as_of: DateTime<Utc>) -> Result<BTreeMap<&'static str, u64>, StoreError> {
-        self.write(Table::Orders, batches::orders(engine.orders()))?;
-        self.write(Table::Lines, batches::lines(engine, as_of))?;
+        let open: Vec<&afflio_engine::Order> = engine.orders().iter().collect();
+        self.write(Table::Orders, batches::orders(&open))?;
+        self.write(Table::Lines, batches::lines(&batches::open_lines(engine, as_of)))?;
         let mut counts = BTreeMap::new();
         for (t, f) in std::mem::take(&mut self.files) {
             f.writer.close().map_err(|source| StoreError::Parquet { table: t.name(), source })?;
@@ -213,12 +217,16 @@ impl StreamStore {
     /// that has rows.
     pub fn append(&self, first: u64, last: u64, out: &Output) -> Result<(), StoreError> {
         let name = format!("part-{first:020}-{last:020}.parquet");
-        for t in APPEND_TABLES {
+        let closed: Vec<&afflio_engine::Order> = out.closed.iter().map(|c| &c.order).collect();
+        for t in Table::ALL {
             let b = match t {
                 Table::Ledger => batches::ledger(&out.ledger),
                 Table::Clicks => batches::clicks(&out.clicks),
                 Table::Flags => batches::flags(&out.flags),
-                _ => batches::rejections(&out.rejections),
+                Table::Rejections => batches::rejections(&out.rejections),
+                // Orders closed by retention leave the snapshot for good.
+                Table::Orders => batches::orders(&closed),
+                Table::Lines => batches::lines(&batches::closed_lines(&out.closed)),
             }
             .map_err(|source| StoreError::Arrow { table: t.name(), source })?;
             if b.num_rows() > 0 {
@@ -318,15 +326,19 @@ impl StreamStore {
     /// engine's state at stream position `last`.
     pub fn snapshot(&self, engine: &Engine, as_of: DateTime<Utc>, last: u64) -> Result<(), StoreError> {
         let name = format!("snap-{last:020}.parquet");
-        for (t, b) in [(Table::Orders, batches::orders(engine.orders())), (Table::Lines, batches::lines(engine, as_of))]
-        {
+        let open: Vec<&afflio_engine::Order> = engine.orders().iter().collect();
+        for (t, b) in [
+            (Table::Orders, batches::orders(&open)),
+            (Table::Lines, batches::lines(&batches::open_lines(engine, as_of))),
+        ] {
             let b = b.map_err(|source| StoreError::Arrow { table: t.name(), source })?;
             let tdir = self.dir.join(t.name());
             let path = tdir.join(&name);
             write_file_atomic(&path, t, &b)?;
             for entry in fs::read_dir(&tdir).map_err(io(&tdir))? {
                 let p = entry.map_err(io(&tdir))?.path();
-                let old = p.extension().is_some_and(|e| e == "parquet") && p != path;
+                let snap = p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("snap-"));
+                let old = snap && p != path;
                 if old {
                     fs::remove_file(&p).map_err(io(&p))?;
                 }

@@ -30,6 +30,9 @@ pub struct EngineSettings {
     pub max_clicks_per_visitor: usize,
     /// At most this many visitors are tracked at once (oldest evicted first).
     pub max_tracked_visitors: usize,
+    /// Orders are closed (written out and forgotten) this long after their
+    /// last capture, refund or chargeback.
+    pub order_retention: TimeDelta,
 }
 
 impl Default for EngineSettings {
@@ -39,6 +42,7 @@ impl Default for EngineSettings {
             out_of_order: TimeDelta::hours(1),
             max_clicks_per_visitor: 64,
             max_tracked_visitors: 5_000_000,
+            order_retention: TimeDelta::days(400),
         }
     }
 }
@@ -532,6 +536,22 @@ fn compile(file: &str, text: &str, raw: RawConfig, version: u64) -> Result<Rules
         );
     }
 
+    if let Some(e) = raw.engine.as_ref().and_then(|e| e.get_ref().order_retention.as_ref()) {
+        for p in programs.values() {
+            if engine.order_retention <= p.hold {
+                cx.err(
+                    e.span(),
+                    "engine.order_retention",
+                    format!(
+                        "{:?} is not longer than program {:?}'s hold; its lines would close before they are eligible",
+                        e.get_ref(),
+                        p.id
+                    ),
+                );
+            }
+        }
+    }
+
     let mut api_keys = Vec::new();
     for (i, k) in raw.api_keys.iter().enumerate() {
         let rk = k.get_ref();
@@ -603,6 +623,19 @@ fn compile_engine(cx: &mut Ctx<'_>, raw: &RawConfig) -> EngineSettings {
         out_of_order: cx.duration(e.out_of_order.as_ref(), d.out_of_order, "engine.out_of_order"),
         max_clicks_per_visitor,
         max_tracked_visitors,
+        order_retention: {
+            let r = cx.duration(e.order_retention.as_ref(), d.order_retention, "engine.order_retention");
+            if r < TimeDelta::days(1) {
+                if let Some(v) = &e.order_retention {
+                    cx.err(
+                        v.span(),
+                        "engine.order_retention",
+                        format!("{:?} is shorter than the 1d minimum", v.get_ref()),
+                    );
+                }
+            }
+            r
+        },
     }
 }
 

@@ -239,3 +239,12 @@ fn api_keys_come_from_the_file_or_the_environment_and_are_never_printed() {
         &[(7, "api_keys[0].key_env", "not set")],
     );
 }
+
+#[test]
+fn order_retention_must_outlast_every_hold() {
+    let text = "[engine]\norder_retention = \"10d\"\n[[programs]]\nid='p'\ncurrency='USD'\nrate='1%'\nhold='30d'\n";
+    check(text, &[(2, "engine.order_retention", "hold")]);
+    check("[engine]\norder_retention = \"12h\"\n", &[(2, "engine.order_retention", "1d minimum")]);
+    let ok = Rules::parse("ok", &text.replace("hold='30d'", "hold='9d'")).unwrap();
+    assert_eq!(ok.engine().order_retention, TimeDelta::days(10));
+}
