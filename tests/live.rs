@@ -275,8 +275,12 @@ fn live_pipeline_gives_the_replay_ledger_through_engine_crashes() {
     let (data, state) = (tmp.path().join("data"), tmp.path().join("state"));
     let mut svc = Service::start(&rules, &nats.url(), &data, &state);
     let reqs = batches(&lines);
-    // Seeded crash points: the engine is killed -9 twice mid-stream.
-    let crash_at = [reqs.len() / 3, reqs.len() * 2 / 3];
+    // Seeded crash points: the engine is killed -9 three times mid-stream
+    // (AFFLIO_TEST_SEED to replay a failure; the seed is printed).
+    let seed: u64 = std::env::var("AFFLIO_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(20261124);
+    eprintln!("crash test seed: {seed} (AFFLIO_TEST_SEED={seed} to reproduce)");
+    let mut rng = <rand::rngs::SmallRng as rand::SeedableRng>::seed_from_u64(seed);
+    let crash_at: Vec<usize> = (0..3).map(|_| rand::Rng::random_range(&mut rng, 1..reqs.len())).collect();
     let mut stored = 0;
     for (i, (key, body)) in reqs.iter().enumerate() {
         if crash_at.contains(&i) {
@@ -293,7 +297,7 @@ fn live_pipeline_gives_the_replay_ledger_through_engine_crashes() {
     wait_for("the engine to apply every stored event", Duration::from_secs(60), || {
         svc.metric("afflio_engine_stream_seq") >= stored
     });
-    assert_eq!(svc.term(), Some(0), "SIGTERM stops cleanly");
+    assert_eq!(svc.term(), Some(0), "SIGTERM stops cleanly (seed {seed})");
     assert_same((ledger(&data), orders(&data)), &expected);
     let files = std::fs::read_dir(data.join("clicks")).unwrap().count();
     assert!(files <= 33, "small files are compacted: {files} click files");
