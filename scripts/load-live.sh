@@ -17,13 +17,14 @@ nats-server -js -a 127.0.0.1 -p "$nats_port" -sd "$work/js" >/dev/null 2>&1 &
 sleep 1
 # The demo's generator, one program (acme), with an API key.
 "$afflio" demo --events "$((events * 2))" --seed 5 --out "$work/demo" --quiet >/dev/null
-grep '"program_id":"acme"' "$work/demo/input/events.jsonl" | head -n "$events" > "$work/events.jsonl"
+grep '"program_id":"acme"' "$work/demo/input/events.jsonl" > "$work/acme.jsonl"
+head -n "$events" "$work/acme.jsonl" > "$work/events.jsonl"
 cp "$work/demo/input/rules.toml" "$work/rules.toml"
 printf '\n[[api_keys]]\nprogram_id = "acme"\nkey = "load-test-key-0123456789"\n' >> "$work/rules.toml"
 n=$(wc -l < "$work/events.jsonl")
 split -l "$batch" -d -a 6 "$work/events.jsonl" "$work/chunk-"
 "$afflio" serve --config "$work/rules.toml" --nats "nats://127.0.0.1:$nats_port" --http "127.0.0.1:$http_port" \
-  --data "$work/data" --state "$work/state" >"$work/serve.log" 2>&1 &
+  --data "$work/data" --state "$work/state" ${SERVE_ARGS:-} >"$work/serve.log" 2>&1 &
 for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$http_port/healthz" >/dev/null && break; sleep 0.1; done
 start=$(date +%s.%N)
 ls "$work"/chunk-* | xargs -P "$clients" -I{} curl -s -o /dev/null -w '%{http_code}\n' \
