@@ -37,7 +37,8 @@ fn reject(reason: Reason, field: &'static str, detail: String) -> Reject {
 /// The checks that need the rules but no state: known program, known link
 /// of that program, currency, amounts, items. Ingest runs them to answer a
 /// client at once; the engine runs them again when it applies the event.
-pub fn check_event(rules: &Rules, e: &Event<'_>) -> Result<(), Invalid> {
+/// Returns the event's program.
+pub fn check_event<'r>(rules: &'r Rules, e: &Event<'_>) -> Result<&'r Program, Invalid> {
     let Some(program) = rules.program(&e.program_id) else {
         return Err(reject(
             Reason::UnknownProgram,
@@ -61,11 +62,11 @@ pub fn check_event(rules: &Rules, e: &Event<'_>) -> Result<(), Invalid> {
                     format!("link_id {:?} belongs to program {:?}, not {:?}", c.link_id, link.program_id, program.id),
                 ));
             }
-            Ok(())
         }
-        Body::Capture(c) => check_money(program, &c.currency, c.amount, &c.items),
-        Body::Refund(r) => check_money(program, &r.currency, r.amount, &r.items),
+        Body::Capture(c) => check_money(program, &c.currency, c.amount, &c.items)?,
+        Body::Refund(r) => check_money(program, &r.currency, r.amount, &r.items)?,
     }
+    Ok(program)
 }
 
 /// Interned names (programs, partners, links): small, bounded by the rules.
@@ -351,14 +352,7 @@ impl Engine {
     }
 
     fn apply_checked(&mut self, e: &Event<'_>, rules: &Rules) -> Result<(), Reject> {
-        check_event(rules, e)?;
-        let Some(program) = rules.program(&e.program_id) else {
-            return Err(reject(
-                Reason::UnknownProgram,
-                "program_id",
-                format!("program_id {:?} names no configured program", e.program_id),
-            ));
-        };
+        let program = check_event(rules, e)?;
         match &e.body {
             Body::Click(c) => self.apply_click(e, c, rules, program),
             Body::Capture(c) => self.apply_capture(e, c, rules, program),
