@@ -123,7 +123,7 @@ impl fmt::Display for Summary {
 }
 
 /// Replays `input` (JSON Lines) through a new engine with `rules` and writes
-/// the store at `out`. `as_of` defaults to the newest applied event time.
+/// the store at `out`. `as_of` defaults to the newest event time read.
 /// `progress` is called every few thousand lines with the bytes read.
 pub fn replay(
     rules: Rules,
@@ -141,6 +141,8 @@ pub fn replay(
         ParquetStore::create(out, &run_id).with_context(|| format!("cannot create the store at {}", out.display()))?;
     let mut lines = JsonLines::new(input);
     let mut tally = Tally::default();
+    // "Now" by default: the newest event time read (applied or not).
+    let mut newest: Option<DateTime<Utc>> = None;
     let (mut lines_read, mut bytes) = (0u64, 0u64);
     while let Some(line) = lines.next_line().with_context(|| format!("cannot read {input_name}"))? {
         lines_read += 1;
@@ -152,6 +154,7 @@ pub fn replay(
         } else {
             match decode_event(line.text) {
                 Ok(event) => {
+                    newest = newest.max(Some(event.ts));
                     engine.apply(&event, line.text, arrival);
                 }
                 Err(e) => {
@@ -179,7 +182,7 @@ pub fn replay(
     let out = engine.take_output();
     tally.closed(&out.closed);
     store.append(&out)?;
-    let as_of = as_of.or_else(|| engine.watermark());
+    let as_of = as_of.or(newest);
     let at = as_of.unwrap_or(DateTime::UNIX_EPOCH);
     let tables = store.finish(&engine, at)?;
     for o in engine.orders() {
