@@ -28,6 +28,39 @@ pub enum OutputFormat {
     Json,
 }
 
+/// CSV has no lists: nested columns (`codes`, `code_issues`, ...) are
+/// written as their display text, e.g. `[code_unknown, code_expired]`.
+fn flatten_nested(batch: &RecordBatch) -> Result<RecordBatch, ArrowError> {
+    use datafusion::arrow::array::{ArrayRef, StringBuilder};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
+    use std::sync::Arc;
+    if !batch.schema().fields().iter().any(|f| f.data_type().is_nested()) {
+        return Ok(batch.clone());
+    }
+    let mut fields = Vec::new();
+    let mut cols: Vec<ArrayRef> = Vec::new();
+    for (f, col) in batch.schema().fields().iter().zip(batch.columns()) {
+        if !f.data_type().is_nested() {
+            fields.push(f.as_ref().clone());
+            cols.push(col.clone());
+            continue;
+        }
+        let fmt = ArrayFormatter::try_new(col.as_ref(), &FormatOptions::default())?;
+        let mut b = StringBuilder::new();
+        for i in 0..col.len() {
+            if col.is_null(i) {
+                b.append_null();
+            } else {
+                b.append_value(fmt.value(i).to_string());
+            }
+        }
+        fields.push(Field::new(f.name(), DataType::Utf8, true));
+        cols.push(Arc::new(b.finish()));
+    }
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)
+}
+
 /// A session with every table of the store at `dir` registered by name.
 pub async fn sql_context(dir: &Path) -> Result<SessionContext, SqlError> {
     let ctx = SessionContext::new();
@@ -64,10 +97,10 @@ pub async fn query(dir: &Path, sql: &str, format: OutputFormat) -> Result<String
         OutputFormat::Csv => {
             let mut w = datafusion::arrow::csv::WriterBuilder::new().with_header(true).build(&mut buf);
             if batches.is_empty() {
-                w.write(&RecordBatch::new_empty(schema))?;
+                w.write(&flatten_nested(&RecordBatch::new_empty(schema))?)?;
             }
             for b in &batches {
-                w.write(b)?;
+                w.write(&flatten_nested(b)?)?;
             }
         }
         OutputFormat::Json => {

@@ -102,6 +102,12 @@ fn queries_render_as_table_csv_and_json() {
     assert_eq!(q("SELECT entry_id FROM ledger WHERE false", OutputFormat::Json), "[]\n");
     assert_eq!(q("SELECT entry_id FROM ledger WHERE false", OutputFormat::Csv), "entry_id\n");
     assert!(q("SELECT order_id FROM orders", OutputFormat::Table).contains("| o1       |"));
+    // CSV has no lists: nested columns are written as text.
+    assert_eq!(
+        q("SELECT order_id, codes, code_issues FROM orders", OutputFormat::Csv),
+        "order_id,codes,code_issues\no1,[K],[]\n"
+    );
+    assert!(q("SELECT * FROM orders", OutputFormat::Csv).starts_with("program_id,order_id,"));
     let err = rt.block_on(query(&dir.path().join("missing"), "SELECT 1", OutputFormat::Csv)).unwrap_err();
     assert!(err.to_string().contains("no Afflio data"), "{err}");
 }
