@@ -73,8 +73,11 @@ enum Command {
         #[arg(long, default_value_t = 50_000)]
         flush_events: usize,
         /// ...or after this many milliseconds.
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, default_value_t = 200)]
         flush_ms: u64,
+        /// Checkpoint the engine (and acknowledge the broker) this often, ms.
+        #[arg(long, default_value_t = 5000)]
+        checkpoint_ms: u64,
         /// Largest accepted request body, bytes.
         #[arg(long, default_value_t = 4 * 1024 * 1024)]
         max_body: usize,
@@ -189,7 +192,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Serve { config, nats, http, data, state, flush_events, flush_ms, max_body } => {
+        Command::Serve { config, nats, http, data, state, flush_events, flush_ms, checkpoint_ms, max_body } => {
             let rules = match load_rules(&config) {
                 Ok(r) => r,
                 Err(code) => return Ok(code),
@@ -203,6 +206,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 state,
                 flush_events: flush_events.max(1),
                 flush_interval: std::time::Duration::from_millis(flush_ms.max(10)),
+                checkpoint_interval: std::time::Duration::from_millis(checkpoint_ms.max(flush_ms).max(10)),
                 max_body,
             };
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

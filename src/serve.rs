@@ -3,10 +3,10 @@
 //!
 //! Exactly-once effect: the engine applies stream messages in stream order
 //! and, at each flush, (1) writes the rows of the messages applied since the
-//! last flush as new Parquet files named by their stream positions, (2)
-//! replaces the state snapshot, (3) writes a checkpoint of the engine state
-//! with the last applied position (atomically), and only then (4) acks the
-//! messages. After a crash the engine restarts from the checkpoint, removes
+//! last flush as new Parquet files named by their stream positions and (2)
+//! replaces the state snapshot; when a checkpoint is due it (3) writes a
+//! checkpoint of the engine state with the flushed position (atomically),
+//! and only then (4) acks the messages. After a crash the engine restarts from the checkpoint, removes
 //! files written after it, and skips redelivered messages it already
 //! applied: every row is written once.
 
@@ -42,6 +42,8 @@ pub struct ServeOptions {
     pub flush_events: usize,
     /// ...or when this much time passed.
     pub flush_interval: Duration,
+    /// Checkpoint (and acknowledge) at most this often.
+    pub checkpoint_interval: Duration,
     pub max_body: usize,
 }
 
@@ -167,12 +169,19 @@ fn write_checkpoint(path: &Path, seq: u64, engine: &Engine) -> anyhow::Result<()
     Ok(())
 }
 
-/// Messages applied since the last flush.
+/// Messages applied since the last flush, and where flushes and
+/// checkpoints stand.
 struct Pending {
     first: Option<u64>,
     last: u64,
     published_us: Vec<i64>,
+    /// The newest message received, acknowledged (with all before it) at the next checkpoint.
     ack: Option<jetstream::Message>,
+    /// Stream position up to which rows are in Parquet files.
+    flushed: u64,
+    /// Stream position the last checkpoint holds.
+    committed: u64,
+    last_checkpoint: Instant,
 }
 
 struct MsgOrigin(u64);
@@ -192,7 +201,7 @@ async fn consume(
 ) -> anyhow::Result<()> {
     let rules = shared.read().map(|r| r.clone()).map_err(|_| anyhow::anyhow!("rules lock poisoned"))?;
     let ckpt = opts.state.join(CHECKPOINT);
-    let (mut engine, mut committed) = read_checkpoint(&ckpt, rules)?;
+    let (mut engine, committed) = read_checkpoint(&ckpt, rules)?;
     let store = StreamStore::open(&opts.data)?;
     let removed = store.recover(committed)?;
     store.snapshot(&engine, Utc::now(), committed)?;
@@ -233,15 +242,24 @@ async fn consume(
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
     let mut messages = consumer;
-    let mut pending = Pending { first: None, last: committed, published_us: Vec::new(), ack: None };
+    let mut pending = Pending {
+        first: None,
+        last: committed,
+        published_us: Vec::new(),
+        ack: None,
+        flushed: committed,
+        committed,
+        last_checkpoint: Instant::now(),
+    };
+    let every = opts.checkpoint_interval;
     let mut tick = tokio::time::interval(opts.flush_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             biased;
             _ = stop.changed() => break,
-            _ = tick.tick() => {
-                flush(&mut engine, &mut pending, &mut committed, &store, &ckpt, &metrics).await?;
+                        _ = tick.tick() => {
+                flush(&mut engine, &mut pending, &store, &ckpt, &metrics, every, false).await?;
             }
             msg = messages.next() => {
                 let Some(msg) = msg else { anyhow::bail!("the message stream ended") };
@@ -285,33 +303,37 @@ async fn consume(
                 pending.published_us.push(published_us);
                 pending.ack = Some(msg);
                 metrics.engine_seq.store(seq, Ordering::Relaxed);
-                if pending.published_us.len() >= opts.flush_events {
-                    flush(&mut engine, &mut pending, &mut committed, &store, &ckpt, &metrics).await?;
+                                if pending.published_us.len() >= opts.flush_events {
+                    flush(&mut engine, &mut pending, &store, &ckpt, &metrics, every, false).await?;
                 }
             }
         }
     }
-    flush(&mut engine, &mut pending, &mut committed, &store, &ckpt, &metrics).await?;
+    flush(&mut engine, &mut pending, &store, &ckpt, &metrics, every, true).await?;
     Ok(())
 }
 
+/// Writes the rows applied since the last flush as Parquet files; when a
+/// checkpoint is due (or `force`), checkpoints the engine at the flushed
+/// position and acknowledges up to it. Rows flushed after the last
+/// checkpoint are removed on recovery and written again, identically, from
+/// the stream: flushes can be frequent (latency) while checkpoints, whose
+/// cost grows with the engine's state, are not.
 async fn flush(
     engine: &mut Engine,
     pending: &mut Pending,
-    committed: &mut u64,
     store: &StreamStore,
     ckpt: &Path,
     metrics: &Metrics,
+    checkpoint_every: Duration,
+    force: bool,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     if let Some(first) = pending.first.take() {
         let out = engine.take_output();
         store.append(first, pending.last, &out)?;
         store.snapshot(engine, Utc::now(), pending.last)?;
-        write_checkpoint(ckpt, pending.last, engine)?;
-        *committed = pending.last;
-        // Committed files only: keep the number of small files bounded.
-        store.compact(COMPACT_AFTER_FILES)?;
+        pending.flushed = pending.last;
         let done_us = Utc::now().timestamp_micros();
         for p in pending.published_us.drain(..) {
             metrics.record_capture_to_ledger_us((done_us - p).max(1) as u64);
@@ -321,6 +343,17 @@ async fn flush(
         metrics.tracked_visitors.store(mem.visitors as u64, Ordering::Relaxed);
         metrics.tracked_orders.store(mem.orders as u64, Ordering::Relaxed);
     }
+    if !(force || pending.last_checkpoint.elapsed() >= checkpoint_every) {
+        return Ok(());
+    }
+    // The engine has applied exactly up to `flushed` (output taken above).
+    if pending.flushed > pending.committed {
+        write_checkpoint(ckpt, pending.flushed, engine)?;
+        pending.committed = pending.flushed;
+        // Committed files only: keep the number of small files bounded.
+        store.compact(pending.committed, COMPACT_AFTER_FILES)?;
+    }
+    pending.last_checkpoint = Instant::now();
     // Acknowledge only what the checkpoint holds (AckAll: everything up to it).
     if let Some(msg) = pending.ack.take() {
         if let Err(e) = msg.ack().await {

@@ -102,6 +102,8 @@ impl Service {
             "50".into(),
             "--flush-events".into(),
             "150".into(),
+            "--checkpoint-ms".into(),
+            "300".into(),
         ];
         let mut s = Service { child: None, port, args };
         s.restart();

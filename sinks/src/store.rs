@@ -261,13 +261,15 @@ impl StreamStore {
     /// small ones removed, then it is renamed into place; a crash in between
     /// is finished by [`StreamStore::recover`], so no row is ever counted
     /// twice (a reader may briefly miss the merged rows). Returns files merged.
-    pub fn compact(&self, max_files: usize) -> Result<usize, StoreError> {
+    /// Only files a checkpoint holds (up to `committed`) are merged: a
+    /// recovery may remove the later ones.
+    pub fn compact(&self, committed: u64, max_files: usize) -> Result<usize, StoreError> {
         use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
         let mut merged = 0;
         for t in APPEND_TABLES {
             // The newest run of small files: merged files grow no further than
             // COMPACTED_BYTES, and a merge never spans a file it does not read.
-            let all = self.parts(t)?;
+            let all: Vec<_> = self.parts(t)?.into_iter().filter(|(_, last, _)| *last <= committed).collect();
             let small = all
                 .iter()
                 .rev()
