@@ -232,7 +232,16 @@ async fn consume(
         match c {
             Ok(c) => {
                 let c: jetstream::consumer::PullConsumer = c;
-                match c.messages().await {
+                // Short expiry and heartbeat: a pull request the server let
+                // lapse is replaced within seconds, not after 30.
+                let pulled = c
+                    .stream()
+                    .max_messages_per_batch(1000)
+                    .expires(Duration::from_secs(5))
+                    .heartbeat(Duration::from_secs(2))
+                    .messages()
+                    .await;
+                match pulled {
                     Ok(m) => break m,
                     Err(e) => eprintln!("afflio: cannot pull messages, retrying: {e}"),
                 }
@@ -343,18 +352,20 @@ async fn flush(
         metrics.tracked_visitors.store(mem.visitors as u64, Ordering::Relaxed);
         metrics.tracked_orders.store(mem.orders as u64, Ordering::Relaxed);
     }
-    if !(force || pending.last_checkpoint.elapsed() >= checkpoint_every) {
-        return Ok(());
+    if force || pending.last_checkpoint.elapsed() >= checkpoint_every {
+        // The engine has applied exactly up to `flushed` (output taken above).
+        if pending.flushed > pending.committed {
+            write_checkpoint(ckpt, pending.flushed, engine)?;
+            pending.committed = pending.flushed;
+            // Committed files only: keep the number of small files bounded.
+            store.compact(pending.committed, COMPACT_AFTER_FILES)?;
+        }
+        pending.last_checkpoint = Instant::now();
     }
-    // The engine has applied exactly up to `flushed` (output taken above).
-    if pending.flushed > pending.committed {
-        write_checkpoint(ckpt, pending.flushed, engine)?;
-        pending.committed = pending.flushed;
-        // Committed files only: keep the number of small files bounded.
-        store.compact(pending.committed, COMPACT_AFTER_FILES)?;
-    }
-    pending.last_checkpoint = Instant::now();
-    // Acknowledge only what the checkpoint holds (AckAll: everything up to it).
+    // Acknowledge what is durable: every message up to here has its rows in
+    // synced Parquet files (AckAll: everything up to it). Resuming never
+    // depends on acknowledgements: a restart recreates the consumer at the
+    // checkpoint's position, and the stream keeps acknowledged messages.
     if let Some(msg) = pending.ack.take() {
         if let Err(e) = msg.ack().await {
             // Not fatal: unacknowledged messages come back and are skipped.
