@@ -11,8 +11,9 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 afflio="${AFFLIO_BIN:-$root/target/release/afflio}"
 work="$(mktemp -d)"
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
-nats_port=$((20000 + RANDOM % 10000))
-http_port=$((30000 + RANDOM % 10000))
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+nats_port=$(free_port)
+http_port=$(free_port)
 nats-server -js -a 127.0.0.1 -p "$nats_port" -sd "$work/js" >/dev/null 2>&1 &
 sleep 1
 # The demo's generator, one program (acme), with an API key.
@@ -25,11 +26,16 @@ n=$(wc -l < "$work/events.jsonl")
 split -l "$batch" -d -a 6 "$work/events.jsonl" "$work/chunk-"
 "$afflio" serve --config "$work/rules.toml" --nats "nats://127.0.0.1:$nats_port" --http "127.0.0.1:$http_port" \
   --data "$work/data" --state "$work/state" ${SERVE_ARGS:-} >"$work/serve.log" 2>&1 &
-for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$http_port/healthz" >/dev/null && break; sleep 0.1; done
+for _ in $(seq 1 300); do curl -sf "http://127.0.0.1:$http_port/readyz" >/dev/null && break; sleep 0.1; done
+if ! curl -sf "http://127.0.0.1:$http_port/readyz" >/dev/null; then
+  echo "afflio serve is not ready:" >&2
+  cat "$work/serve.log" >&2
+  exit 1
+fi
 start=$(date +%s.%N)
 ls "$work"/chunk-* | xargs -P "$clients" -I{} curl -s -o /dev/null -w '%{http_code}\n' \
   -H 'Authorization: Bearer load-test-key-0123456789' -H 'Content-Type: application/x-ndjson' \
-  --data-binary @{} "http://127.0.0.1:$http_port/v1/events" > "$work/codes.txt"
+    --data-binary @{} "http://127.0.0.1:$http_port/v1/events" > "$work/codes.txt" || true
 posted=$(date +%s.%N)
 # Wait until the engine applied everything the broker stored.
 stored=$(curl -s "http://127.0.0.1:$http_port/metrics" | awk '/^afflio_events_accepted_total/ {print $2}')
