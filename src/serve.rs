@@ -3,10 +3,13 @@
 //!
 //! Exactly-once effect: the engine applies stream messages in stream order
 //! and, at each flush, (1) writes the rows of the messages applied since the
-//! last flush as new Parquet files named by their stream positions and (2)
-//! replaces the state snapshot; when a checkpoint is due it (3) writes a
+//! last flush as new, synced Parquet files named by their stream positions,
+//! (2) replaces the state snapshot, (3) when a checkpoint is due, writes a
 //! checkpoint of the engine state with the flushed position (atomically),
-//! and only then (4) acks the messages. After a crash the engine restarts from the checkpoint, removes
+//! and (4) acknowledges the flushed messages, whose rows are now durable.
+//! Resuming never depends on acknowledgements: the stream keeps messages
+//! (limits retention) and a restart recreates the consumer at the
+//! checkpoint's position. After a crash the engine restarts from the checkpoint, removes
 //! files written after it, and skips redelivered messages it already
 //! applied: every row is written once.
 
