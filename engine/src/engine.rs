@@ -3,7 +3,9 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use afflio_rules::{normalize_code, AttributionModel, Program, Rules};
+use std::collections::VecDeque;
+
+use afflio_rules::{normalize_code, AttributionModel, FraudAction, Program, Rules};
 use chrono::{DateTime, TimeDelta, Utc};
 use hashbrown::HashMap;
 use rust_decimal::Decimal;
@@ -112,6 +114,9 @@ pub struct Engine {
     order_index: HashMap<u32, HashMap<Box<str>, u32>>,
     /// (program, normalised code) -> orders credited through it.
     code_uses: HashMap<u32, HashMap<Box<str>, u64>>,
+    /// (program, customer id / e-mail hash / IP) -> recent order times, for velocity.
+    #[serde(default)]
+    velocity: HashMap<u32, HashMap<Box<str>, VecDeque<i64>>>,
     seq: u64,
     watermark: Option<i64>,
     next_sweep: i64,
@@ -157,6 +162,7 @@ impl Engine {
             orders: Vec::new(),
             order_index: HashMap::new(),
             code_uses: HashMap::new(),
+            velocity: HashMap::new(),
             seq: 0,
             watermark: None,
             next_sweep: i64::MIN,
@@ -246,7 +252,7 @@ impl Engine {
 
     /// The status of an order's lines as of `as_of` (event time in replays).
     pub fn line_status(&self, order: &Order, as_of: DateTime<Utc>) -> LineStatus {
-        if !order.flags.is_empty() {
+        if order.held {
             return LineStatus::Pending;
         }
         let auto = self.rules.program(&order.program_id).is_some_and(|p| p.auto_approve);
@@ -369,6 +375,13 @@ impl Engine {
             let horizon = micros(self.rules.max_window()).saturating_add(micros(cfg.out_of_order));
             self.sessions.evict_before(wm.saturating_sub(horizon));
             self.close_orders_before(wm.saturating_sub(micros(cfg.order_retention)));
+            // Velocity keys with no order in their program's window.
+            let rules = Arc::clone(&self.rules);
+            self.velocity.retain(|prog, keys| {
+                let window = rules.program(self.names.name(*prog)).map_or(0, |p| micros(p.fraud.velocity_window));
+                keys.retain(|_, q| q.back().is_some_and(|t| *t >= wm.saturating_sub(window)));
+                !keys.is_empty()
+            });
             self.next_sweep = wm.saturating_add((horizon / 16).max(60 * MICROS_PER_SEC));
         }
     }
@@ -498,7 +511,9 @@ impl Engine {
             partner_id: code.partner_id.as_str().into(),
         });
         // 2. Link clicks of this visitor in the window.
-        let by_click = c.visitor_id.as_deref().and_then(|v| self.winning_click(v, prog, ts, program));
+        let won = c.visitor_id.as_deref().and_then(|v| self.winning_click(v, prog, ts, program));
+        let click_ts = won.as_ref().map(|(_, t)| *t);
+        let by_click = won.map(|(credit, _)| credit);
         // 3. Priority.
         let credit = if program.code_priority { by_code.or(by_click) } else { by_click.or(by_code) };
         match credit.as_ref().map(|c| c.kind) {
@@ -543,12 +558,45 @@ impl Engine {
             captures: 0,
             refunds: 0,
             last_activity: ts,
+            held: false,
         };
-        // Deterministic fraud rules, decided with the attribution.
+        // Fraud rules, decided with the attribution.
+        let fraud = &program.fraud;
+        let velocity = if fraud.velocity == FraudAction::Off {
+            None
+        } else {
+            self.velocity(prog, program, c, ts.timestamp_micros())
+        };
         let mut flags = Vec::new();
         if let Some(cr) = &order.credit {
             if let Some(detail) = self_referral(rules, &cr.partner_id, c) {
                 flags.push((FraudRule::SelfReferral, 1.0, detail));
+            }
+            if let Some((key, n)) = velocity {
+                flags.push((
+                    FraudRule::Velocity,
+                    n as f64 / f64::from(fraud.velocity_max_orders),
+                    format!(
+                        "{n} orders from {key} within {} (limit {})",
+                        afflio_rules::format_duration(fraud.velocity_window),
+                        fraud.velocity_max_orders
+                    ),
+                ));
+            }
+            if let (Some(t), AttributionKind::Link) = (click_ts, cr.kind) {
+                let gap = ts.timestamp_micros() - t;
+                if gap < micros(fraud.fast_conversion_min) {
+                    flags.push((
+                        FraudRule::FastConversion,
+                        1.0 - gap as f64 / micros(fraud.fast_conversion_min) as f64,
+                        format!(
+                            "captured {:.1}s after the winning click on {} (minimum {}s)",
+                            gap as f64 / 1e6,
+                            cr.source,
+                            fraud.fast_conversion_min.num_seconds()
+                        ),
+                    ));
+                }
             }
             let mut partners: Vec<&str> = valid.iter().map(|v| v.partner_id.as_str()).collect();
             partners.dedup();
@@ -568,6 +616,16 @@ impl Engine {
                 ));
             }
             for (rule, score, detail) in flags {
+                let action = match rule {
+                    FraudRule::SelfReferral => fraud.self_referral,
+                    FraudRule::CouponStacking => fraud.coupon_stacking,
+                    FraudRule::Velocity => fraud.velocity,
+                    FraudRule::FastConversion => fraud.fast_conversion,
+                };
+                if action == FraudAction::Off {
+                    continue;
+                }
+                order.held |= action == FraudAction::Hold;
                 order.flags.push(rule);
                 self.stats.flags += 1;
                 self.out.flags.push(Flag {
@@ -592,7 +650,8 @@ impl Engine {
         self.code_uses.get(&prog).and_then(|m| m.get(norm)).copied().unwrap_or(0)
     }
 
-    fn winning_click(&self, visitor: &str, prog: u32, ts: DateTime<Utc>, program: &Program) -> Option<Credit> {
+    /// The winning click's credit and time.
+    fn winning_click(&self, visitor: &str, prog: u32, ts: DateTime<Utc>, program: &Program) -> Option<(Credit, i64)> {
         let t = ts.timestamp_micros();
         let from = t.saturating_sub(micros(program.window));
         let candidates =
@@ -601,11 +660,43 @@ impl Engine {
             AttributionModel::LastClick => candidates.max_by_key(|c| (c.ts, c.seq)),
             AttributionModel::FirstClick => candidates.min_by_key(|c| (c.ts, std::cmp::Reverse(c.seq))),
         }?;
-        Some(Credit {
+        let credit = Credit {
             kind: AttributionKind::Link,
             source: self.names.name(best.link).clone(),
             partner_id: self.names.name(best.partner).clone(),
-        })
+        };
+        Some((credit, best.ts))
+    }
+
+    /// Velocity: orders per customer id, e-mail hash and IP in the program's
+    /// window; returns the busiest key's count when it is over the limit.
+    fn velocity(&mut self, prog: u32, program: &Program, c: &Capture<'_>, ts: i64) -> Option<(String, usize)> {
+        let f = &program.fraud;
+        let window = micros(f.velocity_window);
+        let max = f.velocity_max_orders as usize;
+        let mut keys = Vec::new();
+        if let Some(cu) = &c.customer {
+            keys.extend(cu.id.as_deref().map(|v| format!("customer id {v}")));
+            keys.extend(cu.email_sha256.as_deref().map(|v| format!("email_sha256 {}", v.trim().to_ascii_lowercase())));
+        }
+        keys.extend(c.ip.as_deref().map(|v| format!("ip {v}")));
+        let per_key = self.velocity.entry(prog).or_default();
+        let mut worst: Option<(String, usize)> = None;
+        for k in keys {
+            let q = per_key.entry(k.clone().into_boxed_str()).or_default();
+            while q.front().is_some_and(|t| *t < ts.saturating_sub(window)) {
+                q.pop_front();
+            }
+            q.push_back(ts);
+            // Bounded: only "more than max" matters.
+            while q.len() > max + 1 {
+                q.pop_front();
+            }
+            if q.len() > max && worst.as_ref().is_none_or(|(_, n)| q.len() > *n) {
+                worst = Some((k, q.len()));
+            }
+        }
+        worst
     }
 
     fn accrue(&mut self, idx: usize, e: &Event<'_>, c: &Capture<'_>, rules: &Rules, program: &Program) {

@@ -162,6 +162,10 @@ pub enum FraudRule {
     SelfReferral,
     /// Valid codes of two or more partners on one order.
     CouponStacking,
+    /// Many orders from one customer id, e-mail hash or IP in a short window.
+    Velocity,
+    /// A capture within seconds of its winning click (scripted checkouts).
+    FastConversion,
 }
 
 impl FraudRule {
@@ -169,6 +173,8 @@ impl FraudRule {
         match self {
             FraudRule::SelfReferral => "self_referral",
             FraudRule::CouponStacking => "coupon_stacking",
+            FraudRule::Velocity => "velocity",
+            FraudRule::FastConversion => "fast_conversion",
         }
     }
 }

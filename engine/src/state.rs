@@ -70,8 +70,11 @@ pub struct Order {
     pub codes: Vec<Box<str>>,
     /// Codes present but not valid, in typed order.
     pub code_issues: Vec<(Box<str>, CodeIssue)>,
-    /// Fraud rules that flagged this order (open flags hold every line).
+    /// Fraud rules that flagged this order.
     pub flags: Vec<FraudRule>,
+    /// A flag whose rule's action is `hold` holds every line until a review.
+    #[serde(default)]
+    pub held: bool,
     pub lines: Vec<Line>,
     pub captures: u32,
     pub refunds: u32,

@@ -244,3 +244,61 @@ fn orders_are_closed_after_their_retention_and_written_out() {
     assert_eq!(apply(&mut e, &capture("c3", 60 * 24 * 3, "o1", "10", None, &[])), Outcome::Applied);
     assert_eq!(e.order("acme", "o1").unwrap().captured, Decimal::new(10, 0));
 }
+
+fn fraud_engine(fraud: &str) -> Engine {
+    let text = RULES.replacen("[programs.attribution]", &format!("{fraud}\n[programs.attribution]"), 1);
+    Engine::new(Arc::new(Rules::parse("t.toml", &text).unwrap()))
+}
+
+fn with_customer(mut ev: Event<'static>, id: &str, ip: &str) -> Event<'static> {
+    if let Body::Capture(c) = &mut ev.body {
+        c.customer = Some(crate::Customer { id: Some(id.to_string().into()), email_sha256: None });
+        c.ip = Some(ip.to_string().into());
+    }
+    ev
+}
+
+#[test]
+fn velocity_flags_the_order_over_the_limit_in_the_window() {
+    let mut e = fraud_engine("[programs.fraud.velocity]\naction = 'hold'\nmax_orders = 2\nwindow = '10m'");
+    // Three orders by one customer in 10 minutes: the third is over the limit of 2.
+    for (i, m) in [0, 4, 9].iter().enumerate() {
+        let ev = with_customer(
+            capture(&format!("c{i}"), *m, &format!("o{i}"), "10", None, &["alice"]),
+            "cust-1",
+            &format!("10.0.0.{i}"),
+        );
+        assert_eq!(apply(&mut e, &ev), Outcome::Applied);
+    }
+    // A fourth at minute 13: the window [3, 13] holds o1 (4), o2 (9), o3 (13) -> 3 again
+    // (o0 at 0 has left it).
+    let ev = with_customer(capture("c3", 13, "o3", "10", None, &["alice"]), "cust-1", "10.0.0.9");
+    assert_eq!(apply(&mut e, &ev), Outcome::Applied);
+    // A fifth after a quiet spell: under the limit (and at minute 24, [14, 24] would hold 1).
+    let ev = with_customer(capture("c4", 40, "o4", "10", None, &["alice"]), "cust-1", "10.0.0.9");
+    assert_eq!(apply(&mut e, &ev), Outcome::Applied);
+    let flags = e.take_output().flags;
+    let got: Vec<(&str, &str)> = flags.iter().map(|f| (f.order_id.as_str(), f.rule.as_str())).collect();
+    assert_eq!(got, [("o2", "velocity"), ("o3", "velocity")]);
+    assert!(flags[0].detail.contains("3 orders from customer id cust-1 within 10m (limit 2)"), "{}", flags[0].detail);
+    let as_of = at(60 * 24 * 365);
+    assert_eq!(e.line_status(e.order("acme", "o2").unwrap(), as_of), crate::LineStatus::Pending, "held");
+}
+
+#[test]
+fn fast_conversion_and_flag_only_actions() {
+    let mut e = fraud_engine(
+        "[programs.fraud.fast_conversion]\naction = 'flag'\nmin_seconds = 60\n[programs.fraud.self_referral]\naction = 'off'",
+    );
+    apply(&mut e, &click("k1", 0, "a1", "v1", "acme"));
+    apply(&mut e, &click("k2", 0, "a1", "v2", "acme"));
+    // Zero seconds after the click (at minute 0) vs five minutes after.
+    assert_eq!(apply(&mut e, &capture("c1", 0, "o1", "10", Some("v1"), &[])), Outcome::Applied);
+    assert_eq!(apply(&mut e, &capture("c2", 5, "o2", "10", Some("v2"), &[])), Outcome::Applied);
+    let flags = e.take_output().flags;
+    assert_eq!(flags.len(), 1);
+    assert_eq!((flags[0].order_id.as_str(), flags[0].rule.as_str()), ("o1", "fast_conversion"));
+    let o1 = e.order("acme", "o1").unwrap();
+    assert!(!o1.held, "action = flag records without holding");
+    assert_eq!(e.line_status(o1, at(60 * 24 * 365)), crate::LineStatus::Pending, "manual program: pending anyway");
+}

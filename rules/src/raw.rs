@@ -63,8 +63,31 @@ pub(crate) struct RawProgram {
     pub(crate) attribution: Option<S<RawAttribution>>,
     #[serde(default)]
     pub(crate) category_rates: BTreeMap<String, S<String>>,
-    /// Fraud detector settings, validated by the fraud rules.
-    pub(crate) fraud: Option<toml::Table>,
+    /// Fraud detector settings.
+    pub(crate) fraud: Option<S<RawFraud>>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+pub(crate) struct RawFraud {
+    pub(crate) self_referral: Option<S<RawRule>>,
+    pub(crate) coupon_stacking: Option<S<RawRule>>,
+    pub(crate) velocity: Option<S<RawRule>>,
+    pub(crate) fast_conversion: Option<S<RawRule>>,
+    /// Detectors still to come (conversion_spike, coupon_leak, refund_rate):
+    /// accepted, not enforced yet.
+    #[serde(flatten)]
+    pub(crate) other: toml::Table,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRule {
+    pub(crate) action: Option<S<String>>,
+    /// velocity: more than this many orders per key within `window` is flagged.
+    pub(crate) max_orders: Option<S<i64>>,
+    pub(crate) window: Option<S<String>>,
+    /// fast_conversion: a capture less than this long after its winning click.
+    pub(crate) min_seconds: Option<S<i64>>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]

@@ -325,7 +325,7 @@ pub(crate) fn lines(orders: &[(&Order, LineStatus, DateTime<Utc>)]) -> Result<Re
             strings(rows.iter().map(|(o, _, _, _)| o.currency.code())),
             strings(rows.iter().map(|(_, _, s, _)| s.as_str())),
             times(rows.iter().map(|(o, _, _, _)| o.eligible_at)),
-            Arc::new(BooleanArray::from_iter(rows.iter().map(|(o, _, _, _)| Some(!o.flags.is_empty())))),
+            Arc::new(BooleanArray::from_iter(rows.iter().map(|(o, _, _, _)| Some(o.held)))),
             times(rows.iter().map(|(_, _, _, a)| *a)),
         ],
     )

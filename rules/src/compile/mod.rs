@@ -64,8 +64,103 @@ pub struct Program {
     pub category_rates: HashMap<String, Rate>,
     /// Promo codes of this program, by normalised code.
     pub codes: HashMap<String, Code>,
-    /// Fraud detector settings as written (validated by the fraud rules).
-    pub fraud: Option<toml::Table>,
+    /// Fraud detectors of this program.
+    pub fraud: FraudSettings,
+}
+
+/// What a fraud rule does when it fires.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FraudAction {
+    Off,
+    /// Record a flag; the lines follow their normal lifecycle.
+    Flag,
+    /// Record a flag and hold every line of the order until a review.
+    Hold,
+}
+
+/// A program's fraud detectors.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FraudSettings {
+    pub self_referral: FraudAction,
+    pub coupon_stacking: FraudAction,
+    /// More than `velocity_max_orders` orders from one customer id, e-mail
+    /// hash or IP within `velocity_window`.
+    pub velocity: FraudAction,
+    pub velocity_max_orders: u32,
+    pub velocity_window: TimeDelta,
+    /// A capture less than `fast_conversion_min` after its winning click.
+    pub fast_conversion: FraudAction,
+    pub fast_conversion_min: TimeDelta,
+}
+
+impl Default for FraudSettings {
+    fn default() -> Self {
+        // The two deterministic rules hold by default (SPEC §8); the
+        // statistical ones are enabled per program once tuned.
+        FraudSettings {
+            self_referral: FraudAction::Hold,
+            coupon_stacking: FraudAction::Hold,
+            velocity: FraudAction::Off,
+            velocity_max_orders: 5,
+            velocity_window: TimeDelta::hours(1),
+            fast_conversion: FraudAction::Off,
+            fast_conversion_min: TimeDelta::seconds(5),
+        }
+    }
+}
+
+fn compile_fraud(cx: &mut Ctx<'_>, i: usize, raw: Option<&S<crate::raw::RawFraud>>) -> FraudSettings {
+    let mut s = FraudSettings::default();
+    let Some(raw) = raw else { return s };
+    let raw = raw.get_ref();
+    let action = |cx: &mut Ctx<'_>, rule: &Option<S<crate::raw::RawRule>>, name: &str, default: FraudAction| {
+        let Some(a) = rule.as_ref().and_then(|r| r.get_ref().action.as_ref()) else { return default };
+        match a.get_ref().as_str() {
+            "off" => FraudAction::Off,
+            "flag" => FraudAction::Flag,
+            "hold" => FraudAction::Hold,
+            other => {
+                cx.err(
+                    a.span(),
+                    format!("programs[{i}].fraud.{name}.action"),
+                    format!("{other:?} is not \"off\", \"flag\" or \"hold\""),
+                );
+                default
+            }
+        }
+    };
+    s.self_referral = action(cx, &raw.self_referral, "self_referral", s.self_referral);
+    s.coupon_stacking = action(cx, &raw.coupon_stacking, "coupon_stacking", s.coupon_stacking);
+    s.velocity = action(cx, &raw.velocity, "velocity", s.velocity);
+    s.fast_conversion = action(cx, &raw.fast_conversion, "fast_conversion", s.fast_conversion);
+    if let Some(v) = raw.velocity.as_ref().map(|v| v.get_ref()) {
+        if let Some(m) = &v.max_orders {
+            match u32::try_from(*m.get_ref()) {
+                Ok(n) if n >= 1 => s.velocity_max_orders = n,
+                _ => cx.err(
+                    m.span(),
+                    format!("programs[{i}].fraud.velocity.max_orders"),
+                    format!("{} must be at least 1", m.get_ref()),
+                ),
+            }
+        }
+        s.velocity_window =
+            cx.duration(v.window.as_ref(), s.velocity_window, &format!("programs[{i}].fraud.velocity.window"));
+    }
+    if let Some(f) = raw.fast_conversion.as_ref().map(|v| v.get_ref()) {
+        if let Some(m) = &f.min_seconds {
+            if (1..=86_400).contains(m.get_ref()) {
+                s.fast_conversion_min = TimeDelta::seconds(*m.get_ref());
+            } else {
+                cx.err(
+                    m.span(),
+                    format!("programs[{i}].fraud.fast_conversion.min_seconds"),
+                    format!("{} must lie between 1 and 86400", m.get_ref()),
+                );
+            }
+        }
+    }
+    s
 }
 
 /// Where a partner's money goes.
@@ -684,7 +779,7 @@ fn compile_program(cx: &mut Ctx<'_>, i: usize, p: &S<RawProgram>) -> Option<Prog
         code_priority: attr.code_priority.unwrap_or(true),
         category_rates,
         codes: HashMap::new(),
-        fraud: rp.fraud.clone(),
+        fraud: compile_fraud(cx, i, rp.fraud.as_ref()),
     })
 }
 

@@ -248,3 +248,33 @@ fn order_retention_must_outlast_every_hold() {
     let ok = Rules::parse("ok", &text.replace("hold='30d'", "hold='9d'")).unwrap();
     assert_eq!(ok.engine().order_retention, TimeDelta::days(10));
 }
+
+#[test]
+fn fraud_rules_are_configured_per_program() {
+    let base = "[[programs]]\nid='p'\ncurrency='USD'\nrate='1%'\n";
+    let r = Rules::parse("f", base).unwrap();
+    let f = &r.program("p").unwrap().fraud;
+    assert_eq!(
+        (f.self_referral, f.coupon_stacking, f.velocity),
+        (FraudAction::Hold, FraudAction::Hold, FraudAction::Off)
+    );
+    let text = format!(
+        "{base}[programs.fraud.velocity]\naction = 'hold'\nmax_orders = 3\nwindow = '10m'\n\
+         [programs.fraud.coupon_stacking]\naction = 'flag'\n[programs.fraud.fast_conversion]\naction = 'flag'\nmin_seconds = 2\n\
+         [programs.fraud.conversion_spike]\nfuture = 1\n"
+    );
+    let r = Rules::parse("f", &text).unwrap();
+    let f = &r.program("p").unwrap().fraud;
+    assert_eq!(f.velocity, FraudAction::Hold);
+    assert_eq!(f.velocity_max_orders, 3);
+    assert_eq!(f.velocity_window, TimeDelta::minutes(10));
+    assert_eq!(f.coupon_stacking, FraudAction::Flag);
+    assert_eq!((f.fast_conversion, f.fast_conversion_min), (FraudAction::Flag, TimeDelta::seconds(2)));
+    check(
+        &format!("{base}[programs.fraud.velocity]\naction = 'block'\nmax_orders = 0\n"),
+        &[
+            (6, "programs[0].fraud.velocity.action", "\"block\""),
+            (7, "programs[0].fraud.velocity.max_orders", "at least 1"),
+        ],
+    );
+}
