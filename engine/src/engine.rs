@@ -8,6 +8,7 @@ use std::collections::VecDeque;
 use afflio_rules::{normalize_code, AttributionModel, FraudAction, Program, Rules};
 use chrono::{DateTime, TimeDelta, Utc};
 use hashbrown::HashMap;
+use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
@@ -117,6 +118,14 @@ pub struct Engine {
     /// (program, customer id / e-mail hash / IP) -> recent order times, for velocity.
     #[serde(default)]
     velocity: HashMap<u32, HashMap<Box<str>, VecDeque<i64>>>,
+    /// (program, normalised code) -> (redemptions, redemptions with no click
+    /// from the code's partner), for coupon_leak. Bounded by the codes.
+    #[serde(default)]
+    leak: HashMap<u32, HashMap<Box<str>, (u64, u64)>>,
+    /// (program, partner) -> (orders, captured, refunded) of the orders it
+    /// was credited with, for refund_rate. Bounded by the partners.
+        #[serde(default)]
+    refunds_by_partner: HashMap<u32, HashMap<Box<str>, PartnerRefunds>>,
     seq: u64,
     watermark: Option<i64>,
     next_sweep: i64,
@@ -163,6 +172,8 @@ impl Engine {
             order_index: HashMap::new(),
             code_uses: HashMap::new(),
             velocity: HashMap::new(),
+            leak: HashMap::new(),
+            refunds_by_partner: HashMap::new(),
             seq: 0,
             watermark: None,
             next_sweep: i64::MIN,
@@ -472,6 +483,11 @@ impl Engine {
         }
         order.eligible_at = order.last_capture_ts + program.hold;
         self.stats.applied_captures += 1;
+        if let Some(cr) = &order.credit {
+            if let Some(e) = self.refunds_by_partner.get_mut(&prog).and_then(|m| m.get_mut(cr.partner_id.as_ref())) {
+                e.1 += c.amount;
+            }
+        }
         self.accrue(idx, e, c, rules, program);
         Ok(())
     }
@@ -567,6 +583,37 @@ impl Engine {
         } else {
             self.velocity(prog, program, c, ts.timestamp_micros())
         };
+        let leak = match (&order.credit, fraud.coupon_leak) {
+            (Some(cr), a) if a != FraudAction::Off && cr.kind == AttributionKind::Code => {
+                let partner = self.names.get(&cr.partner_id);
+                let from = ts.timestamp_micros().saturating_sub(micros(program.window));
+                let clicked = c.visitor_id.as_deref().is_some_and(|v| {
+                    self.sessions.clicks(v).iter().any(|k| {
+                        k.program == prog && Some(k.partner) == partner && k.ts >= from && k.ts <= ts.timestamp_micros()
+                    })
+                });
+                let e =
+                    self.leak.entry(prog).or_default().entry(normalize_code(&cr.source).into_boxed_str()).or_default();
+                e.0 += 1;
+                e.1 += u64::from(!clicked);
+                let share = e.1 as f64 / e.0 as f64;
+                (!clicked && e.0 >= u64::from(fraud.coupon_leak_min_orders) && share > fraud.coupon_leak_max_share)
+                    .then_some((share, e.0))
+            }
+            _ => None,
+        };
+        let refund_share = match (&order.credit, fraud.refund_rate) {
+            (Some(cr), a) if a != FraudAction::Off => {
+                let e =
+                    self.refunds_by_partner.entry(prog).or_default().entry(cr.partner_id.as_ref().into()).or_default();
+                e.0 += 1;
+                // A ratio for a score and a threshold, not money: f64 is fine.
+                let share = if e.1.is_zero() { 0.0 } else { (e.2 / e.1).to_f64().unwrap_or(0.0) };
+                (e.0 > u64::from(fraud.refund_rate_min_orders) && share > fraud.refund_rate_max_share)
+                    .then_some((share, e.0 - 1))
+            }
+            _ => None,
+        };
         let mut flags = Vec::new();
         if let Some(cr) = &order.credit {
             if let Some(detail) = self_referral(rules, &cr.partner_id, c) {
@@ -580,6 +627,31 @@ impl Engine {
                         "{n} orders from {key} within {} (limit {})",
                         afflio_rules::format_duration(fraud.velocity_window),
                         fraud.velocity_max_orders
+                    ),
+                ));
+            }
+            if let Some((share, n)) = leak {
+                flags.push((
+                    FraudRule::CouponLeak,
+                    share,
+                    format!(
+                        "code {} redeemed {n} times, {:.0}% with no click from {}'s links (limit {:.0}%)",
+                        cr.source,
+                        share * 100.0,
+                        cr.partner_id,
+                        fraud.coupon_leak_max_share * 100.0
+                    ),
+                ));
+            }
+            if let Some((share, n)) = refund_share {
+                flags.push((
+                    FraudRule::RefundRate,
+                    share,
+                    format!(
+                        "partner {} has {:.0}% of captured revenue refunded over {n} orders (limit {:.0}%)",
+                        cr.partner_id,
+                        share * 100.0,
+                        fraud.refund_rate_max_share * 100.0
                     ),
                 ));
             }
@@ -621,6 +693,8 @@ impl Engine {
                     FraudRule::CouponStacking => fraud.coupon_stacking,
                     FraudRule::Velocity => fraud.velocity,
                     FraudRule::FastConversion => fraud.fast_conversion,
+                    FraudRule::CouponLeak => fraud.coupon_leak,
+                    FraudRule::RefundRate => fraud.refund_rate,
                 };
                 if action == FraudAction::Off {
                     continue;
@@ -757,6 +831,11 @@ impl Engine {
         }
         let full = order.fully_refunded();
         let Some(credit) = order.credit.clone() else { return Ok(()) };
+        if let Some(e) =
+            prog.and_then(|p| self.refunds_by_partner.get_mut(&p)).and_then(|m| m.get_mut(credit.partner_id.as_ref()))
+        {
+            e.2 += r.amount;
+        }
         for i in 0..order.lines.len() {
             let line = &mut order.lines[i];
             let share = if full {
@@ -910,6 +989,9 @@ fn self_referral(rules: &Rules, partner_id: &str, c: &Capture<'_>) -> Option<Str
     }
     None
 }
+
+/// Orders credited to a partner, and what they captured and refunded.
+type PartnerRefunds = (u64, Decimal, Decimal);
 
 /// Sizes of the engine's bounded state.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

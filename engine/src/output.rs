@@ -166,6 +166,10 @@ pub enum FraudRule {
     Velocity,
     /// A capture within seconds of its winning click (scripted checkouts).
     FastConversion,
+    /// A code mostly redeemed without a click from its partner (leaked to coupon sites).
+    CouponLeak,
+    /// A partner whose refunded share of captured revenue is abnormal.
+    RefundRate,
 }
 
 impl FraudRule {
@@ -175,6 +179,8 @@ impl FraudRule {
             FraudRule::CouponStacking => "coupon_stacking",
             FraudRule::Velocity => "velocity",
             FraudRule::FastConversion => "fast_conversion",
+            FraudRule::CouponLeak => "coupon_leak",
+            FraudRule::RefundRate => "refund_rate",
         }
     }
 }

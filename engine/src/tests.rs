@@ -302,3 +302,47 @@ fn fast_conversion_and_flag_only_actions() {
     assert!(!o1.held, "action = flag records without holding");
     assert_eq!(e.line_status(o1, at(60 * 24 * 365)), crate::LineStatus::Pending, "manual program: pending anyway");
 }
+
+#[test]
+fn coupon_leak_flags_a_code_mostly_redeemed_without_its_partners_clicks() {
+    let mut e = fraud_engine("[programs.fraud.coupon_leak]\naction = 'hold'\nmin_orders = 4\nmax_share = 0.5");
+    // One redemption after a click on alice's link, then four without.
+    apply(&mut e, &click("k0", 0, "a1", "v0", "acme"));
+    apply(&mut e, &capture("c0", 1, "o0", "10", Some("v0"), &["alice"]));
+    for i in 1..=4 {
+        apply(&mut e, &capture(&format!("c{i}"), 1 + i, &format!("o{i}"), "10", Some(&format!("w{i}")), &["alice"]));
+    }
+    // Shares after each: 0/1, 1/2, 2/3, 3/4 (>= 4 redemptions and > 0.5: flagged), 4/5.
+    let flags = e.take_output().flags;
+    let got: Vec<(&str, &str)> = flags.iter().map(|f| (f.order_id.as_str(), f.rule.as_str())).collect();
+    assert_eq!(got, [("o3", "coupon_leak"), ("o4", "coupon_leak")]);
+    assert!(flags[0].detail.contains("redeemed 4 times, 75% with no click"), "{}", flags[0].detail);
+    assert!(e.order("acme", "o3").unwrap().held);
+}
+
+#[test]
+fn refund_rate_flags_new_orders_of_a_partner_with_abnormal_refunds() {
+    let mut e = fraud_engine("[programs.fraud.refund_rate]\naction = 'flag'\nmin_orders = 2\nmax_share = 0.3");
+    let refund = |id: &str, order: &str, amount: &str| Event {
+        event_id: id.to_string().into(),
+        ts: at(30),
+        program_id: "acme".into(),
+        body: Body::Refund(crate::Refund {
+            order_id: order.to_string().into(),
+            amount: amount.parse().unwrap(),
+            currency: "USD".into(),
+            items: None,
+            chargeback: false,
+        }),
+    };
+    apply(&mut e, &capture("c1", 0, "o1", "100", None, &["alice"]));
+    apply(&mut e, &capture("c2", 1, "o2", "100", None, &["alice"]));
+    assert_eq!(apply(&mut e, &refund("r1", "o1", "70")), Outcome::Applied);
+    // 70 of 200 refunded (35% > 30%) after 2 orders: the next order is flagged.
+    apply(&mut e, &capture("c3", 40, "o3", "100", None, &["alice"]));
+    let flags = e.take_output().flags;
+    assert_eq!(flags.len(), 1);
+    assert_eq!((flags[0].order_id.as_str(), flags[0].rule.as_str()), ("o3", "refund_rate"));
+    assert!(flags[0].detail.contains("35% of captured revenue refunded over 2 orders"), "{}", flags[0].detail);
+    assert!(!e.order("acme", "o3").unwrap().held, "action = flag");
+}

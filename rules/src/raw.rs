@@ -73,7 +73,9 @@ pub(crate) struct RawFraud {
     pub(crate) coupon_stacking: Option<S<RawRule>>,
     pub(crate) velocity: Option<S<RawRule>>,
     pub(crate) fast_conversion: Option<S<RawRule>>,
-    /// Detectors still to come (conversion_spike, coupon_leak, refund_rate):
+    pub(crate) coupon_leak: Option<S<RawRule>>,
+    pub(crate) refund_rate: Option<S<RawRule>>,
+    /// Detectors still to come (conversion_spike):
     /// accepted, not enforced yet.
     #[serde(flatten)]
     pub(crate) other: toml::Table,
@@ -88,6 +90,12 @@ pub(crate) struct RawRule {
     pub(crate) window: Option<S<String>>,
     /// fast_conversion: a capture less than this long after its winning click.
     pub(crate) min_seconds: Option<S<i64>>,
+    /// coupon_leak: redemptions of a code before it is judged; refund_rate:
+    /// orders of a partner before it is judged.
+    pub(crate) min_orders: Option<S<i64>>,
+    /// coupon_leak: share of redemptions with no click from the code's
+    /// partner; refund_rate: refunded share of captured revenue. 0..1.
+    pub(crate) max_share: Option<S<f64>>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]

@@ -79,7 +79,7 @@ pub enum FraudAction {
 }
 
 /// A program's fraud detectors.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct FraudSettings {
     pub self_referral: FraudAction,
     pub coupon_stacking: FraudAction,
@@ -91,6 +91,16 @@ pub struct FraudSettings {
     /// A capture less than `fast_conversion_min` after its winning click.
     pub fast_conversion: FraudAction,
     pub fast_conversion_min: TimeDelta,
+    /// A code whose redemptions without a click from its partner's links
+    /// exceed `coupon_leak_max_share` after `coupon_leak_min_orders`.
+    pub coupon_leak: FraudAction,
+    pub coupon_leak_min_orders: u32,
+    pub coupon_leak_max_share: f64,
+    /// A partner whose refunded share of captured revenue exceeds
+    /// `refund_rate_max_share` after `refund_rate_min_orders` orders.
+    pub refund_rate: FraudAction,
+    pub refund_rate_min_orders: u32,
+    pub refund_rate_max_share: f64,
 }
 
 impl Default for FraudSettings {
@@ -105,6 +115,12 @@ impl Default for FraudSettings {
             velocity_window: TimeDelta::hours(1),
             fast_conversion: FraudAction::Off,
             fast_conversion_min: TimeDelta::seconds(5),
+            coupon_leak: FraudAction::Off,
+            coupon_leak_min_orders: 20,
+            coupon_leak_max_share: 0.8,
+            refund_rate: FraudAction::Off,
+            refund_rate_min_orders: 20,
+            refund_rate_max_share: 0.3,
         }
     }
 }
@@ -133,6 +149,35 @@ fn compile_fraud(cx: &mut Ctx<'_>, i: usize, raw: Option<&S<crate::raw::RawFraud
     s.coupon_stacking = action(cx, &raw.coupon_stacking, "coupon_stacking", s.coupon_stacking);
     s.velocity = action(cx, &raw.velocity, "velocity", s.velocity);
     s.fast_conversion = action(cx, &raw.fast_conversion, "fast_conversion", s.fast_conversion);
+    s.coupon_leak = action(cx, &raw.coupon_leak, "coupon_leak", s.coupon_leak);
+    s.refund_rate = action(cx, &raw.refund_rate, "refund_rate", s.refund_rate);
+    let share_rule =
+        |cx: &mut Ctx<'_>, rule: &Option<S<crate::raw::RawRule>>, name: &str, orders: &mut u32, share: &mut f64| {
+            let Some(r) = rule.as_ref().map(|r| r.get_ref()) else { return };
+            if let Some(m) = &r.min_orders {
+                match u32::try_from(*m.get_ref()) {
+                    Ok(n) if n >= 1 => *orders = n,
+                    _ => cx.err(
+                        m.span(),
+                        format!("programs[{i}].fraud.{name}.min_orders"),
+                        format!("{} must be at least 1", m.get_ref()),
+                    ),
+                }
+            }
+            if let Some(v) = &r.max_share {
+                if (0.0..1.0).contains(v.get_ref()) {
+                    *share = *v.get_ref();
+                } else {
+                    cx.err(
+                        v.span(),
+                        format!("programs[{i}].fraud.{name}.max_share"),
+                        format!("{} must lie in [0, 1)", v.get_ref()),
+                    );
+                }
+            }
+        };
+    share_rule(cx, &raw.coupon_leak, "coupon_leak", &mut s.coupon_leak_min_orders, &mut s.coupon_leak_max_share);
+    share_rule(cx, &raw.refund_rate, "refund_rate", &mut s.refund_rate_min_orders, &mut s.refund_rate_max_share);
     if let Some(v) = raw.velocity.as_ref().map(|v| v.get_ref()) {
         if let Some(m) = &v.max_orders {
             match u32::try_from(*m.get_ref()) {

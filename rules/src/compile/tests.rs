@@ -278,3 +278,23 @@ fn fraud_rules_are_configured_per_program() {
         ],
     );
 }
+
+#[test]
+fn share_based_fraud_rules_validate_their_thresholds() {
+    let base = "[[programs]]\nid='p'\ncurrency='USD'\nrate='1%'\n";
+    let r = Rules::parse(
+        "f",
+        &format!("{base}[programs.fraud.coupon_leak]\naction='hold'\nmin_orders=50\nmax_share=0.9\n"),
+    )
+    .unwrap();
+    let f = &r.program("p").unwrap().fraud;
+    assert_eq!((f.coupon_leak, f.coupon_leak_min_orders, f.coupon_leak_max_share), (FraudAction::Hold, 50, 0.9));
+    assert_eq!((f.refund_rate, f.refund_rate_min_orders), (FraudAction::Off, 20));
+    check(
+        &format!("{base}[programs.fraud.refund_rate]\nmax_share=1.5\nmin_orders=-1\n"),
+        &[
+            (6, "programs[0].fraud.refund_rate.max_share", "[0, 1)"),
+            (7, "programs[0].fraud.refund_rate.min_orders", "at least 1"),
+        ],
+    );
+}
