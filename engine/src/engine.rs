@@ -124,7 +124,7 @@ pub struct Engine {
     leak: HashMap<u32, HashMap<Box<str>, (u64, u64)>>,
     /// (program, partner) -> (orders, captured, refunded) of the orders it
     /// was credited with, for refund_rate. Bounded by the partners.
-        #[serde(default)]
+    #[serde(default)]
     refunds_by_partner: HashMap<u32, HashMap<Box<str>, PartnerRefunds>>,
     seq: u64,
     watermark: Option<i64>,
