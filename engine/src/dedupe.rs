@@ -4,14 +4,17 @@
 
 use std::collections::VecDeque;
 
+use std::sync::Arc;
+
 use hashbrown::HashMap;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub(crate) struct Dedupe {
-    seen: HashMap<Box<str>, Seen>,
+    seen: HashMap<Arc<str>, Seen>,
     /// Arrival order, for eviction; event times are nearly sorted in it.
-    order: VecDeque<(i64, Box<str>)>,
+    /// Shares each id's allocation with `seen`.
+    order: VecDeque<(i64, Arc<str>)>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -37,7 +40,7 @@ impl Dedupe {
     }
 
     pub(crate) fn insert(&mut self, event_id: &str, fingerprint: u128, ts_micros: i64) {
-        let key: Box<str> = event_id.into();
+        let key: Arc<str> = event_id.into();
         self.order.push_back((ts_micros, key.clone()));
         self.seen.insert(key, Seen { fingerprint });
     }

@@ -41,6 +41,14 @@ fn engine_with_one_order() -> Engine {
     e
 }
 
+/// The names of the files in `dir`, sorted.
+fn file_names(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|f| f.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    v.sort();
+    v
+}
+
 #[test]
 fn money_and_time_columns_have_the_contract_types() {
     for t in Table::ALL {
@@ -123,14 +131,7 @@ fn stream_files_after_the_committed_position_are_removed_on_recovery() {
     s.append(11, 20, &out).unwrap();
     s.snapshot(&e, Utc::now(), 20).unwrap();
     std::fs::write(dir.path().join("ledger/.part-x.parquet.tmp"), b"partial").unwrap();
-    let names = |t: &str| {
-        let mut v: Vec<String> = std::fs::read_dir(dir.path().join(t))
-            .unwrap()
-            .map(|f| f.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        v.sort();
-        v
-    };
+    let names = |t: &str| file_names(&dir.path().join(t));
     assert_eq!(names("ledger").len(), 3);
     assert_eq!(names("orders"), ["snap-00000000000000000020.parquet"]);
     // The checkpoint says 10: the second flush never happened.
@@ -157,13 +158,8 @@ fn compaction_merges_small_files_without_counting_a_row_twice() {
     };
     assert_eq!(count(), "n\n5\n");
     assert_eq!(s.compact(40, 3).unwrap(), 4, "only what a checkpoint holds is merged");
-    let mut files: Vec<String> = std::fs::read_dir(dir.path().join("ledger"))
-        .unwrap()
-        .map(|f| f.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    files.sort();
     assert_eq!(
-        files,
+        file_names(&dir.path().join("ledger")),
         [
             "part-00000000000000000001-00000000000000000040.parquet",
             "part-00000000000000000041-00000000000000000050.parquet"
@@ -179,13 +175,8 @@ fn compaction_merges_small_files_without_counting_a_row_twice() {
     std::fs::copy(dir.path().join("ledger/part-00000000000000000051-00000000000000000060.parquet"), &merged).unwrap();
     // (A stand-in holding one of the two merged files' rows is enough to see the files swap.)
     s.recover(90).unwrap();
-    let mut files: Vec<String> = std::fs::read_dir(dir.path().join("ledger"))
-        .unwrap()
-        .map(|f| f.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    files.sort();
     assert_eq!(
-        files,
+        file_names(&dir.path().join("ledger")),
         [
             "part-00000000000000000001-00000000000000000040.parquet",
             "part-00000000000000000041-00000000000000000050.parquet",
