@@ -39,8 +39,8 @@ struct Tally {
 }
 
 impl Tally {
-    fn order(&mut self, o: &afflio_engine::Order, status: LineStatus) {
-        for l in &o.lines {
+    fn order(&mut self, o: &afflio_engine::Order, statuses: &[LineStatus]) {
+        for (l, &status) in o.lines.iter().zip(statuses) {
             *self.commission.entry((o.currency.code().to_string(), status)).or_insert(Decimal::ZERO) += l.net;
         }
         for r in &o.flags {
@@ -50,7 +50,7 @@ impl Tally {
 
     fn closed(&mut self, closed: &[afflio_engine::ClosedOrder]) {
         for c in closed {
-            self.order(&c.order, c.status);
+            self.order(&c.order, &c.statuses);
         }
     }
 }
@@ -186,7 +186,7 @@ pub fn replay(
     let at = as_of.unwrap_or(DateTime::UNIX_EPOCH);
     let tables = store.finish(&engine, at)?;
     for o in engine.orders() {
-        tally.order(o, engine.line_status(o, at));
+        tally.order(o, &engine.line_statuses(o, at));
     }
     Ok(Summary {
         stats: engine.stats(),

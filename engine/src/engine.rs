@@ -3,8 +3,6 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use std::collections::VecDeque;
-
 use afflio_rules::{normalize_code, AttributionModel, FraudAction, Program, Rules};
 use chrono::{DateTime, TimeDelta, Utc};
 use hashbrown::HashMap;
@@ -14,13 +12,24 @@ use serde::{Deserialize, Serialize};
 
 use crate::dedupe::{Check, Dedupe};
 use crate::event::{fingerprint, Body, Capture, Click, Event, Item, Refund};
+use crate::fraud::{Hit, KeyKind, LeakWindow, Spike, SpikeParams, Velocity};
 use crate::money::{check_amount, round_money};
 use crate::output::{
     Arrival, AttributionKind, ClickRow, EntryKind, Flag, FraudRule, LedgerEntry, Outcome, Output, Reason, Rejection,
     Stats,
 };
 use crate::sessions::{ClickRec, Sessions};
-use crate::state::{ClosedOrder, CodeIssue, Credit, Line, LineStatus, Order};
+use crate::state::{ClosedOrder, CodeIssue, Credit, Line, LineStatus, Order, Review};
+
+/// A flag about to be recorded on one or more orders.
+struct FlagSpec {
+    rule: FraudRule,
+    action: FraudAction,
+    value: f64,
+    threshold: f64,
+    score: f64,
+    detail: String,
+}
 
 /// Why an event is refused, found before anything was changed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -117,11 +126,14 @@ pub struct Engine {
     code_uses: HashMap<u32, HashMap<Box<str>, u64>>,
     /// (program, customer id / e-mail hash / IP) -> recent order times, for velocity.
     #[serde(default)]
-    velocity: HashMap<u32, HashMap<Box<str>, VecDeque<i64>>>,
+    velocity: HashMap<u32, Velocity>,
     /// (program, normalised code) -> (redemptions, redemptions with no click
     /// from the code's partner), for coupon_leak. Bounded by the codes.
     #[serde(default)]
-    leak: HashMap<u32, HashMap<Box<str>, (u64, u64)>>,
+    leak: HashMap<u32, HashMap<Box<str>, LeakWindow>>,
+    /// program -> orders per bucket and each partner's baseline, for
+    /// conversion_spike. Bounded by the partners and [`crate::fraud::SPIKE_BUCKETS`].
+    spike: HashMap<u32, Spike>,
     /// (program, partner) -> (orders, captured, refunded) of the orders it
     /// was credited with, for refund_rate. Bounded by the partners.
     #[serde(default)]
@@ -173,6 +185,7 @@ impl Engine {
             code_uses: HashMap::new(),
             velocity: HashMap::new(),
             leak: HashMap::new(),
+            spike: HashMap::new(),
             refunds_by_partner: HashMap::new(),
             seq: 0,
             watermark: None,
@@ -262,9 +275,13 @@ impl Engine {
     }
 
     /// The status of an order's lines as of `as_of` (event time in replays).
-    pub fn line_status(&self, order: &Order, as_of: DateTime<Utc>) -> LineStatus {
-        if order.held {
-            return LineStatus::Pending;
+    pub fn line_status(&self, order: &Order, line: &Line, as_of: DateTime<Utc>) -> LineStatus {
+        match line.review {
+            Some(Review::Rejected) => return LineStatus::Rejected,
+            Some(Review::Approved) => return LineStatus::Approved,
+            Some(Review::Cleared) => {}
+            None if order.held => return LineStatus::Pending,
+            None => {}
         }
         let auto = self.rules.program(&order.program_id).is_some_and(|p| p.auto_approve);
         if auto && as_of >= order.eligible_at {
@@ -272,6 +289,11 @@ impl Engine {
         } else {
             LineStatus::Pending
         }
+    }
+
+    /// The status of each of an order's lines as of `as_of`, in line order.
+    pub fn line_statuses(&self, order: &Order, as_of: DateTime<Utc>) -> Vec<LineStatus> {
+        order.lines.iter().map(|l| self.line_status(order, l, as_of)).collect()
     }
 
     /// Records an event that could not be decoded (`malformed`, or an amount
@@ -390,8 +412,8 @@ impl Engine {
             let rules = Arc::clone(&self.rules);
             self.velocity.retain(|prog, keys| {
                 let window = rules.program(self.names.name(*prog)).map_or(0, |p| micros(p.fraud.velocity_window));
-                keys.retain(|_, q| q.back().is_some_and(|t| *t >= wm.saturating_sub(window)));
-                !keys.is_empty()
+                keys.sweep(wm.saturating_sub(window));
+                keys.len() > 0
             });
             self.next_sweep = wm.saturating_add((horizon / 16).max(60 * MICROS_PER_SEC));
         }
@@ -421,9 +443,9 @@ impl Engine {
                     }
                 }
             }
-            let status = self.line_status(&order, as_of);
+            let statuses = self.line_statuses(&order, as_of);
             self.stats.orders_closed += 1;
-            self.out.closed.push(ClosedOrder { order, status, as_of });
+            self.out.closed.push(ClosedOrder { order, statuses, as_of });
         }
     }
 
@@ -544,18 +566,25 @@ impl Engine {
         // Lines: the credited partner (tier 0) and its ancestors for each override tier.
         let mut lines = Vec::new();
         if let Some(cr) = &credit {
-            lines.push(Line { partner_id: cr.partner_id.clone(), tier: 0, accrued: Decimal::ZERO, net: Decimal::ZERO });
+            lines.push(Line {
+                partner_id: cr.partner_id.clone(),
+                tier: 0,
+                accrued: Decimal::ZERO,
+                net: Decimal::ZERO,
+                review: None,
+            });
             for (i, anc) in rules.ancestors(&cr.partner_id, program.overrides.len()).enumerate() {
                 lines.push(Line {
                     partner_id: anc.id.as_str().into(),
                     tier: (i + 1) as u8,
                     accrued: Decimal::ZERO,
                     net: Decimal::ZERO,
+                    review: None,
                 });
             }
         }
         let program_id = self.names.name(prog).clone();
-        let mut order = Order {
+        let order = Order {
             program_id: program_id.clone(),
             order_id: c.order_id.as_ref().into(),
             currency: program.currency,
@@ -577,147 +606,227 @@ impl Engine {
             held: false,
         };
         // Fraud rules, decided with the attribution.
-        let fraud = &program.fraud;
-        let velocity = if fraud.velocity == FraudAction::Off {
-            None
-        } else {
-            self.velocity(prog, program, c, ts.timestamp_micros())
-        };
-        let leak = match (&order.credit, fraud.coupon_leak) {
-            (Some(cr), a) if a != FraudAction::Off && cr.kind == AttributionKind::Code => {
-                let partner = self.names.get(&cr.partner_id);
-                let from = ts.timestamp_micros().saturating_sub(micros(program.window));
-                let clicked = c.visitor_id.as_deref().is_some_and(|v| {
-                    self.sessions.clicks(v).iter().any(|k| {
-                        k.program == prog && Some(k.partner) == partner && k.ts >= from && k.ts <= ts.timestamp_micros()
-                    })
-                });
-                let e =
-                    self.leak.entry(prog).or_default().entry(normalize_code(&cr.source).into_boxed_str()).or_default();
-                e.0 += 1;
-                e.1 += u64::from(!clicked);
-                let share = e.1 as f64 / e.0 as f64;
-                (!clicked && e.0 >= u64::from(fraud.coupon_leak_min_orders) && share > fraud.coupon_leak_max_share)
-                    .then_some((share, e.0))
-            }
-            _ => None,
-        };
-        let refund_share = match (&order.credit, fraud.refund_rate) {
-            (Some(cr), a) if a != FraudAction::Off => {
-                let e =
-                    self.refunds_by_partner.entry(prog).or_default().entry(cr.partner_id.as_ref().into()).or_default();
-                e.0 += 1;
-                // A ratio for a score and a threshold, not money: f64 is fine.
-                let share = if e.1.is_zero() { 0.0 } else { (e.2 / e.1).to_f64().unwrap_or(0.0) };
-                (e.0 > u64::from(fraud.refund_rate_min_orders) && share > fraud.refund_rate_max_share)
-                    .then_some((share, e.0 - 1))
-            }
-            _ => None,
-        };
-        let mut flags = Vec::new();
-        if let Some(cr) = &order.credit {
-            if let Some(detail) = self_referral(rules, &cr.partner_id, c) {
-                flags.push((FraudRule::SelfReferral, 1.0, detail));
-            }
-            if let Some((key, n)) = velocity {
-                flags.push((
-                    FraudRule::Velocity,
-                    n as f64 / f64::from(fraud.velocity_max_orders),
-                    format!(
-                        "{n} orders from {key} within {} (limit {})",
-                        afflio_rules::format_duration(fraud.velocity_window),
-                        fraud.velocity_max_orders
-                    ),
-                ));
-            }
-            if let Some((share, n)) = leak {
-                flags.push((
-                    FraudRule::CouponLeak,
-                    share,
-                    format!(
-                        "code {} redeemed {n} times, {:.0}% with no click from {}'s links (limit {:.0}%)",
-                        cr.source,
-                        share * 100.0,
-                        cr.partner_id,
-                        fraud.coupon_leak_max_share * 100.0
-                    ),
-                ));
-            }
-            if let Some((share, n)) = refund_share {
-                flags.push((
-                    FraudRule::RefundRate,
-                    share,
-                    format!(
-                        "partner {} has {:.0}% of captured revenue refunded over {n} orders (limit {:.0}%)",
-                        cr.partner_id,
-                        share * 100.0,
-                        fraud.refund_rate_max_share * 100.0
-                    ),
-                ));
-            }
-            if let (Some(t), AttributionKind::Link) = (click_ts, cr.kind) {
-                let gap = ts.timestamp_micros() - t;
-                if gap < micros(fraud.fast_conversion_min) {
-                    flags.push((
-                        FraudRule::FastConversion,
-                        1.0 - gap as f64 / micros(fraud.fast_conversion_min) as f64,
-                        format!(
-                            "captured {:.1}s after the winning click on {} (minimum {}s)",
-                            gap as f64 / 1e6,
-                            cr.source,
-                            fraud.fast_conversion_min.num_seconds()
-                        ),
-                    ));
-                }
-            }
-            let mut partners: Vec<&str> = valid.iter().map(|v| v.partner_id.as_str()).collect();
-            partners.dedup();
-            partners.sort_unstable();
-            partners.dedup();
-            if partners.len() >= 2 {
-                let codes: Vec<&str> = valid.iter().map(|v| v.code.as_str()).collect();
-                flags.push((
-                    FraudRule::CouponStacking,
-                    1.0,
-                    format!(
-                        "valid codes of {} partners on one order: {} (partners {})",
-                        partners.len(),
-                        codes.join(", "),
-                        partners.join(", ")
-                    ),
-                ));
-            }
-            for (rule, score, detail) in flags {
-                let action = match rule {
-                    FraudRule::SelfReferral => fraud.self_referral,
-                    FraudRule::CouponStacking => fraud.coupon_stacking,
-                    FraudRule::Velocity => fraud.velocity,
-                    FraudRule::FastConversion => fraud.fast_conversion,
-                    FraudRule::CouponLeak => fraud.coupon_leak,
-                    FraudRule::RefundRate => fraud.refund_rate,
-                };
-                if action == FraudAction::Off {
-                    continue;
-                }
-                order.held |= action == FraudAction::Hold;
-                order.flags.push(rule);
-                self.stats.flags += 1;
-                self.out.flags.push(Flag {
-                    program_id: program_id.clone(),
-                    order_id: c.order_id.to_string(),
-                    partner_id: cr.partner_id.clone(),
-                    rule,
-                    score,
-                    detail,
-                    ts,
-                    event_id: e.event_id.to_string(),
-                });
-            }
+        let mut hits: Vec<(FraudRule, Hit)> = Vec::new();
+        if let Some(cr) = order.credit.clone() {
+            self.detect(&mut hits, e, c, &cr, &valid, click_ts, rules, program, prog);
         }
         let idx = self.orders.len();
         self.orders.push(order);
         self.order_index.entry(prog).or_default().insert(c.order_id.as_ref().into(), idx as u32);
+        for (rule, hit) in hits {
+            let action = rule_action(&program.fraud, rule);
+            if action == FraudAction::Off {
+                continue;
+            }
+            let Hit { value, threshold, score, detail, retro } = hit;
+            let flag = FlagSpec { rule, action, value, threshold, score, detail };
+            for id in retro.iter().filter(|id| ***id != *c.order_id) {
+                if let Some(i) = self.order_index.get(&prog).and_then(|m| m.get(id)).copied() {
+                    self.flag_order(i as usize, &flag, e, true);
+                }
+            }
+            self.flag_order(idx, &flag, e, false);
+        }
         idx
+    }
+
+    /// Records `flag` on the order at `idx` unless the rule already flagged it.
+    fn flag_order(&mut self, idx: usize, flag: &FlagSpec, e: &Event<'_>, retroactive: bool) {
+        let order = &mut self.orders[idx];
+        let Some(cr) = &order.credit else { return };
+        if order.flags.contains(&flag.rule) {
+            return;
+        }
+        if flag.action == FraudAction::Hold {
+            order.held = true;
+            for l in &mut order.lines {
+                // New evidence reopens a review that had cleared or approved
+                // the line; a paid or rejected line stays what it is.
+                if matches!(l.review, Some(Review::Cleared | Review::Approved)) {
+                    l.review = None;
+                }
+            }
+        }
+        order.flags.push(flag.rule);
+        self.stats.flags += 1;
+        self.out.flags.push(Flag {
+            program_id: order.program_id.clone(),
+            order_id: order.order_id.to_string(),
+            partner_id: cr.partner_id.clone(),
+            rule: flag.rule,
+            action: flag.action,
+            score: flag.score,
+            value: flag.value,
+            threshold: flag.threshold,
+            detail: flag.detail.clone(),
+            ts: e.ts,
+            event_id: e.event_id.to_string(),
+            retroactive,
+        });
+    }
+
+    /// Runs every enabled detector on a new order credited to `cr`.
+    #[allow(clippy::too_many_arguments)]
+    fn detect(
+        &mut self,
+        hits: &mut Vec<(FraudRule, Hit)>,
+        e: &Event<'_>,
+        c: &Capture<'_>,
+        cr: &Credit,
+        valid: &[&afflio_rules::Code],
+        click_ts: Option<i64>,
+        rules: &Rules,
+        program: &Program,
+        prog: u32,
+    ) {
+        let fraud = &program.fraud;
+        let ts = e.ts.timestamp_micros();
+        let one = |detail: String| Hit { value: 1.0, threshold: 1.0, score: 1.0, detail, retro: Vec::new() };
+        if fraud.self_referral != FraudAction::Off {
+            if let Some(detail) = self_referral(rules, &cr.partner_id, c) {
+                hits.push((FraudRule::SelfReferral, one(detail)));
+            }
+        }
+        if fraud.coupon_stacking != FraudAction::Off {
+            let mut partners: Vec<&str> = valid.iter().map(|v| v.partner_id.as_str()).collect();
+            partners.sort_unstable();
+            partners.dedup();
+            if partners.len() >= 2 {
+                let codes: Vec<&str> = valid.iter().map(|v| v.code.as_str()).collect();
+                let detail = format!(
+                    "valid codes of {} partners on one order: {} (partners {})",
+                    partners.len(),
+                    codes.join(", "),
+                    partners.join(", ")
+                );
+                hits.push((FraudRule::CouponStacking, one(detail)));
+            }
+        }
+        if fraud.velocity != FraudAction::Off {
+            let window = micros(fraud.velocity_window);
+            let max = fraud.velocity_max_orders as usize;
+            let mut keys: Vec<(KeyKind, String)> = Vec::new();
+            if let Some(cu) = &c.customer {
+                keys.extend(cu.id.as_deref().map(|v| (KeyKind::CustomerId, v.to_string())));
+                keys.extend(cu.email_sha256.as_deref().map(|v| (KeyKind::EmailSha256, v.trim().to_ascii_lowercase())));
+            }
+            keys.extend(c.ip.as_deref().map(|v| (KeyKind::Ip, v.to_string())));
+            let v = self.velocity.entry(prog).or_default();
+            let mut worst: Option<(KeyKind, String, Vec<Box<str>>)> = None;
+            for (kind, value) in keys {
+                if let Some(orders) = v.record(kind, &value, ts, &c.order_id, window, max) {
+                    match &mut worst {
+                        Some(w) => {
+                            for o in orders {
+                                if !w.2.contains(&o) {
+                                    w.2.push(o);
+                                }
+                            }
+                        }
+                        None => worst = Some((kind, value, orders)),
+                    }
+                }
+            }
+            if let Some((kind, value, retro)) = worst {
+                let n = retro.len();
+                let detail = format!(
+                    "{n} orders from {} {value} within {} (limit {max})",
+                    kind.label(),
+                    afflio_rules::format_duration(fraud.velocity_window),
+                );
+                let (value, threshold) = (n as f64, max as f64);
+                hits.push((FraudRule::Velocity, Hit { value, threshold, score: value / threshold, detail, retro }));
+            }
+        }
+        if fraud.coupon_leak != FraudAction::Off && cr.kind == AttributionKind::Code {
+            let partner = self.names.get(&cr.partner_id);
+            let from = ts.saturating_sub(micros(program.window));
+            let clicked = c.visitor_id.as_deref().is_some_and(|v| {
+                self.sessions
+                    .clicks(v)
+                    .iter()
+                    .any(|k| k.program == prog && Some(k.partner) == partner && k.ts >= from && k.ts <= ts)
+            });
+            let min = fraud.coupon_leak_min_orders as usize;
+            let w = self.leak.entry(prog).or_default().entry(normalize_code(&cr.source).into_boxed_str()).or_default();
+            if let Some((share, retro)) = w.record(clicked, &c.order_id, min, fraud.coupon_leak_max_share) {
+                let detail = format!(
+                    "code {}: {:.0}% of its last {min} redemptions had no click from {}'s links (limit {:.0}%)",
+                    cr.source,
+                    share * 100.0,
+                    cr.partner_id,
+                    fraud.coupon_leak_max_share * 100.0
+                );
+                let threshold = fraud.coupon_leak_max_share;
+                hits.push((FraudRule::CouponLeak, Hit { value: share, threshold, score: share, detail, retro }));
+            }
+        }
+        if fraud.conversion_spike != FraudAction::Off {
+            if let Some(partner) = self.names.get(&cr.partner_id) {
+                let params = SpikeParams {
+                    bucket: micros(fraud.conversion_spike_bucket),
+                    min_orders: fraud.conversion_spike_min_orders,
+                    threshold: fraud.conversion_spike_threshold,
+                    warmup: fraud.conversion_spike_warmup,
+                };
+                let s = self.spike.entry(prog).or_default();
+                if let Some(h) = s.record(partner, ts, &c.order_id, &params) {
+                    let start = DateTime::from_timestamp_micros(h.bucket_start).unwrap_or(DateTime::UNIX_EPOCH);
+                    let detail = format!(
+                        "partner {} has {} of the program's {} orders in the {} bucket from {}, {:.1} expected \
+                         from its baseline: {:.1} standard deviations above (limit {})",
+                        cr.partner_id,
+                        h.count,
+                        h.program_count,
+                        afflio_rules::format_duration(fraud.conversion_spike_bucket),
+                        start.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                        h.expected,
+                        h.z,
+                        fraud.conversion_spike_threshold
+                    );
+                    let threshold = fraud.conversion_spike_threshold;
+                    let hit = Hit { value: h.z, threshold, score: h.z / threshold, detail, retro: h.retro };
+                    hits.push((FraudRule::ConversionSpike, hit));
+                }
+            }
+        }
+        if fraud.refund_rate != FraudAction::Off {
+            let r = self.refunds_by_partner.entry(prog).or_default().entry(cr.partner_id.as_ref().into()).or_default();
+            r.0 += 1;
+            // A ratio for a score and a threshold, not money: f64 is fine.
+            let share = if r.1.is_zero() { 0.0 } else { (r.2 / r.1).to_f64().unwrap_or(0.0) };
+            let n = r.0 - 1;
+            if n >= u64::from(fraud.refund_rate_min_orders) && share > fraud.refund_rate_max_share {
+                let detail = format!(
+                    "partner {} has {:.0}% of captured revenue refunded over {n} orders (limit {:.0}%)",
+                    cr.partner_id,
+                    share * 100.0,
+                    fraud.refund_rate_max_share * 100.0
+                );
+                let threshold = fraud.refund_rate_max_share;
+                hits.push((
+                    FraudRule::RefundRate,
+                    Hit { value: share, threshold, score: share, detail, retro: vec![] },
+                ));
+            }
+        }
+        if fraud.fast_conversion != FraudAction::Off {
+            if let (Some(t), AttributionKind::Link) = (click_ts, cr.kind) {
+                let gap = ts - t;
+                let min = micros(fraud.fast_conversion_min);
+                if gap < min {
+                    let detail = format!(
+                        "captured {:.1}s after the winning click on {} (minimum {}s)",
+                        gap as f64 / 1e6,
+                        cr.source,
+                        fraud.fast_conversion_min.num_seconds()
+                    );
+                    let (value, threshold) = (gap as f64 / 1e6, min as f64 / 1e6);
+                    let score = 1.0 - gap as f64 / min as f64;
+                    hits.push((FraudRule::FastConversion, Hit { value, threshold, score, detail, retro: vec![] }));
+                }
+            }
+        }
     }
 
     fn code_uses(&self, prog: u32, norm: &str) -> u64 {
@@ -740,37 +849,6 @@ impl Engine {
             partner_id: self.names.name(best.partner).clone(),
         };
         Some((credit, best.ts))
-    }
-
-    /// Velocity: orders per customer id, e-mail hash and IP in the program's
-    /// window; returns the busiest key's count when it is over the limit.
-    fn velocity(&mut self, prog: u32, program: &Program, c: &Capture<'_>, ts: i64) -> Option<(String, usize)> {
-        let f = &program.fraud;
-        let window = micros(f.velocity_window);
-        let max = f.velocity_max_orders as usize;
-        let mut keys = Vec::new();
-        if let Some(cu) = &c.customer {
-            keys.extend(cu.id.as_deref().map(|v| format!("customer id {v}")));
-            keys.extend(cu.email_sha256.as_deref().map(|v| format!("email_sha256 {}", v.trim().to_ascii_lowercase())));
-        }
-        keys.extend(c.ip.as_deref().map(|v| format!("ip {v}")));
-        let per_key = self.velocity.entry(prog).or_default();
-        let mut worst: Option<(String, usize)> = None;
-        for k in keys {
-            let q = per_key.entry(k.clone().into_boxed_str()).or_default();
-            while q.front().is_some_and(|t| *t < ts.saturating_sub(window)) {
-                q.pop_front();
-            }
-            q.push_back(ts);
-            // Bounded: only "more than max" matters.
-            while q.len() > max + 1 {
-                q.pop_front();
-            }
-            if q.len() > max && worst.as_ref().is_none_or(|(_, n)| q.len() > *n) {
-                worst = Some((k, q.len()));
-            }
-        }
-        worst
     }
 
     fn accrue(&mut self, idx: usize, e: &Event<'_>, c: &Capture<'_>, rules: &Rules, program: &Program) {
@@ -968,6 +1046,19 @@ fn tier0_commission(
             let r = rate_for(None);
             (amount * r, Some(r))
         }
+    }
+}
+
+/// The configured action of `rule`.
+fn rule_action(f: &afflio_rules::FraudSettings, rule: FraudRule) -> FraudAction {
+    match rule {
+        FraudRule::SelfReferral => f.self_referral,
+        FraudRule::CouponStacking => f.coupon_stacking,
+        FraudRule::Velocity => f.velocity,
+        FraudRule::FastConversion => f.fast_conversion,
+        FraudRule::CouponLeak => f.coupon_leak,
+        FraudRule::RefundRate => f.refund_rate,
+        FraudRule::ConversionSpike => f.conversion_spike,
     }
 }
 

@@ -11,6 +11,7 @@
 mod dedupe;
 mod engine;
 mod event;
+mod fraud;
 mod money;
 mod output;
 mod sessions;
@@ -24,7 +25,7 @@ pub use output::{
     Arrival, AttributionKind, ClickRow, EntryKind, Flag, FraudRule, LedgerEntry, Outcome, Output, Reason, Rejection,
     Stats,
 };
-pub use state::{ClosedOrder, CodeIssue, Credit, Line, LineStatus, Order};
+pub use state::{ClosedOrder, CodeIssue, Credit, Line, LineStatus, Order, Review};
 
 #[cfg(test)]
 mod tests;

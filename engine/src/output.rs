@@ -170,6 +170,8 @@ pub enum FraudRule {
     CouponLeak,
     /// A partner whose refunded share of captured revenue is abnormal.
     RefundRate,
+    /// A partner's attributed orders in a time bucket far above its baseline.
+    ConversionSpike,
 }
 
 impl FraudRule {
@@ -181,6 +183,7 @@ impl FraudRule {
             FraudRule::FastConversion => "fast_conversion",
             FraudRule::CouponLeak => "coupon_leak",
             FraudRule::RefundRate => "refund_rate",
+            FraudRule::ConversionSpike => "conversion_spike",
         }
     }
 }
@@ -198,10 +201,22 @@ pub struct Flag {
     pub order_id: String,
     pub partner_id: Arc<str>,
     pub rule: FraudRule,
+    /// `flag` or `hold`.
+    pub action: afflio_rules::FraudAction,
+    /// How far past its threshold the rule fired (1.0 = at the threshold for
+    /// rules with a threshold; 1.0 for the deterministic rules).
     pub score: f64,
+    /// The measured quantity (orders, share, standard deviations, seconds).
+    pub value: f64,
+    /// The configured threshold `value` was compared with.
+    pub threshold: f64,
     pub detail: String,
+    /// Event time of the event that raised the flag.
     pub ts: DateTime<Utc>,
+    /// The event that raised the flag.
     pub event_id: String,
+    /// Raised on an earlier order of an attack recognised later.
+    pub retroactive: bool,
 }
 
 /// An applied click.

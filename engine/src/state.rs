@@ -48,6 +48,31 @@ pub struct Line {
     pub accrued: Decimal,
     /// Sum of all entries (accruals and reversals); never below zero.
     pub net: Decimal,
+    /// The last reviewer decision on this line, if any.
+    #[serde(default)]
+    pub review: Option<Review>,
+}
+
+/// What a reviewer decided about a line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Review {
+    /// The flags were reviewed and found harmless: the line follows its
+    /// normal lifecycle (auto-approval included).
+    Cleared,
+    /// Approved for payout (only once eligible).
+    Approved,
+    /// Never to be paid.
+    Rejected,
+}
+
+impl Review {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Review::Cleared => "cleared",
+            Review::Approved => "approved",
+            Review::Rejected => "rejected",
+        }
+    }
 }
 
 /// An order as the engine knows it.
@@ -87,7 +112,8 @@ pub struct Order {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ClosedOrder {
     pub order: Order,
-    pub status: LineStatus,
+    /// Each line's status when the order was closed, in line order.
+    pub statuses: Vec<LineStatus>,
     pub as_of: DateTime<Utc>,
 }
 

@@ -270,7 +270,7 @@ fn velocity_flags_the_order_over_the_limit_in_the_window() {
         );
         assert_eq!(apply(&mut e, &ev), Outcome::Applied);
     }
-    // A fourth at minute 13: the window [3, 13] holds o1 (4), o2 (9), o3 (13) -> 3 again
+    // A fourth at minute 13: the window (3, 13] holds o1 (4), o2 (9), o3 (13) -> 3 again
     // (o0 at 0 has left it).
     let ev = with_customer(capture("c3", 13, "o3", "10", None, &["alice"]), "cust-1", "10.0.0.9");
     assert_eq!(apply(&mut e, &ev), Outcome::Applied);
@@ -279,10 +279,14 @@ fn velocity_flags_the_order_over_the_limit_in_the_window() {
     assert_eq!(apply(&mut e, &ev), Outcome::Applied);
     let flags = e.take_output().flags;
     let got: Vec<(&str, &str)> = flags.iter().map(|f| (f.order_id.as_str(), f.rule.as_str())).collect();
-    assert_eq!(got, [("o2", "velocity"), ("o3", "velocity")]);
+    // o2 is the third order: o0 and o1 belong to the same burst and are flagged with it.
+    assert_eq!(got, [("o0", "velocity"), ("o1", "velocity"), ("o2", "velocity"), ("o3", "velocity")]);
+    let retro: Vec<bool> = flags.iter().map(|f| f.retroactive).collect();
+    assert_eq!(retro, [true, true, false, false]);
     assert!(flags[0].detail.contains("3 orders from customer id cust-1 within 10m (limit 2)"), "{}", flags[0].detail);
+    assert_eq!((flags[0].value, flags[0].threshold, flags[0].event_id.as_str()), (3.0, 2.0, "c2"));
     let as_of = at(60 * 24 * 365);
-    assert_eq!(e.line_status(e.order("acme", "o2").unwrap(), as_of), crate::LineStatus::Pending, "held");
+    assert_eq!(e.line_statuses(e.order("acme", "o2").unwrap(), as_of)[0], crate::LineStatus::Pending, "held");
 }
 
 #[test]
@@ -300,7 +304,7 @@ fn fast_conversion_and_flag_only_actions() {
     assert_eq!((flags[0].order_id.as_str(), flags[0].rule.as_str()), ("o1", "fast_conversion"));
     let o1 = e.order("acme", "o1").unwrap();
     assert!(!o1.held, "action = flag records without holding");
-    assert_eq!(e.line_status(o1, at(60 * 24 * 365)), crate::LineStatus::Pending, "manual program: pending anyway");
+    assert_eq!(e.line_statuses(o1, at(60 * 24 * 365))[0], crate::LineStatus::Pending, "manual program: pending anyway");
 }
 
 #[test]
@@ -312,12 +316,19 @@ fn coupon_leak_flags_a_code_mostly_redeemed_without_its_partners_clicks() {
     for i in 1..=4 {
         apply(&mut e, &capture(&format!("c{i}"), 1 + i, &format!("o{i}"), "10", Some(&format!("w{i}")), &["alice"]));
     }
-    // Shares after each: 0/1, 1/2, 2/3, 3/4 (>= 4 redemptions and > 0.5: flagged), 4/5.
+    // No-click share of the last 4 redemptions: judged from the 4th: o0..o3 = 3/4 > 0.5,
+    // flagged with the earlier no-click ones (o1, o2); then o1..o4 = 4/4. o0 (clicked) never.
     let flags = e.take_output().flags;
-    let got: Vec<(&str, &str)> = flags.iter().map(|f| (f.order_id.as_str(), f.rule.as_str())).collect();
-    assert_eq!(got, [("o3", "coupon_leak"), ("o4", "coupon_leak")]);
-    assert!(flags[0].detail.contains("redeemed 4 times, 75% with no click"), "{}", flags[0].detail);
-    assert!(e.order("acme", "o3").unwrap().held);
+    let got: Vec<(&str, bool)> = flags.iter().map(|f| (f.order_id.as_str(), f.retroactive)).collect();
+    assert_eq!(got, [("o1", true), ("o2", true), ("o3", false), ("o4", false)]);
+    assert!(flags.iter().all(|f| f.rule.as_str() == "coupon_leak"));
+    assert!(
+        flags[0].detail.contains("75% of its last 4 redemptions had no click from alice's links"),
+        "{}",
+        flags[0].detail
+    );
+    assert!(e.order("acme", "o1").unwrap().held);
+    assert!(!e.order("acme", "o0").unwrap().held);
 }
 
 #[test]

@@ -68,6 +68,7 @@ pub(crate) struct RawProgram {
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct RawFraud {
     pub(crate) self_referral: Option<S<RawRule>>,
     pub(crate) coupon_stacking: Option<S<RawRule>>,
@@ -75,10 +76,7 @@ pub(crate) struct RawFraud {
     pub(crate) fast_conversion: Option<S<RawRule>>,
     pub(crate) coupon_leak: Option<S<RawRule>>,
     pub(crate) refund_rate: Option<S<RawRule>>,
-    /// Detectors still to come (conversion_spike):
-    /// accepted, not enforced yet.
-    #[serde(flatten)]
-    pub(crate) other: toml::Table,
+    pub(crate) conversion_spike: Option<S<RawRule>>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -96,6 +94,12 @@ pub(crate) struct RawRule {
     /// coupon_leak: share of redemptions with no click from the code's
     /// partner; refund_rate: refunded share of captured revenue. 0..1.
     pub(crate) max_share: Option<S<f64>>,
+    /// conversion_spike: the time bucket orders are counted in.
+    pub(crate) bucket: Option<S<String>>,
+    /// conversion_spike: buckets of baseline a partner needs before it is judged.
+    pub(crate) warmup_buckets: Option<S<i64>>,
+    /// conversion_spike: how many standard deviations above the baseline is a spike.
+    pub(crate) threshold: Option<S<f64>>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]

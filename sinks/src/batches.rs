@@ -108,6 +108,10 @@ pub fn schema(t: Table) -> SchemaRef {
             f("detail", Utf8, false),
             f("ts", ts_type(), false),
             f("event_id", Utf8, false),
+            f("action", Utf8, false),
+            f("value", Float64, false),
+            f("threshold", Float64, false),
+            f("retroactive", Boolean, false),
         ],
         Table::Rejections => vec![
             f("event_id", Utf8, true),
@@ -143,6 +147,7 @@ pub fn schema(t: Table) -> SchemaRef {
             f("status", Utf8, false),
             f("eligible_at", ts_type(), false),
             f("held", Boolean, false),
+            f("review", Utf8, true),
             f("as_of", ts_type(), false),
         ],
     };
@@ -249,6 +254,10 @@ pub(crate) fn flags(rows: &[Flag]) -> Result<RecordBatch, ArrowError> {
             strings(rows.iter().map(|r| r.detail.as_str())),
             times(rows.iter().map(|r| r.ts)),
             strings(rows.iter().map(|r| r.event_id.as_str())),
+            strings(rows.iter().map(|r| r.action.as_str())),
+            Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.value))),
+            Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.threshold))),
+            Arc::new(BooleanArray::from_iter(rows.iter().map(|r| Some(r.retroactive)))),
         ],
     )
 }
@@ -300,18 +309,20 @@ pub(crate) fn orders(rows: &[&Order]) -> Result<RecordBatch, ArrowError> {
 }
 
 /// The engine's open orders' lines as of `as_of`.
-pub(crate) fn open_lines(engine: &Engine, as_of: DateTime<Utc>) -> Vec<(&Order, LineStatus, DateTime<Utc>)> {
-    engine.orders().iter().map(|o| (o, engine.line_status(o, as_of), as_of)).collect()
+pub(crate) fn open_lines(engine: &Engine, as_of: DateTime<Utc>) -> Vec<(&Order, Vec<LineStatus>, DateTime<Utc>)> {
+    engine.orders().iter().map(|o| (o, engine.line_statuses(o, as_of), as_of)).collect()
 }
 
 /// Closed orders with the status their lines had when they were closed.
-pub(crate) fn closed_lines(closed: &[ClosedOrder]) -> Vec<(&Order, LineStatus, DateTime<Utc>)> {
-    closed.iter().map(|c| (&c.order, c.status, c.as_of)).collect()
+pub(crate) fn closed_lines(closed: &[ClosedOrder]) -> Vec<(&Order, Vec<LineStatus>, DateTime<Utc>)> {
+    closed.iter().map(|c| (&c.order, c.statuses.clone(), c.as_of)).collect()
 }
 
-pub(crate) fn lines(orders: &[(&Order, LineStatus, DateTime<Utc>)]) -> Result<RecordBatch, ArrowError> {
-    let rows: Vec<_> =
-        orders.iter().flat_map(|(o, status, as_of)| o.lines.iter().map(move |l| (*o, l, *status, *as_of))).collect();
+pub(crate) fn lines(orders: &[(&Order, Vec<LineStatus>, DateTime<Utc>)]) -> Result<RecordBatch, ArrowError> {
+    let rows: Vec<_> = orders
+        .iter()
+        .flat_map(|(o, statuses, as_of)| o.lines.iter().zip(statuses).map(move |(l, s)| (*o, l, *s, *as_of)))
+        .collect();
     batch(
         Table::Lines,
         vec![
@@ -325,7 +336,8 @@ pub(crate) fn lines(orders: &[(&Order, LineStatus, DateTime<Utc>)]) -> Result<Re
             strings(rows.iter().map(|(o, _, _, _)| o.currency.code())),
             strings(rows.iter().map(|(_, _, s, _)| s.as_str())),
             times(rows.iter().map(|(o, _, _, _)| o.eligible_at)),
-            Arc::new(BooleanArray::from_iter(rows.iter().map(|(o, _, _, _)| Some(o.held)))),
+            Arc::new(BooleanArray::from_iter(rows.iter().map(|(o, l, _, _)| Some(o.held && l.review.is_none())))),
+            opt_strings(rows.iter().map(|(_, l, _, _)| l.review.map(|r| r.as_str()))),
             times(rows.iter().map(|(_, _, _, a)| *a)),
         ],
     )

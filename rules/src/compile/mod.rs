@@ -78,6 +78,16 @@ pub enum FraudAction {
     Hold,
 }
 
+impl FraudAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FraudAction::Off => "off",
+            FraudAction::Flag => "flag",
+            FraudAction::Hold => "hold",
+        }
+    }
+}
+
 /// A program's fraud detectors.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FraudSettings {
@@ -101,6 +111,16 @@ pub struct FraudSettings {
     pub refund_rate: FraudAction,
     pub refund_rate_min_orders: u32,
     pub refund_rate_max_share: f64,
+    /// A partner's attributed orders in a `conversion_spike_bucket` far above
+    /// its learned share of the program's orders: at least
+    /// `conversion_spike_min_orders` orders and `conversion_spike_threshold`
+    /// standard deviations above the baseline, once the baseline has seen
+    /// `conversion_spike_warmup` buckets.
+    pub conversion_spike: FraudAction,
+    pub conversion_spike_bucket: TimeDelta,
+    pub conversion_spike_min_orders: u32,
+    pub conversion_spike_threshold: f64,
+    pub conversion_spike_warmup: u32,
 }
 
 impl Default for FraudSettings {
@@ -121,6 +141,11 @@ impl Default for FraudSettings {
             refund_rate: FraudAction::Off,
             refund_rate_min_orders: 20,
             refund_rate_max_share: 0.3,
+            conversion_spike: FraudAction::Off,
+            conversion_spike_bucket: TimeDelta::hours(1),
+            conversion_spike_min_orders: 10,
+            conversion_spike_threshold: 4.0,
+            conversion_spike_warmup: 24,
         }
     }
 }
@@ -151,6 +176,7 @@ fn compile_fraud(cx: &mut Ctx<'_>, i: usize, raw: Option<&S<crate::raw::RawFraud
     s.fast_conversion = action(cx, &raw.fast_conversion, "fast_conversion", s.fast_conversion);
     s.coupon_leak = action(cx, &raw.coupon_leak, "coupon_leak", s.coupon_leak);
     s.refund_rate = action(cx, &raw.refund_rate, "refund_rate", s.refund_rate);
+    s.conversion_spike = action(cx, &raw.conversion_spike, "conversion_spike", s.conversion_spike);
     let share_rule =
         |cx: &mut Ctx<'_>, rule: &Option<S<crate::raw::RawRule>>, name: &str, orders: &mut u32, share: &mut f64| {
             let Some(r) = rule.as_ref().map(|r| r.get_ref()) else { return };
@@ -191,6 +217,33 @@ fn compile_fraud(cx: &mut Ctx<'_>, i: usize, raw: Option<&S<crate::raw::RawFraud
         }
         s.velocity_window =
             cx.duration(v.window.as_ref(), s.velocity_window, &format!("programs[{i}].fraud.velocity.window"));
+    }
+    if let Some(c) = raw.conversion_spike.as_ref().map(|v| v.get_ref()) {
+        let field = |name: &str| format!("programs[{i}].fraud.conversion_spike.{name}");
+        s.conversion_spike_bucket = cx.duration(c.bucket.as_ref(), s.conversion_spike_bucket, &field("bucket"));
+        if s.conversion_spike_bucket < TimeDelta::minutes(1) || s.conversion_spike_bucket > TimeDelta::days(1) {
+            let span = c.bucket.as_ref().map(|b| b.span()).unwrap_or(0..0);
+            cx.err(span, field("bucket"), "must lie between 1m and 1d".to_string());
+        }
+        if let Some(m) = &c.min_orders {
+            match u32::try_from(*m.get_ref()) {
+                Ok(n) if n >= 1 => s.conversion_spike_min_orders = n,
+                _ => cx.err(m.span(), field("min_orders"), format!("{} must be at least 1", m.get_ref())),
+            }
+        }
+        if let Some(w) = &c.warmup_buckets {
+            match u32::try_from(*w.get_ref()) {
+                Ok(n) if (1..=10_000).contains(&n) => s.conversion_spike_warmup = n,
+                _ => cx.err(w.span(), field("warmup_buckets"), format!("{} must lie between 1 and 10000", w.get_ref())),
+            }
+        }
+        if let Some(t) = &c.threshold {
+            if t.get_ref().is_finite() && *t.get_ref() > 0.0 {
+                s.conversion_spike_threshold = *t.get_ref();
+            } else {
+                cx.err(t.span(), field("threshold"), format!("{} must be a positive number", t.get_ref()));
+            }
+        }
     }
     if let Some(f) = raw.fast_conversion.as_ref().map(|v| v.get_ref()) {
         if let Some(m) = &f.min_seconds {

@@ -261,7 +261,7 @@ fn fraud_rules_are_configured_per_program() {
     let text = format!(
         "{base}[programs.fraud.velocity]\naction = 'hold'\nmax_orders = 3\nwindow = '10m'\n\
          [programs.fraud.coupon_stacking]\naction = 'flag'\n[programs.fraud.fast_conversion]\naction = 'flag'\nmin_seconds = 2\n\
-         [programs.fraud.conversion_spike]\nfuture = 1\n"
+         [programs.fraud.conversion_spike]\naction = 'hold'\nbucket = '15m'\nmin_orders = 8\nthreshold = 3.5\nwarmup_buckets = 96\n"
     );
     let r = Rules::parse("f", &text).unwrap();
     let f = &r.program("p").unwrap().fraud;
@@ -270,6 +270,22 @@ fn fraud_rules_are_configured_per_program() {
     assert_eq!(f.velocity_window, TimeDelta::minutes(10));
     assert_eq!(f.coupon_stacking, FraudAction::Flag);
     assert_eq!((f.fast_conversion, f.fast_conversion_min), (FraudAction::Flag, TimeDelta::seconds(2)));
+    assert_eq!(
+        (f.conversion_spike, f.conversion_spike_bucket, f.conversion_spike_min_orders),
+        (FraudAction::Hold, TimeDelta::minutes(15), 8)
+    );
+    assert_eq!((f.conversion_spike_threshold, f.conversion_spike_warmup), (3.5, 96));
+    check(
+        &format!("{base}[programs.fraud.conversion_spike]\nbucket = '10s'\nthreshold = -1.0\nwarmup_buckets = 0\n"),
+        &[
+            (6, "programs[0].fraud.conversion_spike.bucket", "between 1m and 1d"),
+            (7, "programs[0].fraud.conversion_spike.threshold", "positive"),
+            (8, "programs[0].fraud.conversion_spike.warmup_buckets", "between 1 and 10000"),
+        ],
+    );
+    // A misspelt rule is refused, not silently ignored.
+    let err = Rules::parse("f", &format!("{base}[programs.fraud.velocty]\naction = 'hold'\n")).unwrap_err();
+    assert!(err.to_string().contains("velocty"), "{err}");
     check(
         &format!("{base}[programs.fraud.velocity]\naction = 'block'\nmax_orders = 0\n"),
         &[

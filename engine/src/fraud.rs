@@ -1,0 +1,396 @@
+//! State of the statistical fraud detectors: streaming, event time, bounded.
+//!
+//! Each detector keeps only what its rule needs, per program:
+//! - velocity: per hashed key (customer id, e-mail hash, IP), the orders of
+//!   the last window, at most `max_orders + 1` of them; keys with no order in
+//!   the window are swept, and the number of keys is capped;
+//! - coupon_leak: per configured code, the last `min_orders` redemptions;
+//! - conversion_spike: per configured partner, an EWMA of its share of the
+//!   program's orders per bucket and the current bucket's orders, and per
+//!   program the order counts of the last [`SPIKE_BUCKETS`] buckets.
+//!
+//! A detector returns the orders to flag, including earlier orders of the
+//! same attack that are still in its state ("retroactive" flags): an attack is
+//! recognised on its n-th order, but all n orders belong to it.
+
+use std::collections::VecDeque;
+
+use hashbrown::HashMap;
+use serde::{Deserialize, Serialize};
+
+/// Buckets of program order counts kept for conversion_spike.
+pub(crate) const SPIKE_BUCKETS: usize = 64;
+/// Orders of one partner's current bucket remembered for retroactive flags.
+pub(crate) const SPIKE_RETRO: usize = 256;
+/// Velocity keys tracked per program; beyond it new keys are not tracked
+/// until the sweep frees room (counted in `velocity_keys_dropped`).
+pub(crate) const VELOCITY_MAX_KEYS: usize = 2_000_000;
+
+/// What a detector found: the measured value against its threshold, a
+/// reviewer's explanation, and earlier orders of the same attack.
+#[derive(Debug)]
+pub(crate) struct Hit {
+    pub(crate) value: f64,
+    pub(crate) threshold: f64,
+    pub(crate) score: f64,
+    pub(crate) detail: String,
+    pub(crate) retro: Vec<Box<str>>,
+}
+
+/// The kind of a velocity key.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum KeyKind {
+    CustomerId,
+    EmailSha256,
+    Ip,
+}
+
+impl KeyKind {
+    fn tag(self) -> u8 {
+        match self {
+            KeyKind::CustomerId => 1,
+            KeyKind::EmailSha256 => 2,
+            KeyKind::Ip => 3,
+        }
+    }
+
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            KeyKind::CustomerId => "customer id",
+            KeyKind::EmailSha256 => "email_sha256",
+            KeyKind::Ip => "ip",
+        }
+    }
+}
+
+/// Orders per key within the window, for one program.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub(crate) struct Velocity {
+    keys: HashMap<u64, VecDeque<(i64, Box<str>)>>,
+    pub(crate) dropped: u64,
+}
+
+impl Velocity {
+    fn hash(kind: KeyKind, value: &str) -> u64 {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        h.update(&[kind.tag()]);
+        h.update(value.as_bytes());
+        h.digest()
+    }
+
+    /// Records an order at `ts` for `value`; when the key has more than `max`
+    /// orders in `(ts - window, ts]`, returns them all (the newest last).
+    pub(crate) fn record(
+        &mut self,
+        kind: KeyKind,
+        value: &str,
+        ts: i64,
+        order_id: &str,
+        window: i64,
+        max: usize,
+    ) -> Option<Vec<Box<str>>> {
+        let h = Velocity::hash(kind, value);
+        if !self.keys.contains_key(&h) && self.keys.len() >= VELOCITY_MAX_KEYS {
+            self.dropped += 1;
+            return None;
+        }
+        let q = self.keys.entry(h).or_default();
+        q.retain(|(t, _)| *t > ts.saturating_sub(window));
+        q.push_back((ts, order_id.into()));
+        // Bounded: only "more than max" matters.
+        while q.len() > max + 1 {
+            q.pop_front();
+        }
+        debug_assert!(q.len() <= max + 1);
+        (q.len() > max).then(|| q.iter().map(|(_, o)| o.clone()).collect())
+    }
+
+    /// Forgets keys with no order at or after `cutoff`.
+    pub(crate) fn sweep(&mut self, cutoff: i64) {
+        self.keys.retain(|_, q| q.back().is_some_and(|(t, _)| *t > cutoff));
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.keys.len()
+    }
+}
+
+/// The last redemptions of one code: whether a click from the code's
+/// partner preceded each, and the order.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub(crate) struct LeakWindow {
+    recent: VecDeque<(bool, Box<str>)>,
+    pub(crate) redemptions: u64,
+}
+
+impl LeakWindow {
+    /// Records a redemption; once `min_orders` redemptions are known and more
+    /// than `max_share` of the last `min_orders` had no click, returns the
+    /// share and the no-click orders among them (the current one included
+    /// when it had no click).
+    pub(crate) fn record(
+        &mut self,
+        clicked: bool,
+        order_id: &str,
+        min_orders: usize,
+        max_share: f64,
+    ) -> Option<(f64, Vec<Box<str>>)> {
+        self.redemptions += 1;
+        self.recent.push_back((clicked, order_id.into()));
+        while self.recent.len() > min_orders {
+            self.recent.pop_front();
+        }
+        if self.recent.len() < min_orders || clicked {
+            return None;
+        }
+        let no_click = self.recent.iter().filter(|(c, _)| !c).count();
+        let share = no_click as f64 / self.recent.len() as f64;
+        (share > max_share).then(|| (share, self.recent.iter().filter(|(c, _)| !c).map(|(_, o)| o.clone()).collect()))
+    }
+}
+
+/// One partner's learned share of its program's orders per bucket.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub(crate) struct SpikePartner {
+    bucket: i64,
+    count: u32,
+    /// Orders of the current bucket, for retroactive flags.
+    orders: Vec<Box<str>>,
+    /// The current bucket was judged a spike: it is not learned from.
+    spiking: bool,
+    mean: f64,
+    var: f64,
+    /// Buckets folded into the baseline.
+    seen: u32,
+}
+
+/// Per program: orders per bucket, and each partner's baseline.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub(crate) struct Spike {
+    /// (bucket, orders), oldest first, at most [`SPIKE_BUCKETS`].
+    buckets: VecDeque<(i64, u32)>,
+    partners: HashMap<u32, SpikePartner>,
+}
+
+/// What a conversion_spike judgement needs from the config.
+pub(crate) struct SpikeParams {
+    pub(crate) bucket: i64,
+    pub(crate) min_orders: u32,
+    pub(crate) threshold: f64,
+    pub(crate) warmup: u32,
+}
+
+/// A judged spike.
+#[derive(Debug)]
+pub(crate) struct SpikeHit {
+    pub(crate) z: f64,
+    pub(crate) count: u32,
+    pub(crate) expected: f64,
+    pub(crate) program_count: u32,
+    pub(crate) bucket_start: i64,
+    pub(crate) retro: Vec<Box<str>>,
+}
+
+impl Spike {
+    fn program_count(&self, bucket: i64) -> Option<u32> {
+        self.buckets.iter().rev().find(|(b, _)| *b == bucket).map(|(_, n)| *n)
+    }
+
+    /// Records an order attributed to `partner` at `ts`.
+    pub(crate) fn record(&mut self, partner: u32, ts: i64, order_id: &str, p: &SpikeParams) -> Option<SpikeHit> {
+        let b = ts.div_euclid(p.bucket);
+        match self.buckets.back_mut() {
+            Some((last, n)) if *last == b => *n += 1,
+            Some((last, _)) if *last > b => {
+                // A late order: counted in its bucket if still known, never judged.
+                if let Some(slot) = self.buckets.iter_mut().find(|(k, _)| *k == b) {
+                    slot.1 += 1;
+                }
+                return None;
+            }
+            _ => {
+                self.buckets.push_back((b, 1));
+                while self.buckets.len() > SPIKE_BUCKETS {
+                    self.buckets.pop_front();
+                }
+            }
+        }
+        let alpha = 2.0 / (f64::from(p.warmup) + 1.0);
+        let mut sp = self.partners.remove(&partner).unwrap_or(SpikePartner { bucket: b, ..SpikePartner::default() });
+        if sp.bucket > b {
+            self.partners.insert(partner, sp);
+            return None;
+        }
+        if sp.bucket < b {
+            // Fold the partner's finished bucket, then the buckets since in
+            // which the program had orders and the partner none.
+            let folds: Vec<(i64, f64)> = self
+                .buckets
+                .iter()
+                .filter(|(k, n)| *k >= sp.bucket && *k < b && *n > 0)
+                .map(|(k, n)| (*k, if *k == sp.bucket { f64::from(sp.count) / f64::from(*n) } else { 0.0 }))
+                .collect();
+            for (k, share) in folds {
+                if k == sp.bucket && sp.spiking {
+                    continue;
+                }
+                if sp.seen == 0 {
+                    sp.mean = share;
+                    sp.var = 0.0;
+                } else {
+                    let diff = share - sp.mean;
+                    let incr = alpha * diff;
+                    sp.mean += incr;
+                    sp.var = (1.0 - alpha) * (sp.var + diff * incr);
+                }
+                sp.seen = sp.seen.saturating_add(1);
+            }
+            sp.bucket = b;
+            sp.count = 0;
+            sp.orders.clear();
+            sp.spiking = false;
+        }
+        sp.count += 1;
+        if sp.orders.len() < SPIKE_RETRO {
+            sp.orders.push(order_id.into());
+        }
+        let total = self.program_count(b).unwrap_or(sp.count).max(sp.count);
+        let mut hit = None;
+        if sp.seen >= p.warmup && sp.count >= p.min_orders {
+            let n = f64::from(total);
+            let expected = sp.mean * n;
+            // Counting noise of the expected orders plus the baseline's own
+            // variability, scaled to this bucket's volume.
+            let sd = (expected + sp.var * n * n + 1.0).sqrt();
+            let z = (f64::from(sp.count) - expected) / sd;
+            if z >= p.threshold {
+                let retro = if sp.spiking { Vec::new() } else { std::mem::take(&mut sp.orders) };
+                sp.spiking = true;
+                hit = Some(SpikeHit {
+                    z,
+                    count: sp.count,
+                    expected,
+                    program_count: total,
+                    bucket_start: b * p.bucket,
+                    retro,
+                });
+            }
+        }
+        self.partners.insert(partner, sp);
+        hit
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> SpikeParams {
+        SpikeParams { bucket: 3_600_000_000, min_orders: 5, threshold: 4.0, warmup: 24 }
+    }
+
+    const H: i64 = 3_600_000_000;
+
+    /// `hours` of traffic: the program gets `base * seasonality` orders per
+    /// hour, partner 1 a steady tenth of them; returns the hits.
+    fn feed(sp: &mut Spike, hours: i64, base: u32, extra: impl Fn(i64) -> u32) -> Vec<(i64, SpikeHit)> {
+        let mut hits = Vec::new();
+        let mut n = 0;
+        for h in 0..hours {
+            let season = if h % 24 < 8 { 1 } else { 4 };
+            let total = base * season;
+            for i in 0..total {
+                let ts = h * H + i64::from(i) * (H / i64::from(total + 1));
+                let partner = if i % 10 == 0 { 1 } else { 2 };
+                n += 1;
+                if let Some(hit) = sp.record(partner, ts, &format!("o{n}"), &params()) {
+                    hits.push((h, hit));
+                }
+            }
+            for j in 0..extra(h) {
+                n += 1;
+                let ts = h * H + H / 2 + i64::from(j);
+                if let Some(hit) = sp.record(1, ts, &format!("x{n}"), &params()) {
+                    hits.push((h, hit));
+                }
+            }
+        }
+        hits
+    }
+
+    #[test]
+    fn seasonal_traffic_is_not_a_spike() {
+        let mut sp = Spike::default();
+        let hits = feed(&mut sp, 24 * 5, 50, |_| 0);
+        assert!(hits.is_empty(), "{hits:?}");
+    }
+
+    #[test]
+    fn a_burst_after_warm_up_is_flagged_in_its_bucket_with_its_earlier_orders() {
+        let mut sp = Spike::default();
+        let hits = feed(&mut sp, 24 * 3, 50, |h| if h == 60 { 40 } else { 0 });
+        assert!(!hits.is_empty());
+        assert!(hits.iter().all(|(h, _)| *h == 60), "{hits:?}");
+        let (_, first) = &hits[0];
+        assert!(first.z >= 4.0);
+        // Orders of the bucket before the spike was recognised are returned once.
+        assert!(first.retro.len() >= 5, "{}", first.retro.len());
+        assert!(hits[1..].iter().all(|(_, h)| h.retro.is_empty()));
+        assert_eq!(first.bucket_start, 60 * H);
+    }
+
+    #[test]
+    fn no_judgement_during_warm_up() {
+        let mut sp = Spike::default();
+        let hits = feed(&mut sp, 20, 50, |h| if h == 10 { 200 } else { 0 });
+        assert!(hits.is_empty(), "{hits:?}");
+    }
+
+    #[test]
+    fn a_spike_bucket_is_not_learned() {
+        let mut sp = Spike::default();
+        let hits = feed(&mut sp, 24 * 3, 50, |h| if h == 50 || h == 51 { 40 } else { 0 });
+        assert!(hits.iter().any(|(h, _)| *h == 50));
+        assert!(hits.iter().any(|(h, _)| *h == 51), "the second burst hour is still a spike");
+    }
+
+    #[test]
+    fn velocity_returns_every_order_of_the_key_in_the_window_once_over_the_limit() {
+        let mut v = Velocity::default();
+        let w = 60 * 1_000_000;
+        assert!(v.record(KeyKind::Ip, "1.2.3.4", 0, "a", w, 2).is_none());
+        assert!(v.record(KeyKind::Ip, "1.2.3.4", 10, "b", w, 2).is_none());
+        // Another kind with the same value is another key.
+        assert!(v.record(KeyKind::CustomerId, "1.2.3.4", 20, "z", w, 2).is_none());
+        let hit = v.record(KeyKind::Ip, "1.2.3.4", 20, "c", w, 2).unwrap();
+        assert_eq!(hit, vec!["a".into(), "b".into(), "c".into()] as Vec<Box<str>>);
+        // Exactly one window later the first order has left it: b, c, e.
+        assert!(v.record(KeyKind::Ip, "5.5.5.5", w, "d", w, 2).is_none());
+        let hit = v.record(KeyKind::Ip, "1.2.3.4", w, "e", w, 2).unwrap();
+        assert_eq!(hit, vec!["b".into(), "c".into(), "e".into()] as Vec<Box<str>>);
+        // One more microsecond and b has left too: c, e.
+        assert!(v.record(KeyKind::Ip, "1.2.3.4", w + 10, "f", w, 2).is_some(), "c, e, f");
+        assert!(v.record(KeyKind::Ip, "1.2.3.4", w + 21, "g", w, 2).is_some(), "e, f, g");
+        v.sweep(w + 20);
+        assert_eq!(v.len(), 1, "only 1.2.3.4 has an order after the cutoff");
+        v.sweep(w + 21);
+        assert_eq!(v.len(), 0);
+    }
+
+    #[test]
+    fn leak_judges_the_last_redemptions_only() {
+        let mut l = LeakWindow::default();
+        for i in 0..4 {
+            assert!(l.record(i % 2 == 0, &format!("o{i}"), 4, 0.5).is_none());
+        }
+        // Last 4: clicked, no, no(o4 clicked?) -> o1 no, o2 yes, o3 no, o4 no: 3/4 > 0.5.
+        let (share, orders) = l.record(false, "o4", 4, 0.5).unwrap();
+        assert_eq!(share, 0.75);
+        assert_eq!(orders, vec!["o1".into(), "o3".into(), "o4".into()] as Vec<Box<str>>);
+        // A clicked redemption is never flagged.
+        assert!(l.record(true, "o5", 4, 0.5).is_none());
+        // At exactly the share the code is not judged leaked: o3 no, o4 no, o5 yes, o6 yes = 0.5.
+        assert!(l.record(true, "o6", 4, 0.5).is_none());
+        assert!(l.record(false, "o7", 4, 0.5).is_none(), "o4 no, o5 yes, o6 yes, o7 no = 0.5");
+    }
+}
