@@ -4,4 +4,5 @@
 
 pub mod demo;
 pub mod replay;
+pub mod review;
 pub mod serve;

@@ -7,7 +7,9 @@ use std::process::ExitCode;
 
 use afflio::demo::{self, DemoOptions};
 use afflio::replay::replay;
+use afflio::review::{ReviewRequest, ReviewResult};
 use afflio_engine::rules::Rules;
+use afflio_engine::Decision;
 use afflio_sinks::OutputFormat;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
@@ -82,6 +84,12 @@ enum Command {
         #[arg(long, default_value_t = 4 * 1024 * 1024)]
         max_body: usize,
     },
+    /// Reviews on a replayed store: the queue of held lines, and decisions
+    /// (approve, reject, clear) recorded in the `decisions` table.
+    Review {
+        #[command(subcommand)]
+        command: ReviewCommand,
+    },
     /// Rules file commands.
     Rules {
         #[command(subcommand)]
@@ -103,6 +111,58 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum ReviewCommand {
+    /// Lines held for review, with the flags that hold them.
+    Queue {
+        /// The store directory.
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Approves lines: one order's (optionally one partner's, one tier), or,
+    /// without --order, every eligible unheld pending line of the program.
+    Approve(DecisionArgs),
+    /// Rejects an order's lines (they are never paid); needs --reason.
+    Reject(DecisionArgs),
+    /// Releases an order's held lines after review: they follow their normal
+    /// lifecycle (and still wait for their eligibility).
+    Clear(DecisionArgs),
+}
+
+#[derive(clap::Args)]
+struct DecisionArgs {
+    /// The rules file (TOML) the store was replayed with.
+    #[arg(long)]
+    config: PathBuf,
+    /// The store directory (written by `afflio replay`).
+    #[arg(long)]
+    data: PathBuf,
+    /// The program (default: the config's only program).
+    #[arg(long)]
+    program: Option<String>,
+    #[arg(long)]
+    order: Option<String>,
+    #[arg(long)]
+    partner: Option<String>,
+    #[arg(long)]
+    tier: Option<u8>,
+    /// Why (required to reject).
+    #[arg(long)]
+    reason: Option<String>,
+    /// Who decides (kept in the decisions table).
+    #[arg(long, env = "USER", default_value = "unknown")]
+    by: String,
+    /// The decision's time (RFC 3339); default: the store's "now".
+    #[arg(long, value_parser = parse_ts)]
+    at: Option<DateTime<Utc>>,
+    /// The review's event id (default: derived from its content, so that the
+    /// same command run twice decides once).
+    #[arg(long)]
+    id: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -156,6 +216,76 @@ fn progress_bar(total: u64, quiet: bool, what: &str) -> ProgressBar {
     pb
 }
 
+fn sql(data: &Path, query: &str, format: Format) -> anyhow::Result<ExitCode> {
+    let format = match format {
+        Format::Table => OutputFormat::Table,
+        Format::Csv => OutputFormat::Csv,
+        Format::Json => OutputFormat::Json,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    match rt.block_on(afflio_sinks::query(data, query, format)) {
+        Ok(text) => {
+            print!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+/// `afflio review approve|reject|clear`: exit 0 when applied (or already
+/// applied), 1 when the engine refused the review, with its reason.
+fn decide(decision: Decision, a: DecisionArgs) -> anyhow::Result<ExitCode> {
+    let rules = match load_rules(&a.config) {
+        Ok(r) => r,
+        Err(code) => return Ok(code),
+    };
+    let req = ReviewRequest {
+        decision,
+        program_id: a.program,
+        order_id: a.order,
+        partner_id: a.partner,
+        tier: a.tier,
+        reason: a.reason,
+        reviewer: a.by,
+        at: a.at,
+        event_id: a.id,
+    };
+    match afflio::review::review(rules, &a.data, &req)? {
+        ReviewResult::Applied(rows) => {
+            println!("{} line(s) decided", rows.len());
+            for r in &rows {
+                println!(
+                    "  {} {} tier {}: {} -> {} ({} {})",
+                    r.order_id,
+                    r.partner_id,
+                    r.tier,
+                    r.previous_status.as_str(),
+                    r.status.as_str(),
+                    r.net_amount,
+                    r.decision.as_str()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ReviewResult::Duplicate => {
+            println!("already applied (same review id and content): nothing changed");
+            Ok(ExitCode::SUCCESS)
+        }
+        ReviewResult::Rejected(r) => {
+            eprintln!(
+                "error: review refused ({}): {}: {}",
+                r.reason.as_str(),
+                r.field.as_deref().unwrap_or("-"),
+                r.detail
+            );
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Replay { config, events, out, as_of, quiet } => {
@@ -174,24 +304,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("store              {}", out.display());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Sql { data, query, format } => {
-            let format = match format {
-                Format::Table => OutputFormat::Table,
-                Format::Csv => OutputFormat::Csv,
-                Format::Json => OutputFormat::Json,
-            };
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-            match rt.block_on(afflio_sinks::query(&data, &query, format)) {
-                Ok(text) => {
-                    print!("{text}");
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    Ok(ExitCode::from(2))
-                }
-            }
-        }
+        Command::Sql { data, query, format } => sql(&data, &query, format),
         Command::Serve { config, nats, http, data, state, flush_events, flush_ms, checkpoint_ms, max_body } => {
             let rules = match load_rules(&config) {
                 Ok(r) => r,
@@ -213,6 +326,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             rt.block_on(afflio::serve::run(opts, rules))?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Review { command: ReviewCommand::Queue { data, format } } => {
+            let q = "SELECT l.program_id, l.order_id, l.partner_id, l.tier, l.net_amount, l.currency, l.eligible_at, \
+                     f.rules FROM lines l JOIN (SELECT program_id, order_id, string_agg(DISTINCT rule, ',') AS rules \
+                     FROM flags WHERE action = 'hold' GROUP BY program_id, order_id) f \
+                     ON l.program_id = f.program_id AND l.order_id = f.order_id \
+                     WHERE l.held ORDER BY l.program_id, l.order_id, l.tier";
+            sql(&data, q, format)
+        }
+        Command::Review { command: ReviewCommand::Approve(a) } => decide(Decision::Approve, a),
+        Command::Review { command: ReviewCommand::Reject(a) } => decide(Decision::Reject, a),
+        Command::Review { command: ReviewCommand::Clear(a) } => decide(Decision::Clear, a),
         Command::Rules { command: RulesCommand::Check { file } } => match load_rules(&file) {
             Ok(r) => {
                 println!(

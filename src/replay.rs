@@ -134,6 +134,7 @@ pub fn replay(
     mut progress: impl FnMut(u64),
 ) -> anyhow::Result<Summary> {
     let started = Instant::now();
+    let data_dir = out.to_path_buf();
     let arrival_ts = Utc::now();
     let run_id = format!("{}", arrival_ts.format("%Y%m%dT%H%M%S%6fZ"));
     let mut engine = Engine::new(Arc::new(rules));
@@ -188,6 +189,8 @@ pub fn replay(
     for o in engine.orders() {
         tally.order(o, &engine.line_statuses(o, at));
     }
+    let elapsed = started.elapsed();
+    crate::review::save_state(&data_dir, &engine, at)?;
     Ok(Summary {
         stats: engine.stats(),
         as_of,
@@ -196,6 +199,6 @@ pub fn replay(
         flags_by_rule: tally.flags_by_rule,
         lines_read,
         bytes,
-        elapsed: started.elapsed(),
+        elapsed,
     })
 }

@@ -11,12 +11,12 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use crate::dedupe::{Check, Dedupe};
-use crate::event::{fingerprint, Body, Capture, Click, Event, Item, Refund};
+use crate::event::{fingerprint, Body, Capture, Click, Decision, Event, Item, Refund, ReviewEvent};
 use crate::fraud::{Hit, KeyKind, LeakWindow, Spike, SpikeParams, Velocity};
 use crate::money::{check_amount, round_money};
 use crate::output::{
-    Arrival, AttributionKind, ClickRow, EntryKind, Flag, FraudRule, LedgerEntry, Outcome, Output, Reason, Rejection,
-    Stats,
+    Arrival, AttributionKind, ClickRow, DecisionRow, EntryKind, Flag, FraudRule, LedgerEntry, Outcome, Output, Reason,
+    Rejection, Stats,
 };
 use crate::sessions::{ClickRec, Sessions};
 use crate::state::{ClosedOrder, CodeIssue, Credit, Line, LineStatus, Order, Review};
@@ -77,6 +77,7 @@ pub fn check_event<'r>(rules: &'r Rules, e: &Event<'_>) -> Result<&'r Program, I
         }
         Body::Capture(c) => check_money(program, &c.currency, c.amount, &c.items)?,
         Body::Refund(r) => check_money(program, &r.currency, r.amount, &r.items)?,
+        Body::Review(_) => {}
     }
     Ok(program)
 }
@@ -396,6 +397,7 @@ impl Engine {
             Body::Click(c) => self.apply_click(e, c, rules, program),
             Body::Capture(c) => self.apply_capture(e, c, rules, program),
             Body::Refund(r) => self.apply_refund(e, r, rules, program),
+            Body::Review(r) => self.apply_review(e, r, program),
         }
     }
 
@@ -762,7 +764,9 @@ impl Engine {
             }
         }
         if fraud.conversion_spike != FraudAction::Off {
-            if let Some(partner) = self.names.get(&cr.partner_id) {
+            // Partners are configured: interning them is bounded.
+            let partner = self.names.intern(&cr.partner_id);
+            {
                 let params = SpikeParams {
                     bucket: micros(fraud.conversion_spike_bucket),
                     min_orders: fraud.conversion_spike_min_orders,
@@ -827,6 +831,138 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// A reviewer's decision. On one order it is all or nothing: every
+    /// selected line must accept it, or the review is refused and nothing
+    /// changes. Without an order (bulk approval) it approves the program's
+    /// lines that are eligible, unheld and pending at the review's time.
+    fn apply_review(&mut self, e: &Event<'_>, r: &ReviewEvent<'_>, program: &Program) -> Result<(), Reject> {
+        let invalid = |field: &'static str, detail: String| reject(Reason::InvalidReview, field, detail);
+        let ts = e.ts;
+        let targets: Vec<usize> = match &r.order_id {
+            Some(id) => {
+                let idx = self
+                    .names
+                    .get(&program.id)
+                    .and_then(|p| self.order_index.get(&p))
+                    .and_then(|m| m.get(id.as_ref()))
+                    .copied()
+                    .ok_or_else(|| {
+                        reject(
+                            Reason::UnknownOrder,
+                            "order_id",
+                            format!("order_id {id:?} is not an open order of program {:?}", program.id),
+                        )
+                    })?;
+                vec![idx as usize]
+            }
+            None if r.decision == Decision::Approve => {
+                (0..self.orders.len()).filter(|&i| *self.orders[i].program_id == *program.id).collect()
+            }
+            None => {
+                return Err(invalid(
+                    "order_id",
+                    format!("a {} review names an order; only approve may go without one (bulk)", r.decision.as_str()),
+                ))
+            }
+        };
+        let bulk = r.order_id.is_none();
+        let mut changes: Vec<(usize, usize, LineStatus, Review)> = Vec::new();
+        let mut matched = 0;
+        for idx in targets {
+            let order = &self.orders[idx];
+            for (li, line) in order.lines.iter().enumerate() {
+                if r.partner_id.as_deref().is_some_and(|p| p != &*line.partner_id)
+                    || r.tier.is_some_and(|t| t != line.tier)
+                {
+                    continue;
+                }
+                matched += 1;
+                let status = self.line_status(order, line, ts);
+                let awaiting_review = order.held && line.review.is_none();
+                let what = || format!("line ({}, {}, tier {})", order.order_id, line.partner_id, line.tier);
+                let new = match r.decision {
+                    Decision::Approve if bulk => {
+                        if status != LineStatus::Pending || awaiting_review || ts < order.eligible_at {
+                            continue;
+                        }
+                        Review::Approved
+                    }
+                    Decision::Approve => {
+                        if status == LineStatus::Rejected {
+                            return Err(invalid("decision", format!("{} was rejected and cannot be approved", what())));
+                        }
+                        if ts < order.eligible_at {
+                            return Err(invalid(
+                                "ts",
+                                format!(
+                                    "{} is not eligible until {} (the return window); clear it instead to release a hold",
+                                    what(),
+                                    order.eligible_at.to_rfc3339()
+                                ),
+                            ));
+                        }
+                        if line.review == Some(Review::Approved) {
+                            continue;
+                        }
+                        Review::Approved
+                    }
+                    Decision::Reject => {
+                        if line.review == Some(Review::Rejected) {
+                            continue;
+                        }
+                        Review::Rejected
+                    }
+                    Decision::Clear => {
+                        if !awaiting_review {
+                            if line.review.is_some() {
+                                continue;
+                            }
+                            return Err(invalid("decision", format!("{} is not held for review", what())));
+                        }
+                        Review::Cleared
+                    }
+                };
+                changes.push((idx, li, status, new));
+            }
+        }
+        if matched == 0 && !bulk {
+            let field = if r.tier.is_some() { "tier" } else { "partner_id" };
+            return Err(invalid(
+                field,
+                format!(
+                    "order {:?} has no line for partner {:?} tier {:?}",
+                    r.order_id.as_deref().unwrap_or_default(),
+                    r.partner_id.as_deref().unwrap_or("*"),
+                    r.tier
+                ),
+            ));
+        }
+        self.stats.applied_reviews += 1;
+        for (idx, li, previous, new) in changes {
+            self.orders[idx].lines[li].review = Some(new);
+            let order = &self.orders[idx];
+            let line = &order.lines[li];
+            let status = self.line_status(order, line, ts);
+            self.stats.lines_decided += 1;
+            self.out.decisions.push(DecisionRow {
+                event_id: e.event_id.to_string(),
+                ts,
+                program_id: order.program_id.clone(),
+                order_id: order.order_id.to_string(),
+                partner_id: line.partner_id.clone(),
+                tier: line.tier,
+                decision: r.decision,
+                reason: r.reason.as_deref().map(str::to_string),
+                reviewer: r.reviewer.to_string(),
+                previous_status: previous,
+                status,
+                net_amount: line.net,
+                bulk,
+            });
+        }
+        Ok(())
     }
 
     fn code_uses(&self, prog: u32, norm: &str) -> u64 {

@@ -14,6 +14,8 @@ pub enum EventType {
     Capture,
     Refund,
     Chargeback,
+    /// A reviewer's decision on commission lines (not from a checkout).
+    Review,
 }
 
 impl EventType {
@@ -23,6 +25,7 @@ impl EventType {
             EventType::Capture => "capture",
             EventType::Refund => "refund",
             EventType::Chargeback => "chargeback",
+            EventType::Review => "review",
         }
     }
 
@@ -32,6 +35,7 @@ impl EventType {
             "capture" => EventType::Capture,
             "refund" => EventType::Refund,
             "chargeback" => EventType::Chargeback,
+            "review" => EventType::Review,
             _ => return None,
         })
     }
@@ -61,6 +65,7 @@ impl Event<'_> {
             Body::Capture(_) => EventType::Capture,
             Body::Refund(r) if r.chargeback => EventType::Chargeback,
             Body::Refund(_) => EventType::Refund,
+            Body::Review(_) => EventType::Review,
         }
     }
 }
@@ -72,6 +77,53 @@ pub enum Body<'a> {
     Capture(Capture<'a>),
     /// A refund, or a chargeback when `chargeback` is set.
     Refund(Refund<'a>),
+    Review(ReviewEvent<'a>),
+}
+
+/// What a reviewer decides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Decision {
+    /// Approve for payout: the line must be eligible; approving a held line
+    /// is the review that releases it.
+    Approve,
+    /// Never pay the line.
+    Reject,
+    /// The flags were reviewed and are harmless: the held line returns to
+    /// its normal lifecycle (it still waits for its eligibility).
+    Clear,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Approve => "approve",
+            Decision::Reject => "reject",
+            Decision::Clear => "clear",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Decision> {
+        Some(match s {
+            "approve" => Decision::Approve,
+            "reject" => Decision::Reject,
+            "clear" => Decision::Clear,
+            _ => return None,
+        })
+    }
+}
+
+/// A review: the lines of one order (optionally one partner's, one tier),
+/// or, for `approve` without an order, every eligible unheld pending line
+/// of the program as of the review's time (bulk approval).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReviewEvent<'a> {
+    pub order_id: Option<Cow<'a, str>>,
+    pub partner_id: Option<Cow<'a, str>>,
+    pub tier: Option<u8>,
+    pub decision: Decision,
+    pub reason: Option<Cow<'a, str>>,
+    /// Who decided (kept in the decisions table).
+    pub reviewer: Cow<'a, str>,
 }
 
 /// A shopper followed a tracking link.
@@ -168,6 +220,14 @@ pub fn fingerprint(e: &Event<'_>) -> u128 {
             h.money(41, r.amount);
             h.str(42, &r.currency);
             h.items(&r.items);
+        }
+        Body::Review(r) => {
+            h.opt(50, &r.order_id);
+            h.opt(51, &r.partner_id);
+            h.int(52, r.tier.map_or(-1, i64::from));
+            h.str(53, r.decision.as_str());
+            h.opt(54, &r.reason);
+            h.str(55, &r.reviewer);
         }
     }
     h.0.digest128()

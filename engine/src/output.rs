@@ -28,10 +28,13 @@ pub enum Reason {
     /// Older than the duplicate-detection retention behind the newest event
     /// time: it can no longer be told apart from a redelivery.
     LateEvent,
+    /// A review that cannot apply: no such line, not eligible yet, already
+    /// rejected, nothing held to clear.
+    InvalidReview,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 10] = [
+    pub const ALL: [Reason; 11] = [
         Reason::Malformed,
         Reason::UnknownProgram,
         Reason::UnknownLink,
@@ -42,6 +45,7 @@ impl Reason {
         Reason::RefundExceedsCapture,
         Reason::IdempotencyConflict,
         Reason::LateEvent,
+        Reason::InvalidReview,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -56,6 +60,7 @@ impl Reason {
             Reason::RefundExceedsCapture => "refund_exceeds_capture",
             Reason::IdempotencyConflict => "idempotency_conflict",
             Reason::LateEvent => "late_event",
+            Reason::InvalidReview => "invalid_review",
         }
     }
 }
@@ -219,6 +224,28 @@ pub struct Flag {
     pub retroactive: bool,
 }
 
+/// A reviewer's decision on one line: an append-only record.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DecisionRow {
+    /// The review event.
+    pub event_id: String,
+    pub ts: DateTime<Utc>,
+    pub program_id: Arc<str>,
+    pub order_id: String,
+    pub partner_id: Arc<str>,
+    pub tier: u8,
+    pub decision: crate::event::Decision,
+    pub reason: Option<String>,
+    pub reviewer: String,
+    /// The line's status before and after the decision.
+    pub previous_status: crate::state::LineStatus,
+    pub status: crate::state::LineStatus,
+    /// The net commission of the line when decided.
+    pub net_amount: Decimal,
+    /// Part of a bulk approval (a review without an order).
+    pub bulk: bool,
+}
+
 /// An applied click.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ClickRow {
@@ -241,6 +268,8 @@ pub struct Output {
     pub clicks: Vec<ClickRow>,
     pub flags: Vec<Flag>,
     pub rejections: Vec<Rejection>,
+    /// Reviewer decisions, one row per line decided.
+    pub decisions: Vec<DecisionRow>,
     /// Orders closed by retention, with their final line status.
     pub closed: Vec<crate::state::ClosedOrder>,
 }
@@ -251,7 +280,12 @@ impl Output {
     }
 
     pub fn len(&self) -> usize {
-        self.ledger.len() + self.clicks.len() + self.flags.len() + self.rejections.len() + self.closed.len()
+        self.ledger.len()
+            + self.clicks.len()
+            + self.flags.len()
+            + self.rejections.len()
+            + self.decisions.len()
+            + self.closed.len()
     }
 }
 
@@ -263,6 +297,11 @@ pub struct Stats {
     pub applied_captures: u64,
     pub applied_refunds: u64,
     pub applied_chargebacks: u64,
+    /// Review events applied, and the line decisions they made.
+    #[serde(default)]
+    pub applied_reviews: u64,
+    #[serde(default)]
+    pub lines_decided: u64,
     pub duplicates: u64,
     pub rejected: BTreeMap<Reason, u64>,
     pub orders_by_link: u64,
@@ -280,7 +319,11 @@ pub struct Stats {
 
 impl Stats {
     pub fn applied(&self) -> u64 {
-        self.applied_clicks + self.applied_captures + self.applied_refunds + self.applied_chargebacks
+        self.applied_clicks
+            + self.applied_captures
+            + self.applied_refunds
+            + self.applied_chargebacks
+            + self.applied_reviews
     }
 
     pub fn rejections(&self) -> u64 {

@@ -357,3 +357,124 @@ fn refund_rate_flags_new_orders_of_a_partner_with_abnormal_refunds() {
     assert!(flags[0].detail.contains("35% of captured revenue refunded over 2 orders"), "{}", flags[0].detail);
     assert!(!e.order("acme", "o3").unwrap().held, "action = flag");
 }
+
+fn review(id: &str, mins: i64, order: Option<&str>, decision: crate::Decision, reason: Option<&str>) -> Event<'static> {
+    Event {
+        event_id: id.to_string().into(),
+        ts: at(mins),
+        program_id: "acme".into(),
+        body: Body::Review(crate::ReviewEvent {
+            order_id: order.map(|o| o.to_string().into()),
+            partner_id: None,
+            tier: None,
+            decision,
+            reason: reason.map(|r| r.to_string().into()),
+            reviewer: "ana".into(),
+        }),
+    }
+}
+
+#[test]
+fn a_hold_blocks_approval_until_a_review() {
+    use crate::{Decision, LineStatus};
+    let mut e = fraud_engine("[programs.fraud.velocity]\naction = 'hold'\nmax_orders = 1\nwindow = '1h'");
+    let day = 60 * 24;
+    // o0 and o1 by one customer: both held. o2 by another: not.
+    apply(&mut e, &with_customer(capture("c0", 0, "o0", "100", None, &["alice"]), "cust-1", "10.0.0.1"));
+    apply(&mut e, &with_customer(capture("c1", 1, "o1", "100", None, &["alice"]), "cust-1", "10.0.0.2"));
+    apply(&mut e, &with_customer(capture("c2", 2, "o2", "100", None, &["alice"]), "cust-2", "10.0.0.3"));
+    let status = |e: &Engine, o: &str, mins: i64| e.line_statuses(e.order("acme", o).unwrap(), at(mins))[0];
+    assert_eq!(status(&e, "o0", 365 * day), LineStatus::Pending);
+    e.take_output();
+    // Approving before the 30-day hold has passed is refused, and nothing changes.
+    let early = apply(&mut e, &review("r1", 2 * day, Some("o2"), Decision::Approve, None));
+    assert_eq!(early, Outcome::Rejected(Reason::InvalidReview));
+    assert!(e.take_output().rejections[0].detail.contains("not eligible until"));
+    // Bulk approval at day 31 approves the eligible unheld line only.
+    assert_eq!(apply(&mut e, &review("r2", 31 * day, None, Decision::Approve, None)), Outcome::Applied);
+    let rows = e.take_output().decisions;
+    let got: Vec<(&str, LineStatus, LineStatus, bool)> =
+        rows.iter().map(|r| (r.order_id.as_str(), r.previous_status, r.status, r.bulk)).collect();
+    assert_eq!(got, [("o2", LineStatus::Pending, LineStatus::Approved, true)]);
+    assert_eq!(status(&e, "o0", 31 * day), LineStatus::Pending, "held lines wait for a review");
+    // A reviewer clears o0: it follows its lifecycle again and the next bulk approval takes it.
+    assert_eq!(apply(&mut e, &review("r3", 31 * day, Some("o0"), Decision::Clear, Some("family"))), Outcome::Applied);
+    assert_eq!(status(&e, "o0", 31 * day), LineStatus::Pending, "manual program: cleared is not approved");
+    assert_eq!(apply(&mut e, &review("r4", 32 * day, None, Decision::Approve, None)), Outcome::Applied);
+    assert_eq!(status(&e, "o0", 32 * day), LineStatus::Approved);
+    // o1 is rejected with a reason; it can no longer be approved, and clearing it again is refused.
+    assert_eq!(apply(&mut e, &review("r5", 32 * day, Some("o1"), Decision::Reject, Some("bot"))), Outcome::Applied);
+    assert_eq!(status(&e, "o1", 400 * day), LineStatus::Rejected);
+    let again = apply(&mut e, &review("r6", 33 * day, Some("o1"), Decision::Approve, None));
+    assert_eq!(again, Outcome::Rejected(Reason::InvalidReview));
+    // Clearing a line that was never held is refused.
+    apply(&mut e, &with_customer(capture("c3", 33 * day, "o3", "100", None, &["alice"]), "cust-3", "10.0.0.4"));
+    let not_held = apply(&mut e, &review("r7", 33 * day, Some("o3"), Decision::Clear, None));
+    assert_eq!(not_held, Outcome::Rejected(Reason::InvalidReview));
+    // A redelivered review is a duplicate, not a second decision.
+    assert_eq!(apply(&mut e, &review("r5", 32 * day, Some("o1"), Decision::Reject, Some("bot"))), Outcome::Duplicate);
+    let out = e.take_output();
+    let decided: Vec<(&str, &str)> = out.decisions.iter().map(|r| (r.event_id.as_str(), r.order_id.as_str())).collect();
+    assert_eq!(decided, [("r3", "o0"), ("r4", "o0"), ("r5", "o1")]);
+    assert_eq!(out.decisions[2].reason.as_deref(), Some("bot"));
+    // Unknown orders are named.
+    assert_eq!(
+        apply(&mut e, &review("r8", 33 * day, Some("nope"), Decision::Reject, Some("x"))),
+        Outcome::Rejected(Reason::UnknownOrder)
+    );
+}
+
+#[test]
+fn a_held_line_approved_once_eligible_is_released_by_that_review() {
+    use crate::{Decision, LineStatus};
+    let mut e = fraud_engine("[programs.fraud.velocity]\naction = 'hold'\nmax_orders = 1\nwindow = '1h'");
+    apply(&mut e, &with_customer(capture("c0", 0, "o0", "100", None, &["alice"]), "cust-1", "10.0.0.1"));
+    apply(&mut e, &with_customer(capture("c1", 1, "o1", "100", None, &["alice"]), "cust-1", "10.0.0.1"));
+    let day = 60 * 24;
+    assert_eq!(apply(&mut e, &review("r1", 31 * day, Some("o0"), Decision::Approve, None)), Outcome::Applied);
+    let o0 = e.order("acme", "o0").unwrap();
+    assert_eq!(e.line_statuses(o0, at(31 * day))[0], LineStatus::Approved);
+    assert_eq!(e.line_statuses(e.order("acme", "o1").unwrap(), at(31 * day))[0], LineStatus::Pending);
+}
+
+#[test]
+fn conversion_spike_holds_the_orders_of_the_spiking_bucket() {
+    let mut e = fraud_engine(
+        "[programs.fraud.conversion_spike]\naction = 'hold'\nbucket = '1h'\nmin_orders = 3\nthreshold = 1.0\nwarmup_buckets = 2",
+    );
+    let bob = "[[partners]]\nid = 'bob'\nprogram_id = 'acme'\n[[codes]]\ncode = 'BOB'\npartner_id = 'bob'\n";
+    let rules = e.rules().with_update(bob).unwrap();
+    e.set_rules(Arc::new(rules));
+    let mut n = 0;
+    let mut order = |e: &mut Engine, mins: i64, code: &str| {
+        n += 1;
+        apply(e, &capture(&format!("c{n}"), mins, &format!("o{n}"), "10", None, &[code]))
+    };
+    // Five hours of alice and bob at 2 orders each: alice's share is 0.5.
+    for h in 0..5 {
+        for k in 0..2 {
+            order(&mut e, h * 60 + k * 10, "BOB");
+            order(&mut e, h * 60 + k * 10 + 5, "ALICE");
+        }
+    }
+    assert!(e.take_output().flags.is_empty());
+    // Hour 5: bob 2, alice 10. With P = 2 + c, expected 0.5 P and no variance,
+    // z = (0.5 c - 1) / sqrt(2 + 0.5 c) first reaches 1.0 at c = 7.
+    order(&mut e, 300, "BOB");
+    order(&mut e, 301, "BOB");
+    for k in 0..10 {
+        order(&mut e, 302 + k, "ALICE");
+    }
+    let flags = e.take_output().flags;
+    assert_eq!(flags.len(), 10, "all ten of alice's orders in the spiking hour");
+    assert!(flags.iter().all(|f| f.rule.as_str() == "conversion_spike" && &*f.partner_id == "alice"));
+    assert_eq!(flags.iter().filter(|f| f.retroactive).count(), 6);
+    assert_eq!(flags[0].event_id, flags[6].event_id, "raised by the 7th order");
+    assert!(
+        flags[6].detail.contains("partner alice has 7 of the program's 9 orders in the 1h bucket"),
+        "{}",
+        flags[6].detail
+    );
+    assert!(e.order("acme", "o23").unwrap().held, "alice's first order of hour 5");
+    assert!(!e.order("acme", "o21").unwrap().held, "bob's");
+}

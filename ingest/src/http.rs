@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, RwLock};
 
-use afflio_engine::rules::Rules;
+use afflio_engine::rules::{KeyRole, Rules};
 use afflio_engine::{check_event, fingerprint, Reason};
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
@@ -80,7 +80,7 @@ fn error(status: StatusCode, reason: &str, field: Option<&str>, detail: String) 
 
 /// The program the bearer key may send for; keys compared in constant time.
 #[allow(clippy::result_large_err)] // the error is the answer itself, built once per request
-fn authorize(rules: &Rules, headers: &HeaderMap) -> Result<String, Response> {
+fn authorize(rules: &Rules, headers: &HeaderMap) -> Result<(String, KeyRole), Response> {
     let unauthorized = |detail: &str| {
         let mut r = error(StatusCode::UNAUTHORIZED, "unauthorized", Some("Authorization"), detail.to_string());
         r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -95,7 +95,7 @@ fn authorize(rules: &Rules, headers: &HeaderMap) -> Result<String, Response> {
     let mut found = None;
     for k in rules.api_keys() {
         if bool::from(k.key.expose().as_bytes().ct_eq(token.as_bytes())) {
-            found = Some(k.program_id.clone());
+            found = Some((k.program_id.clone(), k.role));
         }
     }
     found.ok_or_else(|| unauthorized("unknown API key"))
@@ -149,7 +149,7 @@ fn split_body<'a>(headers: &HeaderMap, body: &'a str) -> Result<Vec<&'a str>, Re
 
 async fn post_events(State(st): State<Ingest>, headers: HeaderMap, body: Bytes) -> Response {
     let rules = rules(&st);
-    let program = match authorize(&rules, &headers) {
+    let (program, role) = match authorize(&rules, &headers) {
         Ok(p) => p,
         Err(r) => return r,
     };
@@ -201,6 +201,19 @@ async fn post_events(State(st): State<Ingest>, headers: HeaderMap, body: Bytes) 
                 status: StatusCode::FORBIDDEN,
                 body: json!({ "event_id": &*ev.event_id, "status": "rejected", "reason": "forbidden", "field": "program_id",
                     "detail": format!("this API key may not send events for program {:?}", ev.program_id) }),
+            }));
+            continue;
+        }
+        let is_review = ev.event_type() == afflio_engine::EventType::Review;
+        if is_review != (role == KeyRole::Review) {
+            let detail = if is_review {
+                "review events need a key with role = \"review\""
+            } else {
+                "a review key may send review events only"
+            };
+            answers.push(Some(Answer {
+                status: StatusCode::FORBIDDEN,
+                body: json!({ "event_id": &*ev.event_id, "status": "rejected", "reason": "forbidden", "field": "type", "detail": detail }),
             }));
             continue;
         }

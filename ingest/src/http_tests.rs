@@ -36,6 +36,10 @@ key = "acme-key-0123456789"
 [[api_keys]]
 program_id = "other"
 key = "other-key-0123456789"
+[[api_keys]]
+program_id = "acme"
+key = "acme-reviewer-0123456789"
+role = "review"
 "#;
 
 /// Stores message ids; `down` makes it fail like a broker that is gone.
@@ -283,4 +287,21 @@ async fn tracking_links_redirect_set_a_visitor_and_publish_the_click() {
             matches!(&ev.body, afflio_engine::Body::Click(c) if c.visitor_id == vid && c.link_id == "alice-summer")
         );
     }
+}
+
+#[tokio::test]
+async fn reviews_need_a_review_key_and_review_keys_send_nothing_else() {
+    let broker = Arc::new(FakeBroker::default());
+    let app = app(&broker);
+    let review = r#"{"type":"review","event_id":"rv-1","ts":"2026-12-20T00:00:00Z","program_id":"acme","order_id":"o1","decision":"reject","reason":"own account","reviewer":"ana"}"#;
+    let ingest = Some("acme-key-0123456789");
+    let reviewer = Some("acme-reviewer-0123456789");
+    check(&app, ingest, review, StatusCode::FORBIDDEN, &[("reason", "forbidden"), ("field", "type")]).await;
+    check(&app, reviewer, CAPTURE, StatusCode::FORBIDDEN, &[("reason", "forbidden"), ("field", "type")]).await;
+    let no_reason = review.replace(r#""reason":"own account","#, "");
+    check(&app, reviewer, &no_reason, StatusCode::BAD_REQUEST, &[("reason", "malformed"), ("field", "reason")]).await;
+    check(&app, reviewer, review, StatusCode::ACCEPTED, &[("status", "accepted")]).await;
+    let stored = broker.stored.lock().unwrap().clone();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].0, "afflio.events.acme.review");
 }

@@ -13,8 +13,8 @@ mod raw;
 mod units;
 
 pub use compile::{
-    ApiKey, AttributionModel, Code, EngineSettings, FraudAction, FraudSettings, Link, Partner, Payout, PayoutProvider,
-    Program, Rules, Secret,
+    ApiKey, AttributionModel, Code, EngineSettings, FraudAction, FraudSettings, KeyRole, Link, Partner, Payout,
+    PayoutProvider, Program, Rules, Secret,
 };
 pub use error::{ConfigError, Problem};
 pub use units::{format_duration, parse_duration, Currency, Rate};

@@ -33,6 +33,8 @@ pub(crate) struct RawApiKey {
     pub(crate) key: Option<S<String>>,
     /// The environment variable that holds the key.
     pub(crate) key_env: Option<S<String>>,
+    /// `ingest` (checkout events, the default) or `review` (review events only).
+    pub(crate) role: Option<S<String>>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]

@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
-use afflio_engine::{ClickRow, ClosedOrder, Engine, Flag, LedgerEntry, LineStatus, Order, Rejection};
+use afflio_engine::{
+    ClickRow, ClosedOrder, DecisionRow, Engine, Flag, LedgerEntry, LineStatus, Order, Output, Rejection,
+};
 use chrono::{DateTime, Utc};
 use datafusion::arrow::array::{
     ArrayRef, BooleanArray, Decimal128Array, Float64Array, Int32Array, Int64Array, ListBuilder, RecordBatch,
@@ -21,11 +23,12 @@ pub enum Table {
     Rejections,
     Clicks,
     Lines,
+    Decisions,
 }
 
 impl Table {
-    pub const ALL: [Table; 6] =
-        [Table::Ledger, Table::Orders, Table::Flags, Table::Rejections, Table::Clicks, Table::Lines];
+    pub const ALL: [Table; 7] =
+        [Table::Ledger, Table::Orders, Table::Flags, Table::Rejections, Table::Clicks, Table::Lines, Table::Decisions];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -35,6 +38,7 @@ impl Table {
             Table::Rejections => "rejections",
             Table::Clicks => "clicks",
             Table::Lines => "lines",
+            Table::Decisions => "decisions",
         }
     }
 }
@@ -150,6 +154,21 @@ pub fn schema(t: Table) -> SchemaRef {
             f("review", Utf8, true),
             f("as_of", ts_type(), false),
         ],
+        Table::Decisions => vec![
+            f("event_id", Utf8, false),
+            f("ts", ts_type(), false),
+            f("program_id", Utf8, false),
+            f("order_id", Utf8, false),
+            f("partner_id", Utf8, false),
+            f("tier", Int32, false),
+            f("decision", Utf8, false),
+            f("reason", Utf8, true),
+            f("reviewer", Utf8, false),
+            f("previous_status", Utf8, false),
+            f("status", Utf8, false),
+            f("net_amount", MONEY, false),
+            f("bulk", Boolean, false),
+        ],
     };
     Arc::new(Schema::new(fields))
 }
@@ -260,6 +279,50 @@ pub(crate) fn flags(rows: &[Flag]) -> Result<RecordBatch, ArrowError> {
             Arc::new(BooleanArray::from_iter(rows.iter().map(|r| Some(r.retroactive)))),
         ],
     )
+}
+
+pub(crate) fn decisions(rows: &[DecisionRow]) -> Result<RecordBatch, ArrowError> {
+    batch(
+        Table::Decisions,
+        vec![
+            strings(rows.iter().map(|r| r.event_id.as_str())),
+            times(rows.iter().map(|r| r.ts)),
+            strings(rows.iter().map(|r| &*r.program_id)),
+            strings(rows.iter().map(|r| r.order_id.as_str())),
+            strings(rows.iter().map(|r| &*r.partner_id)),
+            Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| i32::from(r.tier)))),
+            strings(rows.iter().map(|r| r.decision.as_str())),
+            opt_strings(rows.iter().map(|r| r.reason.as_deref())),
+            strings(rows.iter().map(|r| r.reviewer.as_str())),
+            strings(rows.iter().map(|r| r.previous_status.as_str())),
+            strings(rows.iter().map(|r| r.status.as_str())),
+            money(rows.iter().map(|r| r.net_amount))?,
+            Arc::new(BooleanArray::from_iter(rows.iter().map(|r| Some(r.bulk)))),
+        ],
+    )
+}
+
+/// The rows of `out` for table `t`: streamed rows, and for the state tables
+/// the orders closed by retention (they leave the snapshot for good).
+pub(crate) fn rows(t: Table, out: &Output) -> Result<RecordBatch, ArrowError> {
+    match t {
+        Table::Ledger => ledger(&out.ledger),
+        Table::Clicks => clicks(&out.clicks),
+        Table::Flags => flags(&out.flags),
+        Table::Rejections => rejections(&out.rejections),
+        Table::Decisions => decisions(&out.decisions),
+        Table::Orders => orders(&out.closed.iter().map(|c| &c.order).collect::<Vec<_>>()),
+        Table::Lines => lines(&closed_lines(&out.closed)),
+    }
+}
+
+/// The state tables' rows: the engine's open orders and their lines as of `as_of`.
+pub(crate) fn state(t: Table, engine: &Engine, as_of: DateTime<Utc>) -> Option<Result<RecordBatch, ArrowError>> {
+    match t {
+        Table::Orders => Some(orders(&engine.orders().iter().collect::<Vec<_>>())),
+        Table::Lines => Some(lines(&open_lines(engine, as_of))),
+        _ => None,
+    }
 }
 
 pub(crate) fn rejections(rows: &[Rejection]) -> Result<RecordBatch, ArrowError> {

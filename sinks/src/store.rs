@@ -51,6 +51,7 @@ struct TableFile {
 /// Writes one Parquet file per table, streaming rows as they come.
 pub struct ParquetStore {
     dir: PathBuf,
+    run_id: String,
     files: BTreeMap<Table, TableFile>,
 }
 
@@ -80,7 +81,7 @@ impl ParquetStore {
                 .map_err(|source| StoreError::Parquet { table: t.name(), source })?;
             files.insert(t, TableFile { tmp, path: tdir.join(name), writer, rows: 0 });
         }
-        Ok(ParquetStore { dir: dir.to_path_buf(), files })
+        Ok(ParquetStore { dir: dir.to_path_buf(), run_id: run_id.to_string(), files })
     }
 
     pub fn dir(&self) -> &Path {
@@ -97,25 +98,34 @@ impl ParquetStore {
         f.writer.write(&b).map_err(|source| StoreError::Parquet { table: t.name(), source })
     }
 
-    /// Appends the streamed rows (ledger, clicks, flags, rejections).
+    /// Appends the streamed rows, and the orders closed by retention.
     pub fn append(&mut self, out: &Output) -> Result<(), StoreError> {
-        self.write(Table::Ledger, batches::ledger(&out.ledger))?;
-        self.write(Table::Clicks, batches::clicks(&out.clicks))?;
-        self.write(Table::Flags, batches::flags(&out.flags))?;
-        self.write(Table::Rejections, batches::rejections(&out.rejections))?;
-        let closed: Vec<&afflio_engine::Order> = out.closed.iter().map(|c| &c.order).collect();
-        self.write(Table::Orders, batches::orders(&closed))?;
-        self.write(Table::Lines, batches::lines(&batches::closed_lines(&out.closed)))
+        for t in Table::ALL {
+            self.write(t, batches::rows(t, out))?;
+        }
+        Ok(())
     }
 
-    /// Writes the state tables (orders, lines as of `as_of`), closes every
-    /// file, and moves each into place, replacing what an earlier run wrote
-    /// to the same table. Returns rows written per table.
+    /// Closes every file and moves each into place, replacing what an
+    /// earlier run wrote to the same table; the state tables get the
+    /// engine's open orders and their lines as of `as_of` in a snapshot file
+    /// (`snap-*.parquet`) next to the closed ones, which [`amend`] replaces.
+    /// Returns rows written per table.
+    ///
+    /// [`amend`]: ParquetStore::amend
     pub fn finish(mut self, engine: &Engine, as_of: DateTime<Utc>) -> Result<BTreeMap<&'static str, u64>, StoreError> {
-        let open: Vec<&afflio_engine::Order> = engine.orders().iter().collect();
-        self.write(Table::Orders, batches::orders(&open))?;
-        self.write(Table::Lines, batches::lines(&batches::open_lines(engine, as_of)))?;
         let mut counts = BTreeMap::new();
+        let mut snaps = BTreeMap::new();
+        for t in Table::ALL {
+            if let Some(b) = batches::state(t, engine, as_of) {
+                let b = b.map_err(|source| StoreError::Arrow { table: t.name(), source })?;
+                // Hidden until the table's old files are gone.
+                let snap = self.dir.join(t.name()).join(format!(".snap-{}.parquet", self.run_id));
+                write_file_atomic(&snap, t, &b)?;
+                *counts.entry(t.name()).or_insert(0) += b.num_rows() as u64;
+                snaps.insert(t, snap);
+            }
+        }
         for (t, f) in std::mem::take(&mut self.files) {
             f.writer.close().map_err(|source| StoreError::Parquet { table: t.name(), source })?;
             let tdir = self.dir.join(t.name());
@@ -124,15 +134,53 @@ impl ParquetStore {
             for entry in fs::read_dir(&tdir).map_err(io(&tdir))? {
                 let p = entry.map_err(io(&tdir))?.path();
                 let is_part = p.extension().is_some_and(|e| e == "parquet");
-                if is_part && p != f.path {
+                if is_part && p != f.path && Some(&p) != snaps.get(&t) {
                     fs::remove_file(&p).map_err(io(&p))?;
                 }
             }
             fs::rename(&f.tmp, &f.path).map_err(io(&f.path))?;
-            counts.insert(t.name(), f.rows);
+            if let Some(hidden) = snaps.get(&t) {
+                let visible = tdir.join(format!("snap-{}.parquet", self.run_id));
+                fs::rename(hidden, &visible).map_err(io(&visible))?;
+            }
+            *counts.entry(t.name()).or_insert(0) += f.rows;
         }
         Ok(counts)
     }
+
+    /// Adds to a finished store what happened since (reviews on a replayed
+    /// store): `out`'s rows as new `part-{tag}` files, and the state tables'
+    /// snapshot replaced by the engine's state as of `as_of`.
+    pub fn amend(dir: &Path, tag: &str, out: &Output, engine: &Engine, as_of: DateTime<Utc>) -> Result<(), StoreError> {
+        for t in Table::ALL {
+            let tdir = dir.join(t.name());
+            fs::create_dir_all(&tdir).map_err(io(&tdir))?;
+            let b = batches::rows(t, out).map_err(|source| StoreError::Arrow { table: t.name(), source })?;
+            if b.num_rows() > 0 {
+                write_file_atomic(&tdir.join(format!("part-{tag}.parquet")), t, &b)?;
+            }
+        }
+        replace_snapshot(dir, engine, as_of, &format!("snap-{tag}.parquet"))
+    }
+}
+
+/// Writes the state tables as `name` and removes the older snapshots.
+fn replace_snapshot(dir: &Path, engine: &Engine, as_of: DateTime<Utc>, name: &str) -> Result<(), StoreError> {
+    for t in Table::ALL {
+        let Some(b) = batches::state(t, engine, as_of) else { continue };
+        let b = b.map_err(|source| StoreError::Arrow { table: t.name(), source })?;
+        let tdir = dir.join(t.name());
+        let path = tdir.join(name);
+        write_file_atomic(&path, t, &b)?;
+        for entry in fs::read_dir(&tdir).map_err(io(&tdir))? {
+            let p = entry.map_err(io(&tdir))?.path();
+            let snap = p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("snap-"));
+            if snap && p != path {
+                fs::remove_file(&p).map_err(io(&p))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Writes `batch` to `path` atomically: a hidden temporary file in the same
@@ -174,7 +222,7 @@ pub struct StreamStore {
 /// Files at least this large are left alone by compaction.
 const COMPACTED_BYTES: u64 = 64 * 1024 * 1024;
 
-const APPEND_TABLES: [Table; 4] = [Table::Ledger, Table::Clicks, Table::Flags, Table::Rejections];
+const APPEND_TABLES: [Table; 5] = [Table::Ledger, Table::Clicks, Table::Flags, Table::Rejections, Table::Decisions];
 
 impl StreamStore {
     pub fn open(dir: &Path) -> Result<StreamStore, StoreError> {
@@ -217,18 +265,8 @@ impl StreamStore {
     /// that has rows.
     pub fn append(&self, first: u64, last: u64, out: &Output) -> Result<(), StoreError> {
         let name = format!("part-{first:020}-{last:020}.parquet");
-        let closed: Vec<&afflio_engine::Order> = out.closed.iter().map(|c| &c.order).collect();
         for t in Table::ALL {
-            let b = match t {
-                Table::Ledger => batches::ledger(&out.ledger),
-                Table::Clicks => batches::clicks(&out.clicks),
-                Table::Flags => batches::flags(&out.flags),
-                Table::Rejections => batches::rejections(&out.rejections),
-                // Orders closed by retention leave the snapshot for good.
-                Table::Orders => batches::orders(&closed),
-                Table::Lines => batches::lines(&batches::closed_lines(&out.closed)),
-            }
-            .map_err(|source| StoreError::Arrow { table: t.name(), source })?;
+            let b = batches::rows(t, out).map_err(|source| StoreError::Arrow { table: t.name(), source })?;
             if b.num_rows() > 0 {
                 write_file_atomic(&self.dir.join(t.name()).join(&name), t, &b)?;
             }
@@ -327,26 +365,7 @@ impl StreamStore {
     /// Replaces the state tables (orders, lines as of `as_of`) with the
     /// engine's state at stream position `last`.
     pub fn snapshot(&self, engine: &Engine, as_of: DateTime<Utc>, last: u64) -> Result<(), StoreError> {
-        let name = format!("snap-{last:020}.parquet");
-        let open: Vec<&afflio_engine::Order> = engine.orders().iter().collect();
-        for (t, b) in [
-            (Table::Orders, batches::orders(&open)),
-            (Table::Lines, batches::lines(&batches::open_lines(engine, as_of))),
-        ] {
-            let b = b.map_err(|source| StoreError::Arrow { table: t.name(), source })?;
-            let tdir = self.dir.join(t.name());
-            let path = tdir.join(&name);
-            write_file_atomic(&path, t, &b)?;
-            for entry in fs::read_dir(&tdir).map_err(io(&tdir))? {
-                let p = entry.map_err(io(&tdir))?.path();
-                let snap = p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("snap-"));
-                let old = snap && p != path;
-                if old {
-                    fs::remove_file(&p).map_err(io(&p))?;
-                }
-            }
-        }
-        Ok(())
+        replace_snapshot(&self.dir, engine, as_of, &format!("snap-{last:020}.parquet"))
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::borrow::Cow;
 
-use afflio_engine::{Body, Capture, Click, Customer, Event, EventType, Item, Reason, Refund};
+use afflio_engine::{Body, Capture, Click, Customer, Decision, Event, EventType, Item, Reason, Refund, ReviewEvent};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::Deserialize;
@@ -65,6 +65,16 @@ struct Wire<'a> {
     customer: Option<WireCustomer<'a>>,
     #[serde(borrow, default)]
     items: Option<Vec<WireItem<'a>>>,
+    #[serde(borrow, default, deserialize_with = "opt_cow")]
+    partner_id: Option<Cow<'a, str>>,
+    #[serde(default)]
+    tier: Option<u8>,
+    #[serde(borrow, default, deserialize_with = "opt_cow")]
+    decision: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "opt_cow")]
+    reason: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "opt_cow")]
+    reviewer: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -229,7 +239,7 @@ fn items(v: Option<Vec<WireItem<'_>>>) -> Result<Option<Vec<Item<'_>>>, DecodeEr
 fn convert(w: Wire<'_>) -> Result<Event<'_>, DecodeError> {
     let ty_text = w.ty.ok_or_else(|| malformed("type", "missing field `type`"))?;
     let ty = EventType::parse(&ty_text).ok_or_else(|| {
-        malformed("type", format!("type {ty_text:?} is not one of click, capture, refund, chargeback"))
+        malformed("type", format!("type {ty_text:?} is not one of click, capture, refund, chargeback, review"))
     })?;
     let event_id = w.event_id.ok_or_else(|| malformed("event_id", "missing field `event_id`"))?;
     if event_id.is_empty() || event_id.len() > LIMITS.event_id_bytes {
@@ -280,6 +290,24 @@ fn convert(w: Wire<'_>) -> Result<Event<'_>, DecodeError> {
             items: items(w.items)?,
             chargeback: ty == EventType::Chargeback,
         }),
+        EventType::Review => {
+            let text = required(w.decision, "decision", ty)?;
+            let decision = Decision::parse(&text).ok_or_else(|| {
+                malformed("decision", format!("decision {text:?} is not one of approve, reject, clear"))
+            })?;
+            let reason = optional(w.reason, "reason")?.filter(|r| !r.trim().is_empty());
+            if decision == Decision::Reject && reason.is_none() {
+                return Err(malformed("reason", "a reject decision needs a `reason`"));
+            }
+            Body::Review(ReviewEvent {
+                order_id: optional(w.order_id, "order_id")?.filter(|o| !o.is_empty()),
+                partner_id: optional(w.partner_id, "partner_id")?.filter(|p| !p.is_empty()),
+                tier: w.tier,
+                decision,
+                reason,
+                reviewer: required(w.reviewer, "reviewer", ty)?,
+            })
+        }
     };
     Ok(Event { event_id, ts, program_id, body })
 }

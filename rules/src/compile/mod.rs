@@ -331,11 +331,21 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-/// An ingest API key and the program it may send events for.
+/// What a key may send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyRole {
+    /// Checkout events: clicks, captures, refunds, chargebacks.
+    Ingest,
+    /// Reviewer decisions (`review` events) only.
+    Review,
+}
+
+/// An API key and the program it may send events for.
 #[derive(Clone, Debug)]
 pub struct ApiKey {
     pub program_id: String,
     pub key: Secret,
+    pub role: KeyRole,
 }
 
 /// Validated, immutable rules. Cheap to share (`Arc`), replaced as a whole.
@@ -775,7 +785,16 @@ fn compile(file: &str, text: &str, raw: RawConfig, version: u64) -> Result<Rules
                     format!("an API key needs at least 16 characters, this one has {}", key.len()),
                 );
             }
-            api_keys.push(ApiKey { program_id: rk.program_id.get_ref().clone(), key: Secret(key) });
+            let role = match rk.role.as_ref().map(|r| r.get_ref().as_str()) {
+                None | Some("ingest") => KeyRole::Ingest,
+                Some("review") => KeyRole::Review,
+                Some(other) => {
+                    let span = rk.role.as_ref().map(|r| r.span()).unwrap_or(0..0);
+                    cx.err(span, f("role"), format!("{other:?} is not \"ingest\" or \"review\""));
+                    KeyRole::Ingest
+                }
+            };
+            api_keys.push(ApiKey { program_id: rk.program_id.get_ref().clone(), key: Secret(key), role });
         }
     }
 

@@ -1,0 +1,134 @@
+//! Reviews on a replayed store: the engine's state is kept next to the
+//! tables (`DIR/.state/`), a review is an event of type `review` applied to
+//! it like any other (same validation, same idempotency), and the store is
+//! amended: the decisions as new rows, the orders and lines snapshot
+//! replaced. In the live service the same event goes through `POST
+//! /v1/events` with a reviewer key.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use afflio_engine::rules::Rules;
+use afflio_engine::{Arrival, Decision, DecisionRow, Engine, Outcome, Rejection};
+use afflio_ingest::decode_event;
+use afflio_sinks::ParquetStore;
+use anyhow::{bail, Context};
+use chrono::{DateTime, Utc};
+use serde_json::json;
+
+fn state_dir(data: &Path) -> PathBuf {
+    data.join(".state")
+}
+
+/// Saves the engine and the store's "now" next to the tables.
+pub fn save_state(data: &Path, engine: &Engine, as_of: DateTime<Utc>) -> anyhow::Result<()> {
+    let dir = state_dir(data);
+    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let bytes = engine.checkpoint().context("internal error: engine checkpoint with output pending")?;
+    for (name, content) in [("engine.ckpt", bytes), ("as_of", as_of.to_rfc3339().into_bytes())] {
+        let tmp = dir.join(format!(".{name}.tmp"));
+        fs::write(&tmp, content).with_context(|| format!("cannot write {}", tmp.display()))?;
+        fs::rename(&tmp, dir.join(name)).with_context(|| format!("cannot write {}", dir.join(name).display()))?;
+    }
+    Ok(())
+}
+
+/// The engine and "now" of a replayed store.
+pub fn load_state(data: &Path, rules: Rules) -> anyhow::Result<(Engine, DateTime<Utc>)> {
+    let dir = state_dir(data);
+    let ckpt = dir.join("engine.ckpt");
+    let bytes = fs::read(&ckpt).with_context(|| {
+        format!(
+            "{} holds no engine state ({}): run `afflio replay --out {}` first",
+            data.display(),
+            ckpt.display(),
+            data.display()
+        )
+    })?;
+    let engine =
+        Engine::restore(Arc::new(rules), &bytes).with_context(|| format!("cannot restore {}", ckpt.display()))?;
+    let text = fs::read_to_string(dir.join("as_of"))
+        .with_context(|| format!("cannot read {}", dir.join("as_of").display()))?;
+    let as_of = DateTime::parse_from_rfc3339(text.trim())
+        .with_context(|| format!("{} is not a time: {text:?}", dir.join("as_of").display()))?
+        .with_timezone(&Utc);
+    Ok((engine, as_of))
+}
+
+/// One reviewer decision, as typed on the command line.
+#[derive(Debug, Clone)]
+pub struct ReviewRequest {
+    pub decision: Decision,
+    pub program_id: Option<String>,
+    pub order_id: Option<String>,
+    pub partner_id: Option<String>,
+    pub tier: Option<u8>,
+    pub reason: Option<String>,
+    pub reviewer: String,
+    /// The review's time; default: the store's "now".
+    pub at: Option<DateTime<Utc>>,
+    /// The review's event id; default: derived from the time and content.
+    pub event_id: Option<String>,
+}
+
+/// What a review did.
+#[derive(Debug)]
+pub enum ReviewResult {
+    Applied(Vec<DecisionRow>),
+    /// The same review (same event id and content) was applied before.
+    Duplicate,
+    Rejected(Rejection),
+}
+
+/// Applies `req` to the store at `data` and amends the store.
+pub fn review(rules: Rules, data: &Path, req: &ReviewRequest) -> anyhow::Result<ReviewResult> {
+    let program_id = match &req.program_id {
+        Some(p) => p.clone(),
+        None => {
+            let ids: Vec<&str> = rules.programs().map(|p| p.id.as_str()).collect();
+            match ids.as_slice() {
+                [one] => one.to_string(),
+                _ => bail!("the config has {} programs ({}): name one with --program", ids.len(), ids.join(", ")),
+            }
+        }
+    };
+    let (mut engine, store_now) = load_state(data, rules)?;
+    let ts = req.at.unwrap_or(store_now);
+    let mut ev = json!({
+        "type": "review",
+        "ts": ts.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        "program_id": program_id,
+        "decision": req.decision.as_str(),
+        "reviewer": req.reviewer,
+    });
+    for (k, v) in [("order_id", &req.order_id), ("partner_id", &req.partner_id), ("reason", &req.reason)] {
+        if let Some(v) = v {
+            ev[k] = json!(v);
+        }
+    }
+    if let Some(t) = req.tier {
+        ev["tier"] = json!(t);
+    }
+    let event_id = match &req.event_id {
+        Some(id) => id.clone(),
+        None => format!("review-{:016x}", xxhash_rust::xxh3::xxh3_64(ev.to_string().as_bytes())),
+    };
+    ev["event_id"] = json!(event_id);
+    let text = ev.to_string();
+    let event = decode_event(&text).map_err(|e| anyhow::anyhow!("invalid review: {e}"))?;
+    let arrival = Arrival { ts: Utc::now(), origin: &"afflio review" };
+    let outcome = engine.apply(&event, &text, arrival);
+    let out = engine.take_output();
+    let now = store_now.max(ts);
+    let tag = format!("review-{}", Utc::now().format("%Y%m%dT%H%M%S%6fZ"));
+    ParquetStore::amend(data, &tag, &out, &engine, now)?;
+    save_state(data, &engine, now)?;
+    Ok(match outcome {
+        Outcome::Applied => ReviewResult::Applied(out.decisions),
+        Outcome::Duplicate => ReviewResult::Duplicate,
+        Outcome::Rejected(_) => ReviewResult::Rejected(
+            out.rejections.into_iter().next().context("internal error: a rejected review left no rejection")?,
+        ),
+    })
+}
