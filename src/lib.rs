@@ -3,6 +3,7 @@
 //! traffic generator.
 
 pub mod demo;
+pub mod fraudlab;
 pub mod replay;
 pub mod review;
 pub mod serve;

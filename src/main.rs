@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use afflio::demo::{self, DemoOptions};
+use afflio::fraudlab::{self, GenOptions};
 use afflio::replay::replay;
 use afflio::review::{ReviewRequest, ReviewResult};
 use afflio_engine::rules::Rules;
@@ -83,6 +84,40 @@ enum Command {
         /// Largest accepted request body, bytes.
         #[arg(long, default_value_t = 4 * 1024 * 1024)]
         max_body: usize,
+    },
+    /// Generates labelled traffic: normal shopping with daily seasonality and
+    /// injected attacks of every fraud kind; writes rules.toml, events.jsonl
+    /// and labels.csv (the attacked orders).
+    Gen {
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 7)]
+        days: u32,
+        /// Average orders per day of normal traffic.
+        #[arg(long, default_value_t = 8_000)]
+        orders_per_day: u32,
+        #[arg(long, default_value_t = 200)]
+        creators: usize,
+        /// Only normal traffic (no attacks, empty labels).
+        #[arg(long)]
+        no_fraud: bool,
+        /// The output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Evaluates the fraud rules on generated traffic: per rule precision,
+    /// recall and detection delay against the labels, and the engine's
+    /// throughput with every rule on and off.
+    Eval {
+        /// Seeds, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5")]
+        seeds: Vec<u64>,
+        #[arg(long, default_value_t = 7)]
+        days: u32,
+        #[arg(long, default_value_t = 8_000)]
+        orders_per_day: u32,
+        #[arg(long, default_value_t = 200)]
+        creators: usize,
     },
     /// Reviews on a replayed store: the queue of held lines, and decisions
     /// (approve, reject, clear) recorded in the `decisions` table.
@@ -324,6 +359,40 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(afflio::serve::run(opts, rules))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Gen { seed, days, orders_per_day, creators, no_fraud, out } => {
+            let o = GenOptions { seed, days, orders_per_day, creators, fraud: !no_fraud };
+            let g = fraudlab::generate(&o);
+            std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+            std::fs::write(out.join("rules.toml"), &g.rules)?;
+            let mut events = String::with_capacity(g.events.iter().map(|e| e.len() + 1).sum());
+            for e in &g.events {
+                events.push_str(e);
+                events.push('\n');
+            }
+            std::fs::write(out.join("events.jsonl"), events)?;
+            std::fs::write(out.join("labels.csv"), fraudlab::labels_csv(&g.labels))?;
+            println!(
+                "{} events, {} attacked orders -> {}/{{rules.toml,events.jsonl,labels.csv}}",
+                g.events.len(),
+                g.labels.len(),
+                out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Eval { seeds, days, orders_per_day, creators } => {
+            let mut evals = Vec::new();
+            for seed in seeds {
+                let o = GenOptions { seed, days, orders_per_day, creators, fraud: true };
+                let e = fraudlab::evaluate(&o)?;
+                eprintln!(
+                    "seed {seed}: {} events, {} orders, {:.0} events/s with every rule on, {:.0} off",
+                    e.events, e.orders, e.events_per_sec_on, e.events_per_sec_off
+                );
+                evals.push(e);
+            }
+            print!("{}", fraudlab::report(&evals));
             Ok(ExitCode::SUCCESS)
         }
         Command::Review { command: ReviewCommand::Queue { data, format } } => {

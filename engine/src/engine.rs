@@ -623,7 +623,7 @@ impl Engine {
             let Hit { value, threshold, score, detail, retro } = hit;
             let flag = FlagSpec { rule, action, value, threshold, score, detail };
             for id in retro.iter().filter(|id| ***id != *c.order_id) {
-                if let Some(i) = self.order_index.get(&prog).and_then(|m| m.get(id)).copied() {
+                if let Some(i) = self.order_index.get(&prog).and_then(|m| m.get(&**id)).copied() {
                     self.flag_order(i as usize, &flag, e, true);
                 }
             }
@@ -683,6 +683,8 @@ impl Engine {
     ) {
         let fraud = &program.fraud;
         let ts = e.ts.timestamp_micros();
+        // One allocation of the order id, shared by every detector's state.
+        let oid: Arc<str> = Arc::from(&*c.order_id);
         let one = |detail: String| Hit { value: 1.0, threshold: 1.0, score: 1.0, detail, retro: Vec::new() };
         if fraud.self_referral != FraudAction::Off {
             if let Some(detail) = self_referral(rules, &cr.partner_id, c) {
@@ -707,16 +709,24 @@ impl Engine {
         if fraud.velocity != FraudAction::Off {
             let window = micros(fraud.velocity_window);
             let max = fraud.velocity_max_orders as usize;
-            let mut keys: Vec<(KeyKind, String)> = Vec::new();
+            let mut keys: Vec<(KeyKind, Cow<'_, str>)> = Vec::with_capacity(3);
             if let Some(cu) = &c.customer {
-                keys.extend(cu.id.as_deref().map(|v| (KeyKind::CustomerId, v.to_string())));
-                keys.extend(cu.email_sha256.as_deref().map(|v| (KeyKind::EmailSha256, v.trim().to_ascii_lowercase())));
+                keys.extend(cu.id.as_deref().map(|v| (KeyKind::CustomerId, Cow::Borrowed(v))));
+                keys.extend(cu.email_sha256.as_deref().map(|v| {
+                    let v = v.trim();
+                    let v = if v.bytes().any(|b| b.is_ascii_uppercase()) {
+                        Cow::Owned(v.to_ascii_lowercase())
+                    } else {
+                        Cow::Borrowed(v)
+                    };
+                    (KeyKind::EmailSha256, v)
+                }));
             }
-            keys.extend(c.ip.as_deref().map(|v| (KeyKind::Ip, v.to_string())));
+            keys.extend(c.ip.as_deref().map(|v| (KeyKind::Ip, Cow::Borrowed(v))));
             let v = self.velocity.entry(prog).or_default();
-            let mut worst: Option<(KeyKind, String, Vec<Box<str>>)> = None;
+            let mut worst: Option<(KeyKind, Cow<'_, str>, Vec<Arc<str>>)> = None;
             for (kind, value) in keys {
-                if let Some(orders) = v.record(kind, &value, ts, &c.order_id, window, max) {
+                if let Some(orders) = v.record(kind, &value, ts, &oid, window, max) {
                     match &mut worst {
                         Some(w) => {
                             for o in orders {
@@ -751,7 +761,7 @@ impl Engine {
             });
             let min = fraud.coupon_leak_min_orders as usize;
             let w = self.leak.entry(prog).or_default().entry(normalize_code(&cr.source).into_boxed_str()).or_default();
-            if let Some((share, retro)) = w.record(clicked, &c.order_id, min, fraud.coupon_leak_max_share) {
+            if let Some((share, retro)) = w.record(clicked, &oid, min, fraud.coupon_leak_max_share) {
                 let detail = format!(
                     "code {}: {:.0}% of its last {min} redemptions had no click from {}'s links (limit {:.0}%)",
                     cr.source,
@@ -774,7 +784,7 @@ impl Engine {
                     warmup: fraud.conversion_spike_warmup,
                 };
                 let s = self.spike.entry(prog).or_default();
-                if let Some(h) = s.record(partner, ts, &c.order_id, &params) {
+                if let Some(h) = s.record(partner, ts, &oid, &params) {
                     let start = DateTime::from_timestamp_micros(h.bucket_start).unwrap_or(DateTime::UNIX_EPOCH);
                     let detail = format!(
                         "partner {} has {} of the program's {} orders in the {} bucket from {}, {:.1} expected \

@@ -14,6 +14,7 @@
 //! recognised on its n-th order, but all n orders belong to it.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use hashbrown::HashMap;
 use serde::{Deserialize, Serialize};
@@ -34,7 +35,7 @@ pub(crate) struct Hit {
     pub(crate) threshold: f64,
     pub(crate) score: f64,
     pub(crate) detail: String,
-    pub(crate) retro: Vec<Box<str>>,
+    pub(crate) retro: Vec<Arc<str>>,
 }
 
 /// The kind of a velocity key.
@@ -66,7 +67,7 @@ impl KeyKind {
 /// Orders per key within the window, for one program.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub(crate) struct Velocity {
-    keys: HashMap<u64, VecDeque<(i64, Box<str>)>>,
+    keys: HashMap<u64, VecDeque<(i64, Arc<str>)>>,
     pub(crate) dropped: u64,
 }
 
@@ -85,10 +86,10 @@ impl Velocity {
         kind: KeyKind,
         value: &str,
         ts: i64,
-        order_id: &str,
+        order_id: &Arc<str>,
         window: i64,
         max: usize,
-    ) -> Option<Vec<Box<str>>> {
+    ) -> Option<Vec<Arc<str>>> {
         let h = Velocity::hash(kind, value);
         if !self.keys.contains_key(&h) && self.keys.len() >= VELOCITY_MAX_KEYS {
             self.dropped += 1;
@@ -96,7 +97,7 @@ impl Velocity {
         }
         let q = self.keys.entry(h).or_default();
         q.retain(|(t, _)| *t > ts.saturating_sub(window));
-        q.push_back((ts, order_id.into()));
+        q.push_back((ts, order_id.clone()));
         // Bounded: only "more than max" matters.
         while q.len() > max + 1 {
             q.pop_front();
@@ -119,7 +120,7 @@ impl Velocity {
 /// partner preceded each, and the order.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub(crate) struct LeakWindow {
-    recent: VecDeque<(bool, Box<str>)>,
+    recent: VecDeque<(bool, Arc<str>)>,
     pub(crate) redemptions: u64,
 }
 
@@ -131,12 +132,12 @@ impl LeakWindow {
     pub(crate) fn record(
         &mut self,
         clicked: bool,
-        order_id: &str,
+        order_id: &Arc<str>,
         min_orders: usize,
         max_share: f64,
-    ) -> Option<(f64, Vec<Box<str>>)> {
+    ) -> Option<(f64, Vec<Arc<str>>)> {
         self.redemptions += 1;
-        self.recent.push_back((clicked, order_id.into()));
+        self.recent.push_back((clicked, order_id.clone()));
         while self.recent.len() > min_orders {
             self.recent.pop_front();
         }
@@ -155,7 +156,7 @@ pub(crate) struct SpikePartner {
     bucket: i64,
     count: u32,
     /// Orders of the current bucket, for retroactive flags.
-    orders: Vec<Box<str>>,
+    orders: Vec<Arc<str>>,
     /// The current bucket was judged a spike: it is not learned from.
     spiking: bool,
     mean: f64,
@@ -188,7 +189,7 @@ pub(crate) struct SpikeHit {
     pub(crate) expected: f64,
     pub(crate) program_count: u32,
     pub(crate) bucket_start: i64,
-    pub(crate) retro: Vec<Box<str>>,
+    pub(crate) retro: Vec<Arc<str>>,
 }
 
 impl Spike {
@@ -197,7 +198,7 @@ impl Spike {
     }
 
     /// Records an order attributed to `partner` at `ts`.
-    pub(crate) fn record(&mut self, partner: u32, ts: i64, order_id: &str, p: &SpikeParams) -> Option<SpikeHit> {
+    pub(crate) fn record(&mut self, partner: u32, ts: i64, order_id: &Arc<str>, p: &SpikeParams) -> Option<SpikeHit> {
         let b = ts.div_euclid(p.bucket);
         match self.buckets.back_mut() {
             Some((last, n)) if *last == b => *n += 1,
@@ -252,7 +253,7 @@ impl Spike {
         }
         sp.count += 1;
         if sp.orders.len() < SPIKE_RETRO {
-            sp.orders.push(order_id.into());
+            sp.orders.push(order_id.clone());
         }
         let total = self.program_count(b).unwrap_or(sp.count).max(sp.count);
         let mut hit = None;
@@ -285,6 +286,10 @@ impl Spike {
 mod tests {
     use super::*;
 
+    fn id(s: &str) -> Arc<str> {
+        Arc::from(s)
+    }
+
     fn params() -> SpikeParams {
         SpikeParams { bucket: 3_600_000_000, min_orders: 5, threshold: 4.0, warmup: 24 }
     }
@@ -303,14 +308,14 @@ mod tests {
                 let ts = h * H + i64::from(i) * (H / i64::from(total + 1));
                 let partner = if i % 10 == 0 { 1 } else { 2 };
                 n += 1;
-                if let Some(hit) = sp.record(partner, ts, &format!("o{n}"), &params()) {
+                if let Some(hit) = sp.record(partner, ts, &id(&format!("o{n}")), &params()) {
                     hits.push((h, hit));
                 }
             }
             for j in 0..extra(h) {
                 n += 1;
                 let ts = h * H + H / 2 + i64::from(j);
-                if let Some(hit) = sp.record(1, ts, &format!("x{n}"), &params()) {
+                if let Some(hit) = sp.record(1, ts, &id(&format!("x{n}")), &params()) {
                     hits.push((h, hit));
                 }
             }
@@ -358,19 +363,19 @@ mod tests {
     fn velocity_returns_every_order_of_the_key_in_the_window_once_over_the_limit() {
         let mut v = Velocity::default();
         let w = 60 * 1_000_000;
-        assert!(v.record(KeyKind::Ip, "1.2.3.4", 0, "a", w, 2).is_none());
-        assert!(v.record(KeyKind::Ip, "1.2.3.4", 10, "b", w, 2).is_none());
+        assert!(v.record(KeyKind::Ip, "1.2.3.4", 0, &id("a"), w, 2).is_none());
+        assert!(v.record(KeyKind::Ip, "1.2.3.4", 10, &id("b"), w, 2).is_none());
         // Another kind with the same value is another key.
-        assert!(v.record(KeyKind::CustomerId, "1.2.3.4", 20, "z", w, 2).is_none());
-        let hit = v.record(KeyKind::Ip, "1.2.3.4", 20, "c", w, 2).unwrap();
-        assert_eq!(hit, vec!["a".into(), "b".into(), "c".into()] as Vec<Box<str>>);
+        assert!(v.record(KeyKind::CustomerId, "1.2.3.4", 20, &id("z"), w, 2).is_none());
+        let hit = v.record(KeyKind::Ip, "1.2.3.4", 20, &id("c"), w, 2).unwrap();
+        assert_eq!(hit, vec!["a".into(), "b".into(), "c".into()] as Vec<Arc<str>>);
         // Exactly one window later the first order has left it: b, c, e.
-        assert!(v.record(KeyKind::Ip, "5.5.5.5", w, "d", w, 2).is_none());
-        let hit = v.record(KeyKind::Ip, "1.2.3.4", w, "e", w, 2).unwrap();
-        assert_eq!(hit, vec!["b".into(), "c".into(), "e".into()] as Vec<Box<str>>);
+        assert!(v.record(KeyKind::Ip, "5.5.5.5", w, &id("d"), w, 2).is_none());
+        let hit = v.record(KeyKind::Ip, "1.2.3.4", w, &id("e"), w, 2).unwrap();
+        assert_eq!(hit, vec!["b".into(), "c".into(), "e".into()] as Vec<Arc<str>>);
         // One more microsecond and b has left too: c, e.
-        assert!(v.record(KeyKind::Ip, "1.2.3.4", w + 10, "f", w, 2).is_some(), "c, e, f");
-        assert!(v.record(KeyKind::Ip, "1.2.3.4", w + 21, "g", w, 2).is_some(), "e, f, g");
+        assert!(v.record(KeyKind::Ip, "1.2.3.4", w + 10, &id("f"), w, 2).is_some(), "c, e, f");
+        assert!(v.record(KeyKind::Ip, "1.2.3.4", w + 21, &id("g"), w, 2).is_some(), "e, f, g");
         v.sweep(w + 20);
         assert_eq!(v.len(), 1, "only 1.2.3.4 has an order after the cutoff");
         v.sweep(w + 21);
@@ -381,16 +386,16 @@ mod tests {
     fn leak_judges_the_last_redemptions_only() {
         let mut l = LeakWindow::default();
         for i in 0..4 {
-            assert!(l.record(i % 2 == 0, &format!("o{i}"), 4, 0.5).is_none());
+            assert!(l.record(i % 2 == 0, &id(&format!("o{i}")), 4, 0.5).is_none());
         }
         // Last 4: clicked, no, no(o4 clicked?) -> o1 no, o2 yes, o3 no, o4 no: 3/4 > 0.5.
-        let (share, orders) = l.record(false, "o4", 4, 0.5).unwrap();
+        let (share, orders) = l.record(false, &id("o4"), 4, 0.5).unwrap();
         assert_eq!(share, 0.75);
-        assert_eq!(orders, vec!["o1".into(), "o3".into(), "o4".into()] as Vec<Box<str>>);
+        assert_eq!(orders, vec!["o1".into(), "o3".into(), "o4".into()] as Vec<Arc<str>>);
         // A clicked redemption is never flagged.
-        assert!(l.record(true, "o5", 4, 0.5).is_none());
+        assert!(l.record(true, &id("o5"), 4, 0.5).is_none());
         // At exactly the share the code is not judged leaked: o3 no, o4 no, o5 yes, o6 yes = 0.5.
-        assert!(l.record(true, "o6", 4, 0.5).is_none());
-        assert!(l.record(false, "o7", 4, 0.5).is_none(), "o4 no, o5 yes, o6 yes, o7 no = 0.5");
+        assert!(l.record(true, &id("o6"), 4, 0.5).is_none());
+        assert!(l.record(false, &id("o7"), 4, 0.5).is_none(), "o4 no, o5 yes, o6 yes, o7 no = 0.5");
     }
 }
