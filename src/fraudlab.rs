@@ -549,24 +549,29 @@ pub fn score(flags: &[Flag], labels: &[Label]) -> BTreeMap<&'static str, RuleSco
     scores
 }
 
-/// Generates traffic for `o.seed`, runs the engine with every rule on (and
-/// off, for the throughput baseline), and scores the flags.
-pub fn evaluate(o: &GenOptions) -> anyhow::Result<Evaluation> {
+/// Generates traffic for `o.seed`, runs the engine with every rule on and
+/// scores the flags; with `throughput`, also measures the engine with every
+/// rule on and off (best of three runs each, alternating).
+pub fn evaluate(o: &GenOptions, throughput: bool) -> anyhow::Result<Evaluation> {
     let g = generate(o);
-    // Best of two runs each: the machine is shared with the generator's allocations.
-    let (flags, orders, on1) = run_engine(&g.rules, &g.events)?;
-    let (_, _, on2) = run_engine(&g.rules, &g.events)?;
-    let off_rules = without_fraud(&g.rules);
-    let (off_flags, _, off1) = run_engine(&off_rules, &g.events)?;
-    let (_, _, off2) = run_engine(&off_rules, &g.events)?;
-    anyhow::ensure!(off_flags.is_empty(), "internal error: flags with every rule off");
+    let (flags, orders, mut on) = run_engine(&g.rules, &g.events)?;
+    let mut off = 0.0;
+    if throughput {
+        let off_rules = without_fraud(&g.rules);
+        for _ in 0..3 {
+            let (off_flags, _, r) = run_engine(&off_rules, &g.events)?;
+            anyhow::ensure!(off_flags.is_empty(), "internal error: flags with every rule off");
+            off = f64::max(off, r);
+            on = f64::max(on, run_engine(&g.rules, &g.events)?.2);
+        }
+    }
     Ok(Evaluation {
         seed: o.seed,
         events: g.events.len(),
         orders,
         scores: score(&flags, &g.labels),
-        events_per_sec_on: on1.max(on2),
-        events_per_sec_off: off1.max(off2),
+        events_per_sec_on: on,
+        events_per_sec_off: off,
     })
 }
 

@@ -385,7 +385,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut evals = Vec::new();
             for seed in seeds {
                 let o = GenOptions { seed, days, orders_per_day, creators, fraud: true };
-                let e = fraudlab::evaluate(&o)?;
+                let e = fraudlab::evaluate(&o, true)?;
                 eprintln!(
                     "seed {seed}: {} events, {} orders, {:.0} events/s with every rule on, {:.0} off",
                     e.events, e.orders, e.events_per_sec_on, e.events_per_sec_off
