@@ -709,10 +709,10 @@ impl Engine {
         if fraud.velocity != FraudAction::Off {
             let window = micros(fraud.velocity_window);
             let max = fraud.velocity_max_orders as usize;
-            let mut keys: Vec<(KeyKind, Cow<'_, str>)> = Vec::with_capacity(3);
-            if let Some(cu) = &c.customer {
-                keys.extend(cu.id.as_deref().map(|v| (KeyKind::CustomerId, Cow::Borrowed(v))));
-                keys.extend(cu.email_sha256.as_deref().map(|v| {
+            let cu = c.customer.as_ref();
+            let keys = [
+                cu.and_then(|cu| cu.id.as_deref()).map(|v| (KeyKind::CustomerId, Cow::Borrowed(v))),
+                cu.and_then(|cu| cu.email_sha256.as_deref()).map(|v| {
                     let v = v.trim();
                     let v = if v.bytes().any(|b| b.is_ascii_uppercase()) {
                         Cow::Owned(v.to_ascii_lowercase())
@@ -720,12 +720,12 @@ impl Engine {
                         Cow::Borrowed(v)
                     };
                     (KeyKind::EmailSha256, v)
-                }));
-            }
-            keys.extend(c.ip.as_deref().map(|v| (KeyKind::Ip, Cow::Borrowed(v))));
+                }),
+                c.ip.as_deref().map(|v| (KeyKind::Ip, Cow::Borrowed(v))),
+            ];
             let v = self.velocity.entry(prog).or_default();
             let mut worst: Option<(KeyKind, Cow<'_, str>, Vec<Arc<str>>)> = None;
-            for (kind, value) in keys {
+            for (kind, value) in keys.into_iter().flatten() {
                 if let Some(orders) = v.record(kind, &value, ts, &oid, window, max) {
                     match &mut worst {
                         Some(w) => {
@@ -760,7 +760,12 @@ impl Engine {
                     .any(|k| k.program == prog && Some(k.partner) == partner && k.ts >= from && k.ts <= ts)
             });
             let min = fraud.coupon_leak_min_orders as usize;
-            let w = self.leak.entry(prog).or_default().entry(normalize_code(&cr.source).into_boxed_str()).or_default();
+            // Keyed by the code as configured (the credit's source).
+            let codes = self.leak.entry(prog).or_default();
+            if !codes.contains_key(&*cr.source) {
+                codes.insert(cr.source.as_ref().into(), LeakWindow::default());
+            }
+            let w = codes.get_mut(&*cr.source).expect("inserted above");
             if let Some((share, retro)) = w.record(clicked, &oid, min, fraud.coupon_leak_max_share) {
                 let detail = format!(
                     "code {}: {:.0}% of its last {min} redemptions had no click from {}'s links (limit {:.0}%)",
@@ -805,7 +810,11 @@ impl Engine {
             }
         }
         if fraud.refund_rate != FraudAction::Off {
-            let r = self.refunds_by_partner.entry(prog).or_default().entry(cr.partner_id.as_ref().into()).or_default();
+            let partners = self.refunds_by_partner.entry(prog).or_default();
+            if !partners.contains_key(cr.partner_id.as_ref()) {
+                partners.insert(cr.partner_id.as_ref().into(), PartnerRefunds::default());
+            }
+            let r = partners.get_mut(cr.partner_id.as_ref()).expect("inserted above");
             r.0 += 1;
             // A ratio for a score and a threshold, not money: f64 is fine.
             let share = if r.1.is_zero() { 0.0 } else { (r.2 / r.1).to_f64().unwrap_or(0.0) };
