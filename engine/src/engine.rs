@@ -6,13 +6,12 @@ use std::sync::Arc;
 use afflio_rules::{normalize_code, AttributionModel, FraudAction, Program, Rules};
 use chrono::{DateTime, TimeDelta, Utc};
 use hashbrown::HashMap;
-use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use crate::dedupe::{Check, Dedupe};
 use crate::event::{fingerprint, Body, Capture, Click, Decision, Event, Item, Refund, ReviewEvent};
-use crate::fraud::{Hit, KeyKind, LeakWindow, Spike, SpikeParams, Velocity};
+use crate::fraud::{Hit, KeyKind, LeakWindow, RefundWindow, Spike, SpikeParams, Velocity};
 use crate::money::{check_amount, round_money};
 use crate::output::{
     Arrival, AttributionKind, ClickRow, DecisionRow, EntryKind, Flag, FraudRule, LedgerEntry, Outcome, Output, Reason,
@@ -138,7 +137,7 @@ pub struct Engine {
     /// (program, partner) -> (orders, captured, refunded) of the orders it
     /// was credited with, for refund_rate. Bounded by the partners.
     #[serde(default)]
-    refunds_by_partner: HashMap<u32, HashMap<Box<str>, PartnerRefunds>>,
+    refunds_by_partner: HashMap<u32, HashMap<Box<str>, RefundWindow>>,
     seq: u64,
     watermark: Option<i64>,
     next_sweep: i64,
@@ -508,8 +507,8 @@ impl Engine {
         order.eligible_at = order.last_capture_ts + program.hold;
         self.stats.applied_captures += 1;
         if let Some(cr) = &order.credit {
-            if let Some(e) = self.refunds_by_partner.get_mut(&prog).and_then(|m| m.get_mut(cr.partner_id.as_ref())) {
-                e.1 += c.amount;
+            if let Some(w) = self.refunds_by_partner.get_mut(&prog).and_then(|m| m.get_mut(cr.partner_id.as_ref())) {
+                w.captured(e.ts.timestamp_micros(), c.amount, program.fraud.refund_rate_window.num_days());
             }
         }
         self.accrue(idx, e, c, rules, program);
@@ -812,18 +811,18 @@ impl Engine {
         if fraud.refund_rate != FraudAction::Off {
             let partners = self.refunds_by_partner.entry(prog).or_default();
             if !partners.contains_key(cr.partner_id.as_ref()) {
-                partners.insert(cr.partner_id.as_ref().into(), PartnerRefunds::default());
+                partners.insert(cr.partner_id.as_ref().into(), RefundWindow::default());
             }
             let r = partners.get_mut(cr.partner_id.as_ref()).expect("inserted above");
-            r.0 += 1;
-            // A ratio for a score and a threshold, not money: f64 is fine.
-            let share = if r.1.is_zero() { 0.0 } else { (r.2 / r.1).to_f64().unwrap_or(0.0) };
-            let n = r.0 - 1;
-            if n >= u64::from(fraud.refund_rate_min_orders) && share > fraud.refund_rate_max_share {
+            // Judged on the partner's window before this order.
+            let (n, share) = r.share();
+            r.order(ts, fraud.refund_rate_window.num_days());
+            if n >= fraud.refund_rate_min_orders && share > fraud.refund_rate_max_share {
                 let detail = format!(
-                    "partner {} has {:.0}% of captured revenue refunded over {n} orders (limit {:.0}%)",
+                    "partner {} has {:.0}% of captured revenue refunded over {n} orders in the last {} (limit {:.0}%)",
                     cr.partner_id,
                     share * 100.0,
+                    afflio_rules::format_duration(fraud.refund_rate_window),
                     fraud.refund_rate_max_share * 100.0
                 );
                 let threshold = fraud.refund_rate_max_share;
@@ -1064,10 +1063,10 @@ impl Engine {
         }
         let full = order.fully_refunded();
         let Some(credit) = order.credit.clone() else { return Ok(()) };
-        if let Some(e) =
+        if let Some(w) =
             prog.and_then(|p| self.refunds_by_partner.get_mut(&p)).and_then(|m| m.get_mut(credit.partner_id.as_ref()))
         {
-            e.2 += r.amount;
+            w.refunded(e.ts.timestamp_micros(), r.amount, program.fraud.refund_rate_window.num_days());
         }
         for i in 0..order.lines.len() {
             let line = &mut order.lines[i];
@@ -1237,7 +1236,6 @@ fn self_referral(rules: &Rules, partner_id: &str, c: &Capture<'_>) -> Option<Str
 }
 
 /// Orders credited to a partner, and what they captured and refunded.
-type PartnerRefunds = (u64, Decimal, Decimal);
 
 /// Sizes of the engine's bounded state.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

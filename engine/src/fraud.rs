@@ -17,6 +17,8 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use hashbrown::HashMap;
+use rust_decimal::prelude::ToPrimitive;
+use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 /// Buckets of program order counts kept for conversion_spike.
@@ -64,10 +66,26 @@ impl KeyKind {
     }
 }
 
+/// A key's orders in the window: most keys see one order, kept inline.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+enum KeyOrders {
+    One(i64, Arc<str>),
+    Many(VecDeque<(i64, Arc<str>)>),
+}
+
+impl KeyOrders {
+    fn newest(&self) -> i64 {
+        match self {
+            KeyOrders::One(t, _) => *t,
+            KeyOrders::Many(q) => q.back().map_or(i64::MIN, |(t, _)| *t),
+        }
+    }
+}
+
 /// Orders per key within the window, for one program.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub(crate) struct Velocity {
-    keys: HashMap<u64, VecDeque<(i64, Arc<str>)>>,
+    keys: HashMap<u64, KeyOrders>,
     pub(crate) dropped: u64,
 }
 
@@ -91,11 +109,30 @@ impl Velocity {
         max: usize,
     ) -> Option<Vec<Arc<str>>> {
         let h = Velocity::hash(kind, value);
-        if !self.keys.contains_key(&h) && self.keys.len() >= VELOCITY_MAX_KEYS {
-            self.dropped += 1;
-            return None;
-        }
-        let q = self.keys.entry(h).or_default();
+        let full = self.keys.len() >= VELOCITY_MAX_KEYS;
+        let q = match self.keys.get_mut(&h) {
+            None if full => {
+                self.dropped += 1;
+                return None;
+            }
+            None => {
+                self.keys.insert(h, KeyOrders::One(ts, order_id.clone()));
+                return (max == 0).then(|| vec![order_id.clone()]);
+            }
+            Some(k) if k.newest() <= ts.saturating_sub(window) => {
+                // Every order of the key has left the window.
+                *k = KeyOrders::One(ts, order_id.clone());
+                return (max == 0).then(|| vec![order_id.clone()]);
+            }
+            Some(k) => {
+                if let KeyOrders::One(t, o) = k {
+                    let first = (*t, o.clone());
+                    *k = KeyOrders::Many(VecDeque::from([first]));
+                }
+                let KeyOrders::Many(q) = k else { unreachable!("converted above") };
+                q
+            }
+        };
         q.retain(|(t, _)| *t > ts.saturating_sub(window));
         q.push_back((ts, order_id.clone()));
         // Bounded: only "more than max" matters.
@@ -108,11 +145,74 @@ impl Velocity {
 
     /// Forgets keys with no order at or after `cutoff`.
     pub(crate) fn sweep(&mut self, cutoff: i64) {
-        self.keys.retain(|_, q| q.back().is_some_and(|(t, _)| *t > cutoff));
+        self.keys.retain(|_, q| q.newest() > cutoff);
     }
 
     pub(crate) fn len(&self) -> usize {
         self.keys.len()
+    }
+}
+
+/// One partner's orders, captured and refunded money per day of event
+/// time, over a sliding window (refund_rate).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub(crate) struct RefundWindow {
+    /// (day, orders, captured, refunded), oldest first, within the window.
+    days: VecDeque<(i64, u32, Decimal, Decimal)>,
+}
+
+const DAY: i64 = 86_400_000_000;
+
+impl RefundWindow {
+    fn day(&mut self, ts: i64, window_days: i64) -> Option<&mut (i64, u32, Decimal, Decimal)> {
+        let d = ts.div_euclid(DAY);
+        let newest = self.days.back().map_or(d, |b| b.0.max(d));
+        while self.days.front().is_some_and(|f| f.0 <= newest - window_days) {
+            self.days.pop_front();
+        }
+        if d <= newest - window_days {
+            return None;
+        }
+        let i = match self.days.iter().rposition(|b| b.0 <= d) {
+            Some(i) if self.days[i].0 == d => i,
+            Some(i) => {
+                self.days.insert(i + 1, (d, 0, Decimal::ZERO, Decimal::ZERO));
+                i + 1
+            }
+            None => {
+                self.days.push_front((d, 0, Decimal::ZERO, Decimal::ZERO));
+                0
+            }
+        };
+        debug_assert!(self.days.len() as i64 <= window_days);
+        self.days.get_mut(i)
+    }
+
+    pub(crate) fn order(&mut self, ts: i64, window_days: i64) {
+        if let Some(b) = self.day(ts, window_days) {
+            b.1 += 1;
+        }
+    }
+
+    pub(crate) fn captured(&mut self, ts: i64, amount: Decimal, window_days: i64) {
+        if let Some(b) = self.day(ts, window_days) {
+            b.2 += amount;
+        }
+    }
+
+    pub(crate) fn refunded(&mut self, ts: i64, amount: Decimal, window_days: i64) {
+        if let Some(b) = self.day(ts, window_days) {
+            b.3 += amount;
+        }
+    }
+
+    /// Orders and refunded share of captured money in the window.
+    pub(crate) fn share(&self) -> (u32, f64) {
+        let (n, c, r) =
+            self.days.iter().fold((0, Decimal::ZERO, Decimal::ZERO), |a, b| (a.0 + b.1, a.1 + b.2, a.2 + b.3));
+        // A ratio for a threshold, not money: f64 is fine.
+        let share = if c.is_zero() { 0.0 } else { (r / c).to_f64().unwrap_or(0.0) };
+        (n, share)
     }
 }
 
@@ -380,6 +480,27 @@ mod tests {
         assert_eq!(v.len(), 1, "only 1.2.3.4 has an order after the cutoff");
         v.sweep(w + 21);
         assert_eq!(v.len(), 0);
+    }
+
+    #[test]
+    fn refund_share_slides_with_event_time() {
+        let mut w = RefundWindow::default();
+        let d = |n: i64| n * DAY;
+        w.order(d(0), 7);
+        w.captured(d(0), Decimal::from(100), 7);
+        w.refunded(d(2), Decimal::from(50), 7);
+        assert_eq!(w.share(), (1, 0.5));
+        w.order(d(6), 7);
+        w.captured(d(6), Decimal::from(100), 7);
+        assert_eq!(w.share(), (2, 0.25));
+        // Day 7: day 0 has left the 7-day window (days 1..=7 remain).
+        w.order(d(7), 7);
+        w.captured(d(7), Decimal::from(100), 7);
+        assert_eq!(w.share(), (2, 0.25), "50 refunded of 200 captured");
+        // Older than the window: ignored.
+        w.refunded(d(0), Decimal::from(100), 7);
+        assert_eq!(w.share(), (2, 0.25));
+        assert!(w.days.len() <= 7);
     }
 
     #[test]

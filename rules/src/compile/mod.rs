@@ -111,6 +111,8 @@ pub struct FraudSettings {
     pub refund_rate: FraudAction,
     pub refund_rate_min_orders: u32,
     pub refund_rate_max_share: f64,
+    /// The sliding window refunds and captures are compared over.
+    pub refund_rate_window: TimeDelta,
     /// A partner's attributed orders in a `conversion_spike_bucket` far above
     /// its learned share of the program's orders: at least
     /// `conversion_spike_min_orders` orders and `conversion_spike_threshold`
@@ -141,6 +143,7 @@ impl Default for FraudSettings {
             refund_rate: FraudAction::Off,
             refund_rate_min_orders: 20,
             refund_rate_max_share: 0.3,
+            refund_rate_window: TimeDelta::days(7),
             conversion_spike: FraudAction::Off,
             conversion_spike_bucket: TimeDelta::hours(1),
             conversion_spike_min_orders: 10,
@@ -204,6 +207,14 @@ fn compile_fraud(cx: &mut Ctx<'_>, i: usize, raw: Option<&S<crate::raw::RawFraud
         };
     share_rule(cx, &raw.coupon_leak, "coupon_leak", &mut s.coupon_leak_min_orders, &mut s.coupon_leak_max_share);
     share_rule(cx, &raw.refund_rate, "refund_rate", &mut s.refund_rate_min_orders, &mut s.refund_rate_max_share);
+    if let Some(r) = raw.refund_rate.as_ref().map(|v| v.get_ref()) {
+        let field = format!("programs[{i}].fraud.refund_rate.window");
+        s.refund_rate_window = cx.duration(r.window.as_ref(), s.refund_rate_window, &field);
+        if s.refund_rate_window < TimeDelta::days(1) || s.refund_rate_window > TimeDelta::days(90) {
+            let span = r.window.as_ref().map(|w| w.span()).unwrap_or(0..0);
+            cx.err(span, field, "must lie between 1d and 90d".to_string());
+        }
+    }
     if let Some(v) = raw.velocity.as_ref().map(|v| v.get_ref()) {
         if let Some(m) = &v.max_orders {
             match u32::try_from(*m.get_ref()) {
