@@ -238,7 +238,7 @@ fn rules_text(creators: &[Creator]) -> String {
          [programs.fraud.coupon_leak]\naction = \"hold\"\nmin_orders = 20\nmax_share = 0.8\n\
          [programs.fraud.velocity]\naction = \"hold\"\nmax_orders = 5\nwindow = \"1h\"\n\
          [programs.fraud.fast_conversion]\naction = \"hold\"\nmin_seconds = 5\n\
-         [programs.fraud.refund_rate]\naction = \"hold\"\nmin_orders = 20\nmax_share = 0.3\n\n",
+         [programs.fraud.refund_rate]\naction = \"hold\"\nmin_orders = 20\nmax_share = 0.3\nwindow = \"3d\"\n\n",
     );
     for c in creators {
         let _ =

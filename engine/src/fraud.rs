@@ -317,16 +317,16 @@ impl Spike {
             }
         }
         let alpha = 2.0 / (f64::from(p.warmup) + 1.0);
-        let mut sp = self.partners.remove(&partner).unwrap_or(SpikePartner { bucket: b, ..SpikePartner::default() });
+        let program_total = self.program_count(b);
+        let buckets = &self.buckets;
+        let sp = self.partners.entry(partner).or_insert_with(|| SpikePartner { bucket: b, ..SpikePartner::default() });
         if sp.bucket > b {
-            self.partners.insert(partner, sp);
             return None;
         }
         if sp.bucket < b {
             // Fold the partner's finished bucket, then the buckets since in
             // which the program had orders and the partner none.
-            let folds: Vec<(i64, f64)> = self
-                .buckets
+            let folds: Vec<(i64, f64)> = buckets
                 .iter()
                 .filter(|(k, n)| *k >= sp.bucket && *k < b && *n > 0)
                 .map(|(k, n)| (*k, if *k == sp.bucket { f64::from(sp.count) / f64::from(*n) } else { 0.0 }))
@@ -355,7 +355,7 @@ impl Spike {
         if sp.orders.len() < SPIKE_RETRO {
             sp.orders.push(order_id.clone());
         }
-        let total = self.program_count(b).unwrap_or(sp.count).max(sp.count);
+        let total = program_total.unwrap_or(sp.count).max(sp.count);
         let mut hit = None;
         if sp.seen >= p.warmup && sp.count >= p.min_orders {
             let n = f64::from(total);
@@ -377,7 +377,6 @@ impl Spike {
                 });
             }
         }
-        self.partners.insert(partner, sp);
         hit
     }
 }
