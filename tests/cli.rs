@@ -44,12 +44,12 @@ fn replay_writes_parquet_that_sql_reads_back() {
     for want in ["events read", "duplicates", "malformed", "unknown_order", "commission by status", "orders"] {
         assert!(summary.contains(want), "summary lacks {want}:\n{summary}");
     }
-    for t in ["ledger", "orders", "lines", "flags", "rejections", "clicks", "decisions"] {
+    for t in ["ledger", "orders", "lines", "flags", "rejections", "clicks", "decisions", "payouts", "balances"] {
         let mut files: Vec<_> =
             std::fs::read_dir(out.join(t)).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         files.sort();
         // State tables: closed orders in the run's part, open ones in its snapshot.
-        let want = if t == "orders" || t == "lines" { 2 } else { 1 };
+        let want = if ["orders", "lines", "balances"].contains(&t) { 2 } else { 1 };
         assert_eq!(files.len(), want, "{t}: {files:?}");
         assert!(files[0].starts_with("part-") && files.iter().all(|f| f.ends_with(".parquet")), "{files:?}");
     }

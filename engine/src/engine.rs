@@ -20,6 +20,8 @@ use crate::output::{
 use crate::sessions::{ClickRec, Sessions};
 use crate::state::{ClosedOrder, CodeIssue, Credit, Line, LineStatus, Order, Review};
 
+mod payouts;
+
 /// A flag about to be recorded on one or more orders.
 struct FlagSpec {
     rule: FraudRule,
@@ -76,7 +78,7 @@ pub fn check_event<'r>(rules: &'r Rules, e: &Event<'_>) -> Result<&'r Program, I
         }
         Body::Capture(c) => check_money(program, &c.currency, c.amount, &c.items)?,
         Body::Refund(r) => check_money(program, &r.currency, r.amount, &r.items)?,
-        Body::Review(_) => {}
+        Body::Review(_) | Body::Payout(_) => {}
     }
     Ok(program)
 }
@@ -134,6 +136,9 @@ pub struct Engine {
     /// program -> orders per bucket and each partner's baseline, for
     /// conversion_spike. Bounded by the partners and [`crate::fraud::SPIKE_BUCKETS`].
     spike: HashMap<u32, Spike>,
+    /// program -> partner -> paid, in flight, closed approved net, payout
+    /// items. Bounded by the partners and the batches.
+    balances: HashMap<u32, HashMap<Box<str>, payouts::PartnerBalance>>,
     /// (program, partner) -> (orders, captured, refunded) of the orders it
     /// was credited with, for refund_rate. Bounded by the partners.
     #[serde(default)]
@@ -186,6 +191,7 @@ impl Engine {
             velocity: HashMap::new(),
             leak: HashMap::new(),
             spike: HashMap::new(),
+            balances: HashMap::new(),
             refunds_by_partner: HashMap::new(),
             seq: 0,
             watermark: None,
@@ -278,6 +284,7 @@ impl Engine {
     pub fn line_status(&self, order: &Order, line: &Line, as_of: DateTime<Utc>) -> LineStatus {
         match line.review {
             Some(Review::Rejected) => return LineStatus::Rejected,
+            _ if line.paid => return LineStatus::Paid,
             Some(Review::Approved) => return LineStatus::Approved,
             Some(Review::Cleared) => {}
             None if order.held => return LineStatus::Pending,
@@ -397,6 +404,7 @@ impl Engine {
             Body::Capture(c) => self.apply_capture(e, c, rules, program),
             Body::Refund(r) => self.apply_refund(e, r, rules, program),
             Body::Review(r) => self.apply_review(e, r, program),
+            Body::Payout(p) => self.apply_payout(e, p, program),
         }
     }
 
@@ -445,6 +453,7 @@ impl Engine {
                 }
             }
             let statuses = self.line_statuses(&order, as_of);
+            self.close_into_balances(&order, &statuses);
             self.stats.orders_closed += 1;
             self.out.closed.push(ClosedOrder { order, statuses, as_of });
         }
@@ -573,6 +582,7 @@ impl Engine {
                 accrued: Decimal::ZERO,
                 net: Decimal::ZERO,
                 review: None,
+                paid: false,
             });
             for (i, anc) in rules.ancestors(&cr.partner_id, program.overrides.len()).enumerate() {
                 lines.push(Line {
@@ -581,6 +591,7 @@ impl Engine {
                     accrued: Decimal::ZERO,
                     net: Decimal::ZERO,
                     review: None,
+                    paid: false,
                 });
             }
         }
@@ -929,6 +940,12 @@ impl Engine {
                     Decision::Reject => {
                         if line.review == Some(Review::Rejected) {
                             continue;
+                        }
+                        if line.paid {
+                            return Err(invalid(
+                                "decision",
+                                format!("{} is paid: a refund reverses it, a review cannot", what()),
+                            ));
                         }
                         Review::Rejected
                     }

@@ -6,6 +6,7 @@ use std::fmt;
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
 
 /// What happened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -16,6 +17,8 @@ pub enum EventType {
     Chargeback,
     /// A reviewer's decision on commission lines (not from a checkout).
     Review,
+    /// A payout item's state change (from the payouts queue or a provider).
+    Payout,
 }
 
 impl EventType {
@@ -26,6 +29,7 @@ impl EventType {
             EventType::Refund => "refund",
             EventType::Chargeback => "chargeback",
             EventType::Review => "review",
+            EventType::Payout => "payout",
         }
     }
 
@@ -36,6 +40,7 @@ impl EventType {
             "refund" => EventType::Refund,
             "chargeback" => EventType::Chargeback,
             "review" => EventType::Review,
+            "payout" => EventType::Payout,
             _ => return None,
         })
     }
@@ -66,6 +71,7 @@ impl Event<'_> {
             Body::Refund(r) if r.chargeback => EventType::Chargeback,
             Body::Refund(_) => EventType::Refund,
             Body::Review(_) => EventType::Review,
+            Body::Payout(_) => EventType::Payout,
         }
     }
 }
@@ -78,6 +84,61 @@ pub enum Body<'a> {
     /// A refund, or a chargeback when `chargeback` is set.
     Refund(Refund<'a>),
     Review(ReviewEvent<'a>),
+    Payout(PayoutEvent<'a>),
+}
+
+/// Where a payout item stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum PayoutStatus {
+    /// In a planned batch: the amount is reserved from the approved balance.
+    Planned,
+    /// Accepted by the provider.
+    Sent,
+    /// The money arrived: the balance is paid.
+    Paid,
+    /// Never paid: the amount returns to the approved balance.
+    Failed,
+    /// Paid, then returned by the provider: the amount returns to the approved balance.
+    Reversed,
+}
+
+impl PayoutStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PayoutStatus::Planned => "planned",
+            PayoutStatus::Sent => "sent",
+            PayoutStatus::Paid => "paid",
+            PayoutStatus::Failed => "failed",
+            PayoutStatus::Reversed => "reversed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<PayoutStatus> {
+        Some(match s {
+            "planned" => PayoutStatus::Planned,
+            "sent" => PayoutStatus::Sent,
+            "paid" => PayoutStatus::Paid,
+            "failed" => PayoutStatus::Failed,
+            "reversed" => PayoutStatus::Reversed,
+            _ => return None,
+        })
+    }
+}
+
+/// A payout item's state change: one partner's share of a batch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PayoutEvent<'a> {
+    pub batch_id: Cow<'a, str>,
+    pub partner_id: Cow<'a, str>,
+    pub currency: Cow<'a, str>,
+    /// Gross: what leaves the partner's balance.
+    pub amount: Decimal,
+    /// Withheld tax (TDS) included in `amount`, not transferred.
+    pub tds: Decimal,
+    pub status: PayoutStatus,
+    pub provider: Option<Cow<'a, str>>,
+    pub provider_ref: Option<Cow<'a, str>>,
+    pub detail: Option<Cow<'a, str>>,
 }
 
 /// What a reviewer decides.
@@ -220,6 +281,17 @@ pub fn fingerprint(e: &Event<'_>) -> u128 {
             h.money(41, r.amount);
             h.str(42, &r.currency);
             h.items(&r.items);
+        }
+        Body::Payout(p) => {
+            h.str(60, &p.batch_id);
+            h.str(61, &p.partner_id);
+            h.str(62, &p.currency);
+            h.money(63, p.amount);
+            h.money(64, p.tds);
+            h.str(65, p.status.as_str());
+            h.opt(66, &p.provider);
+            h.opt(67, &p.provider_ref);
+            h.opt(68, &p.detail);
         }
         Body::Review(r) => {
             h.opt(50, &r.order_id);

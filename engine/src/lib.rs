@@ -19,11 +19,14 @@ mod state;
 
 pub use afflio_rules as rules;
 pub use engine::{check_event, CheckpointError, Engine, Invalid, MemoryReport};
-pub use event::{fingerprint, Body, Capture, Click, Customer, Decision, Event, EventType, Item, Refund, ReviewEvent};
+pub use event::{
+    fingerprint, Body, Capture, Click, Customer, Decision, Event, EventType, Item, PayoutEvent, PayoutStatus, Refund,
+    ReviewEvent,
+};
 pub use money::round_money;
 pub use output::{
-    Arrival, AttributionKind, ClickRow, DecisionRow, EntryKind, Flag, FraudRule, LedgerEntry, Outcome, Output, Reason,
-    Rejection, Stats,
+    Arrival, AttributionKind, Balance, ClickRow, DecisionRow, EntryKind, Flag, FraudRule, LedgerEntry, Outcome, Output,
+    PayoutRow, Reason, Rejection, Stats,
 };
 pub use state::{ClosedOrder, CodeIssue, Credit, Line, LineStatus, Order, Review};
 

@@ -31,10 +31,13 @@ pub enum Reason {
     /// A review that cannot apply: no such line, not eligible yet, already
     /// rejected, nothing held to clear.
     InvalidReview,
+    /// A payout item that cannot apply: more than the available balance,
+    /// unknown item, a transition its status does not allow.
+    InvalidPayout,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 11] = [
+    pub const ALL: [Reason; 12] = [
         Reason::Malformed,
         Reason::UnknownProgram,
         Reason::UnknownLink,
@@ -46,6 +49,7 @@ impl Reason {
         Reason::IdempotencyConflict,
         Reason::LateEvent,
         Reason::InvalidReview,
+        Reason::InvalidPayout,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -61,6 +65,7 @@ impl Reason {
             Reason::IdempotencyConflict => "idempotency_conflict",
             Reason::LateEvent => "late_event",
             Reason::InvalidReview => "invalid_review",
+            Reason::InvalidPayout => "invalid_payout",
         }
     }
 }
@@ -246,6 +251,39 @@ pub struct DecisionRow {
     pub bulk: bool,
 }
 
+/// A payout item's state change: an append-only record.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PayoutRow {
+    pub event_id: String,
+    pub ts: DateTime<Utc>,
+    pub program_id: Arc<str>,
+    pub batch_id: String,
+    pub partner_id: String,
+    pub currency: String,
+    pub amount: Decimal,
+    pub tds: Decimal,
+    pub status: crate::event::PayoutStatus,
+    pub provider: Option<String>,
+    pub provider_ref: Option<String>,
+    pub detail: Option<String>,
+}
+
+/// A partner's balance in one program (its currency) as of a time.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Balance {
+    pub program_id: Arc<str>,
+    pub partner_id: Arc<str>,
+    pub currency: afflio_rules::Currency,
+    /// Net of lines not yet approved (or held).
+    pub pending: Decimal,
+    /// Approved and not yet paid or planned: what the next batch may pay.
+    /// Negative when refunds after payment exceed it (a clawback to net).
+    pub available: Decimal,
+    /// In planned or sent batches.
+    pub in_flight: Decimal,
+    pub paid: Decimal,
+}
+
 /// An applied click.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ClickRow {
@@ -270,6 +308,8 @@ pub struct Output {
     pub rejections: Vec<Rejection>,
     /// Reviewer decisions, one row per line decided.
     pub decisions: Vec<DecisionRow>,
+    /// Payout item state changes.
+    pub payouts: Vec<PayoutRow>,
     /// Orders closed by retention, with their final line status.
     pub closed: Vec<crate::state::ClosedOrder>,
 }
@@ -285,6 +325,7 @@ impl Output {
             + self.flags.len()
             + self.rejections.len()
             + self.decisions.len()
+            + self.payouts.len()
             + self.closed.len()
     }
 }
@@ -302,6 +343,9 @@ pub struct Stats {
     pub applied_reviews: u64,
     #[serde(default)]
     pub lines_decided: u64,
+    /// Payout item state changes applied.
+    #[serde(default)]
+    pub applied_payouts: u64,
     pub duplicates: u64,
     pub rejected: BTreeMap<Reason, u64>,
     pub orders_by_link: u64,
@@ -324,6 +368,7 @@ impl Stats {
             + self.applied_refunds
             + self.applied_chargebacks
             + self.applied_reviews
+            + self.applied_payouts
     }
 
     pub fn rejections(&self) -> u64 {

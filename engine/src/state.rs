@@ -51,6 +51,9 @@ pub struct Line {
     /// The last reviewer decision on this line, if any.
     #[serde(default)]
     pub review: Option<Review>,
+    /// Covered by the partner's paid payouts (oldest eligible lines first).
+    #[serde(default)]
+    pub paid: bool,
 }
 
 /// What a reviewer decided about a line.

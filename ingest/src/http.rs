@@ -204,7 +204,8 @@ async fn post_events(State(st): State<Ingest>, headers: HeaderMap, body: Bytes) 
             }));
             continue;
         }
-        let is_review = ev.event_type() == afflio_engine::EventType::Review;
+        // Reviews and payout items are operator events: a review key only.
+        let is_review = matches!(ev.event_type(), afflio_engine::EventType::Review | afflio_engine::EventType::Payout);
         if is_review != (role == KeyRole::Review) {
             let detail = if is_review {
                 "review events need a key with role = \"review\""

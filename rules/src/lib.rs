@@ -14,7 +14,7 @@ mod units;
 
 pub use compile::{
     ApiKey, AttributionModel, Code, EngineSettings, FraudAction, FraudSettings, KeyRole, Link, Partner, Payout,
-    PayoutProvider, Program, Rules, Secret,
+    PayoutProvider, PayoutSettings, PaypalSettings, Program, RazorpayxSettings, Rules, Secret,
 };
 pub use error::{ConfigError, Problem};
 pub use units::{format_duration, parse_duration, Currency, Rate};

@@ -14,6 +14,8 @@ pub(crate) struct RawConfig {
     #[serde(default)]
     pub(crate) engine: Option<S<RawEngine>>,
     #[serde(default)]
+    pub(crate) payouts: Option<S<RawPayouts>>,
+    #[serde(default)]
     pub(crate) programs: Vec<S<RawProgram>>,
     #[serde(default)]
     pub(crate) partners: Vec<S<RawPartner>>,
@@ -67,6 +69,40 @@ pub(crate) struct RawProgram {
     pub(crate) category_rates: BTreeMap<String, S<String>>,
     /// Fraud detector settings.
     pub(crate) fraud: Option<S<RawFraud>>,
+    /// The smallest payout to a partner (a decimal in the program's currency).
+    pub(crate) min_payout: Option<S<String>>,
+}
+
+/// Payout providers: where they are and which environment variables hold
+/// their credentials (secrets are never in the file).
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPayouts {
+    pub(crate) razorpayx: Option<S<RawRazorpayx>>,
+    pub(crate) paypal: Option<S<RawPaypal>>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRazorpayx {
+    pub(crate) base_url: Option<S<String>>,
+    pub(crate) key_id_env: S<String>,
+    pub(crate) key_secret_env: S<String>,
+    pub(crate) webhook_secret_env: Option<S<String>>,
+    /// The business's RazorpayX account number payouts are debited from.
+    pub(crate) account_number: S<String>,
+    /// TDS withheld before payout, e.g. "10%".
+    pub(crate) tds: Option<S<String>>,
+    /// IMPS, NEFT, RTGS (bank accounts); UPI accounts always use UPI.
+    pub(crate) bank_mode: Option<S<String>>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPaypal {
+    pub(crate) base_url: Option<S<String>>,
+    pub(crate) client_id_env: S<String>,
+    pub(crate) client_secret_env: S<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]

@@ -3,7 +3,8 @@
 use std::sync::Arc;
 
 use afflio_engine::{
-    ClickRow, ClosedOrder, DecisionRow, Engine, Flag, LedgerEntry, LineStatus, Order, Output, Rejection,
+    Balance, ClickRow, ClosedOrder, DecisionRow, Engine, Flag, LedgerEntry, LineStatus, Order, Output, PayoutRow,
+    Rejection,
 };
 use chrono::{DateTime, Utc};
 use datafusion::arrow::array::{
@@ -24,11 +25,22 @@ pub enum Table {
     Clicks,
     Lines,
     Decisions,
+    Payouts,
+    Balances,
 }
 
 impl Table {
-    pub const ALL: [Table; 7] =
-        [Table::Ledger, Table::Orders, Table::Flags, Table::Rejections, Table::Clicks, Table::Lines, Table::Decisions];
+    pub const ALL: [Table; 9] = [
+        Table::Ledger,
+        Table::Orders,
+        Table::Flags,
+        Table::Rejections,
+        Table::Clicks,
+        Table::Lines,
+        Table::Decisions,
+        Table::Payouts,
+        Table::Balances,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -39,6 +51,8 @@ impl Table {
             Table::Clicks => "clicks",
             Table::Lines => "lines",
             Table::Decisions => "decisions",
+            Table::Payouts => "payouts",
+            Table::Balances => "balances",
         }
     }
 }
@@ -168,6 +182,32 @@ pub fn schema(t: Table) -> SchemaRef {
             f("status", Utf8, false),
             f("net_amount", MONEY, false),
             f("bulk", Boolean, false),
+        ],
+        Table::Payouts => vec![
+            f("event_id", Utf8, false),
+            f("ts", ts_type(), false),
+            f("program_id", Utf8, false),
+            f("batch_id", Utf8, false),
+            f("partner_id", Utf8, false),
+            f("currency", Utf8, false),
+            f("amount", MONEY, false),
+            f("tds", MONEY, false),
+            f("transfer_amount", MONEY, false),
+            f("status", Utf8, false),
+            f("provider", Utf8, true),
+            f("provider_ref", Utf8, true),
+            f("detail", Utf8, true),
+        ],
+        Table::Balances => vec![
+            f("program_id", Utf8, false),
+            f("partner_id", Utf8, false),
+            f("currency", Utf8, false),
+            f("pending", MONEY, false),
+            f("approved", MONEY, false),
+            f("in_flight", MONEY, false),
+            f("paid", MONEY, false),
+            f("clawback", MONEY, false),
+            f("as_of", ts_type(), false),
         ],
     };
     Arc::new(Schema::new(fields))
@@ -302,6 +342,44 @@ pub(crate) fn decisions(rows: &[DecisionRow]) -> Result<RecordBatch, ArrowError>
     )
 }
 
+pub(crate) fn payouts(rows: &[PayoutRow]) -> Result<RecordBatch, ArrowError> {
+    batch(
+        Table::Payouts,
+        vec![
+            strings(rows.iter().map(|r| r.event_id.as_str())),
+            times(rows.iter().map(|r| r.ts)),
+            strings(rows.iter().map(|r| &*r.program_id)),
+            strings(rows.iter().map(|r| r.batch_id.as_str())),
+            strings(rows.iter().map(|r| r.partner_id.as_str())),
+            strings(rows.iter().map(|r| r.currency.as_str())),
+            money(rows.iter().map(|r| r.amount))?,
+            money(rows.iter().map(|r| r.tds))?,
+            money(rows.iter().map(|r| r.amount - r.tds))?,
+            strings(rows.iter().map(|r| r.status.as_str())),
+            opt_strings(rows.iter().map(|r| r.provider.as_deref())),
+            opt_strings(rows.iter().map(|r| r.provider_ref.as_deref())),
+            opt_strings(rows.iter().map(|r| r.detail.as_deref())),
+        ],
+    )
+}
+
+pub(crate) fn balances(rows: &[Balance], as_of: DateTime<Utc>) -> Result<RecordBatch, ArrowError> {
+    batch(
+        Table::Balances,
+        vec![
+            strings(rows.iter().map(|r| &*r.program_id)),
+            strings(rows.iter().map(|r| &*r.partner_id)),
+            strings(rows.iter().map(|r| r.currency.code())),
+            money(rows.iter().map(|r| r.pending))?,
+            money(rows.iter().map(|r| r.available.max(Decimal::ZERO)))?,
+            money(rows.iter().map(|r| r.in_flight))?,
+            money(rows.iter().map(|r| r.paid))?,
+            money(rows.iter().map(|r| r.available.min(Decimal::ZERO)))?,
+            times(rows.iter().map(|_| as_of)),
+        ],
+    )
+}
+
 /// The rows of `out` for table `t`: streamed rows, and for the state tables
 /// the orders closed by retention (they leave the snapshot for good).
 pub(crate) fn rows(t: Table, out: &Output) -> Result<RecordBatch, ArrowError> {
@@ -311,6 +389,8 @@ pub(crate) fn rows(t: Table, out: &Output) -> Result<RecordBatch, ArrowError> {
         Table::Flags => flags(&out.flags),
         Table::Rejections => rejections(&out.rejections),
         Table::Decisions => decisions(&out.decisions),
+        Table::Payouts => payouts(&out.payouts),
+        Table::Balances => balances(&[], DateTime::UNIX_EPOCH),
         Table::Orders => orders(&out.closed.iter().map(|c| &c.order).collect::<Vec<_>>()),
         Table::Lines => lines(&closed_lines(&out.closed)),
     }
@@ -321,6 +401,12 @@ pub(crate) fn state(t: Table, engine: &Engine, as_of: DateTime<Utc>) -> Option<R
     match t {
         Table::Orders => Some(orders(&engine.orders().iter().collect::<Vec<_>>())),
         Table::Lines => Some(lines(&open_lines(engine, as_of))),
+        Table::Balances => {
+            let mut ids: Vec<&str> = engine.rules().programs().map(|p| p.id.as_str()).collect();
+            ids.sort_unstable();
+            let rows: Vec<Balance> = ids.into_iter().flat_map(|p| engine.balances(p, as_of)).collect();
+            Some(balances(&rows, as_of))
+        }
         _ => None,
     }
 }

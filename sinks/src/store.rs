@@ -222,7 +222,8 @@ pub struct StreamStore {
 /// Files at least this large are left alone by compaction.
 const COMPACTED_BYTES: u64 = 64 * 1024 * 1024;
 
-const APPEND_TABLES: [Table; 5] = [Table::Ledger, Table::Clicks, Table::Flags, Table::Rejections, Table::Decisions];
+const APPEND_TABLES: [Table; 6] =
+    [Table::Ledger, Table::Clicks, Table::Flags, Table::Rejections, Table::Decisions, Table::Payouts];
 
 impl StreamStore {
     pub fn open(dir: &Path) -> Result<StreamStore, StoreError> {

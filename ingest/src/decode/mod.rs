@@ -2,7 +2,10 @@
 
 use std::borrow::Cow;
 
-use afflio_engine::{Body, Capture, Click, Customer, Decision, Event, EventType, Item, Reason, Refund, ReviewEvent};
+use afflio_engine::{
+    Body, Capture, Click, Customer, Decision, Event, EventType, Item, PayoutEvent, PayoutStatus, Reason, Refund,
+    ReviewEvent,
+};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::Deserialize;
@@ -75,6 +78,18 @@ struct Wire<'a> {
     reason: Option<Cow<'a, str>>,
     #[serde(borrow, default, deserialize_with = "opt_cow")]
     reviewer: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "opt_cow")]
+    batch_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    tds: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "opt_cow")]
+    status: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "opt_cow")]
+    provider: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "opt_cow")]
+    provider_ref: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "opt_cow")]
+    detail: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -239,7 +254,7 @@ fn items(v: Option<Vec<WireItem<'_>>>) -> Result<Option<Vec<Item<'_>>>, DecodeEr
 fn convert(w: Wire<'_>) -> Result<Event<'_>, DecodeError> {
     let ty_text = w.ty.ok_or_else(|| malformed("type", "missing field `type`"))?;
     let ty = EventType::parse(&ty_text).ok_or_else(|| {
-        malformed("type", format!("type {ty_text:?} is not one of click, capture, refund, chargeback, review"))
+        malformed("type", format!("type {ty_text:?} is not one of click, capture, refund, chargeback, review, payout"))
     })?;
     let event_id = w.event_id.ok_or_else(|| malformed("event_id", "missing field `event_id`"))?;
     if event_id.is_empty() || event_id.len() > LIMITS.event_id_bytes {
@@ -290,6 +305,26 @@ fn convert(w: Wire<'_>) -> Result<Event<'_>, DecodeError> {
             items: items(w.items)?,
             chargeback: ty == EventType::Chargeback,
         }),
+        EventType::Payout => {
+            let text = required(w.status, "status", ty)?;
+            let status = PayoutStatus::parse(&text).ok_or_else(|| {
+                malformed("status", format!("status {text:?} is not one of planned, sent, paid, failed, reversed"))
+            })?;
+            Body::Payout(PayoutEvent {
+                batch_id: required(w.batch_id, "batch_id", ty)?,
+                partner_id: required(w.partner_id, "partner_id", ty)?,
+                currency: required(w.currency, "currency", ty)?,
+                amount: money(w.amount, "amount", ty)?,
+                tds: match w.tds {
+                    None => Decimal::ZERO,
+                    Some(t) => parse_money(t.get(), "tds")?,
+                },
+                status,
+                provider: optional(w.provider, "provider")?,
+                provider_ref: optional(w.provider_ref, "provider_ref")?,
+                detail: optional(w.detail, "detail")?,
+            })
+        }
         EventType::Review => {
             let text = required(w.decision, "decision", ty)?;
             let decision = Decision::parse(&text).ok_or_else(|| {

@@ -66,6 +66,37 @@ pub struct Program {
     pub codes: HashMap<String, Code>,
     /// Fraud detectors of this program.
     pub fraud: FraudSettings,
+    /// The smallest amount paid out to a partner at once (0: any positive balance).
+    pub min_payout: rust_decimal::Decimal,
+}
+
+/// RazorpayX (India: bank and UPI transfers in INR).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RazorpayxSettings {
+    pub base_url: String,
+    pub key_id_env: String,
+    pub key_secret_env: String,
+    pub webhook_secret_env: Option<String>,
+    pub account_number: String,
+    /// TDS withheld from each payout.
+    pub tds: Rate,
+    /// "IMPS", "NEFT" or "RTGS" for bank accounts.
+    pub bank_mode: String,
+}
+
+/// PayPal Payouts (international partners).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PaypalSettings {
+    pub base_url: String,
+    pub client_id_env: String,
+    pub client_secret_env: String,
+}
+
+/// The payout providers configured.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PayoutSettings {
+    pub razorpayx: Option<RazorpayxSettings>,
+    pub paypal: Option<PaypalSettings>,
 }
 
 /// What a fraud rule does when it fires.
@@ -368,6 +399,7 @@ pub struct Rules {
     partners: HashMap<String, Partner>,
     links: HashMap<String, Link>,
     api_keys: Vec<ApiKey>,
+    payouts: PayoutSettings,
     file: String,
     raw: RawConfig,
 }
@@ -398,6 +430,9 @@ impl Rules {
         if add.engine.is_some() {
             merged.engine = add.engine;
         }
+        if add.payouts.is_some() {
+            merged.payouts = add.payouts;
+        }
         merge(&mut merged.programs, add.programs, |p| p.get_ref().id.get_ref().clone());
         merge(&mut merged.partners, add.partners, |p| p.get_ref().id.get_ref().clone());
         merge(&mut merged.links, add.links, |l| l.get_ref().id.get_ref().clone());
@@ -425,6 +460,11 @@ impl Rules {
 
     pub fn engine(&self) -> &EngineSettings {
         &self.engine
+    }
+
+    /// The payout providers (credentials are named, not held).
+    pub fn payouts(&self) -> &PayoutSettings {
+        &self.payouts
     }
 
     pub fn program(&self, id: &str) -> Option<&Arc<Program>> {
@@ -809,6 +849,7 @@ fn compile(file: &str, text: &str, raw: RawConfig, version: u64) -> Result<Rules
         }
     }
 
+    let payouts = compile_payouts(&mut cx, &raw);
     if !cx.problems.is_empty() {
         cx.problems.sort_by_key(|p| (p.line, p.column));
         return Err(ConfigError::Invalid { file: file.to_string(), problems: cx.problems });
@@ -820,6 +861,7 @@ fn compile(file: &str, text: &str, raw: RawConfig, version: u64) -> Result<Rules
         partners,
         links,
         api_keys,
+        payouts,
         file: file.to_string(),
         raw,
     })
@@ -908,7 +950,68 @@ fn compile_program(cx: &mut Ctx<'_>, i: usize, p: &S<RawProgram>) -> Option<Prog
         category_rates,
         codes: HashMap::new(),
         fraud: compile_fraud(cx, i, rp.fraud.as_ref()),
+        min_payout: match &rp.min_payout {
+            None => rust_decimal::Decimal::ZERO,
+            Some(m) => match rust_decimal::Decimal::from_str_exact(m.get_ref().trim()) {
+                Ok(d) if d >= rust_decimal::Decimal::ZERO => d,
+                _ => {
+                    cx.err(
+                        m.span(),
+                        format!("programs[{i}].min_payout"),
+                        format!("{:?} is not a non-negative decimal amount", m.get_ref()),
+                    );
+                    rust_decimal::Decimal::ZERO
+                }
+            },
+        },
     })
+}
+
+fn compile_payouts(cx: &mut Ctx<'_>, raw: &RawConfig) -> PayoutSettings {
+    let mut s = PayoutSettings::default();
+    let Some(p) = &raw.payouts else { return s };
+    let p = p.get_ref();
+    let url = |cx: &mut Ctx<'_>, v: &Option<S<String>>, default: &str, field: &str| match v {
+        None => default.to_string(),
+        Some(u) => {
+            let t = u.get_ref().trim_end_matches('/').to_string();
+            if !(t.starts_with("https://") || t.starts_with("http://")) {
+                cx.err(u.span(), field.to_string(), format!("{:?} is not an http(s) URL", u.get_ref()));
+            }
+            t
+        }
+    };
+    if let Some(r) = &p.razorpayx {
+        let r = r.get_ref();
+        let base_url = url(cx, &r.base_url, "https://api.razorpay.com", "payouts.razorpayx.base_url");
+        let tds = match &r.tds {
+            None => "0%".parse::<Rate>().expect("a valid rate"),
+            Some(t) => cx.rate(t, "payouts.razorpayx.tds").unwrap_or_else(|| "0%".parse::<Rate>().expect("valid")),
+        };
+        let bank_mode = r.bank_mode.as_ref().map_or("IMPS".to_string(), |m| m.get_ref().clone());
+        if !["IMPS", "NEFT", "RTGS"].contains(&bank_mode.as_str()) {
+            let span = r.bank_mode.as_ref().map(|m| m.span()).unwrap_or(0..0);
+            cx.err(span, "payouts.razorpayx.bank_mode", format!("{bank_mode:?} is not IMPS, NEFT or RTGS"));
+        }
+        s.razorpayx = Some(RazorpayxSettings {
+            base_url,
+            key_id_env: r.key_id_env.get_ref().clone(),
+            key_secret_env: r.key_secret_env.get_ref().clone(),
+            webhook_secret_env: r.webhook_secret_env.as_ref().map(|w| w.get_ref().clone()),
+            account_number: r.account_number.get_ref().clone(),
+            tds,
+            bank_mode,
+        });
+    }
+    if let Some(pp) = &p.paypal {
+        let pp = pp.get_ref();
+        s.paypal = Some(PaypalSettings {
+            base_url: url(cx, &pp.base_url, "https://api-m.paypal.com", "payouts.paypal.base_url"),
+            client_id_env: pp.client_id_env.get_ref().clone(),
+            client_secret_env: pp.client_secret_env.get_ref().clone(),
+        });
+    }
+    s
 }
 
 fn compile_payout(cx: &mut Ctx<'_>, po: &S<RawPayout>, field: &str) -> Option<Payout> {
