@@ -4,6 +4,7 @@
 
 pub mod demo;
 pub mod fraudlab;
+pub mod payouts;
 pub mod replay;
 pub mod review;
 pub mod serve;

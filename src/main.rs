@@ -119,6 +119,12 @@ enum Command {
         #[arg(long, default_value_t = 200)]
         creators: usize,
     },
+    /// The payouts queue on a replayed store: plan a batch from approved
+    /// balances, send it (RazorpayX, PayPal), reconcile statuses.
+    Payouts {
+        #[command(subcommand)]
+        command: PayoutsCommand,
+    },
     /// Reviews on a replayed store: the queue of held lines, and decisions
     /// (approve, reject, clear) recorded in the `decisions` table.
     Review {
@@ -166,6 +172,56 @@ enum ReviewCommand {
     /// Releases an order's held lines after review: they follow their normal
     /// lifecycle (and still wait for their eligibility).
     Clear(DecisionArgs),
+}
+
+#[derive(Subcommand)]
+enum PayoutsCommand {
+    /// Builds a batch from the approved balances (nothing is sent).
+    Plan {
+        #[command(flatten)]
+        store: PayoutStore,
+        /// Balances as of this time (RFC 3339); default: the store's "now".
+        #[arg(long, value_parser = parse_ts)]
+        at: Option<DateTime<Utc>>,
+    },
+    /// Sends a planned batch (all planned items without --batch). Safe to re-run.
+    Send {
+        #[command(flatten)]
+        store: PayoutStore,
+        #[arg(long)]
+        batch: Option<String>,
+    },
+    /// Asks the providers where sent and paid items stand (paid, failed, reversed).
+    Sync {
+        #[command(flatten)]
+        store: PayoutStore,
+    },
+    /// Applies a provider webhook (its raw body) after verifying its signature.
+    Webhook {
+        #[command(flatten)]
+        store: PayoutStore,
+        #[arg(long, default_value = "razorpayx")]
+        provider: String,
+        /// The X-Razorpay-Signature header.
+        #[arg(long)]
+        signature: String,
+        /// The raw request body.
+        #[arg(long)]
+        body: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct PayoutStore {
+    /// The rules file (TOML) with [payouts] providers.
+    #[arg(long)]
+    config: PathBuf,
+    /// The store directory (written by `afflio replay`).
+    #[arg(long)]
+    data: PathBuf,
+    /// The program (default: the config's only program).
+    #[arg(long)]
+    program: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -321,6 +377,82 @@ fn decide(decision: Decision, a: DecisionArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
+fn only_program(rules: &Rules, program: Option<String>) -> anyhow::Result<String> {
+    if let Some(p) = program {
+        return Ok(p);
+    }
+    let ids: Vec<&str> = rules.programs().map(|p| p.id.as_str()).collect();
+    match ids.as_slice() {
+        [one] => Ok(one.to_string()),
+        _ => anyhow::bail!("the config has {} programs ({}): name one with --program", ids.len(), ids.join(", ")),
+    }
+}
+
+fn print_report(r: &afflio::payouts::Report) {
+    println!(
+        "sent {}, paid {}, failed {}, reversed {}, to retry {}",
+        r.sent,
+        r.paid,
+        r.failed,
+        r.reversed,
+        r.retry.len()
+    );
+    for (partner, why) in &r.retry {
+        println!("  retry {partner}: {why}");
+    }
+}
+
+fn payouts_command(c: PayoutsCommand) -> anyhow::Result<ExitCode> {
+    let store = match &c {
+        PayoutsCommand::Plan { store, .. }
+        | PayoutsCommand::Send { store, .. }
+        | PayoutsCommand::Sync { store }
+        | PayoutsCommand::Webhook { store, .. } => store,
+    };
+    let rules = match load_rules(&store.config) {
+        Ok(r) => r,
+        Err(code) => return Ok(code),
+    };
+    let program = only_program(&rules, store.program.clone())?;
+    let data = store.data.clone();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    match c {
+        PayoutsCommand::Plan { at, .. } => {
+            let plan = afflio::payouts::plan(rules, &data, &program, at)?;
+            println!("batch {}: {} item(s)", plan.batch_id, plan.items.len());
+            for i in &plan.items {
+                println!(
+                    "  {:<24} {:<10} {:>14}  tds {:>10}  transfer {:>14}",
+                    i.partner_id,
+                    i.provider,
+                    i.amount,
+                    i.tds,
+                    i.amount - i.tds
+                );
+            }
+            for (p, why) in &plan.skipped {
+                println!("  skipped {p}: {why}");
+            }
+        }
+        PayoutsCommand::Send { batch, .. } => {
+            print_report(&rt.block_on(afflio::payouts::send(rules, &data, &program, batch.as_deref()))?);
+        }
+        PayoutsCommand::Sync { .. } => print_report(&rt.block_on(afflio::payouts::sync(rules, &data, &program))?),
+        PayoutsCommand::Webhook { provider, signature, body, .. } => {
+            let bytes = std::fs::read(&body).with_context(|| format!("cannot read {}", body.display()))?;
+            match afflio::payouts::apply_webhook(rules, &data, &provider, &bytes, &signature) {
+                Ok(r) => print_report(&r),
+                Err(e @ afflio::payouts::WebhookError::BadSignature) => {
+                    eprintln!("error: {e}");
+                    return Ok(ExitCode::from(1));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Replay { config, events, out, as_of, quiet } => {
@@ -403,6 +535,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                      WHERE l.held ORDER BY l.program_id, l.order_id, l.tier";
             sql(&data, q, format)
         }
+        Command::Payouts { command } => payouts_command(command),
         Command::Review { command: ReviewCommand::Approve(a) } => decide(Decision::Approve, a),
         Command::Review { command: ReviewCommand::Reject(a) } => decide(Decision::Reject, a),
         Command::Review { command: ReviewCommand::Clear(a) } => decide(Decision::Clear, a),

@@ -21,6 +21,7 @@ use crate::sessions::{ClickRec, Sessions};
 use crate::state::{ClosedOrder, CodeIssue, Credit, Line, LineStatus, Order, Review};
 
 mod payouts;
+pub use payouts::{ItemState, PayoutItem};
 
 /// A flag about to be recorded on one or more orders.
 struct FlagSpec {

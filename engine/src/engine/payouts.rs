@@ -25,8 +25,26 @@ pub(crate) struct PartnerBalance {
     pub(crate) in_flight: Decimal,
     /// Approved (or paid) net of the partner's orders closed by retention.
     pub(crate) closed_approved: Decimal,
-    /// batch id -> (amount, status). Bounded by the batches planned.
-    pub(crate) items: HashMap<Box<str>, (Decimal, PayoutStatus)>,
+    /// batch id -> item. Bounded by the batches planned.
+    pub(crate) items: HashMap<Box<str>, ItemState>,
+}
+
+/// A payout item as the engine knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ItemState {
+    pub amount: Decimal,
+    pub tds: Decimal,
+    pub status: PayoutStatus,
+    pub provider_ref: Option<Box<str>>,
+}
+
+/// A payout item with where it belongs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PayoutItem {
+    pub program_id: String,
+    pub partner_id: String,
+    pub batch_id: String,
+    pub state: ItemState,
 }
 
 impl Engine {
@@ -79,6 +97,24 @@ impl Engine {
         by.into_values().collect()
     }
 
+    /// The payout items of a program, by partner then batch.
+    pub fn payout_items(&self, program_id: &str) -> Vec<PayoutItem> {
+        let Some(m) = self.names.get(program_id).and_then(|p| self.balances.get(&p)) else { return Vec::new() };
+        let mut v: Vec<PayoutItem> = m
+            .iter()
+            .flat_map(|(partner, pb)| {
+                pb.items.iter().map(move |(batch, s)| PayoutItem {
+                    program_id: program_id.to_string(),
+                    partner_id: partner.to_string(),
+                    batch_id: batch.to_string(),
+                    state: s.clone(),
+                })
+            })
+            .collect();
+        v.sort_by(|a, b| (&a.partner_id, &a.batch_id).cmp(&(&b.partner_id, &b.batch_id)));
+        v
+    }
+
     /// Adds a closed order's approved lines to its partners' balances.
     pub(super) fn close_into_balances(&mut self, order: &crate::state::Order, statuses: &[LineStatus]) {
         let Some(prog) = self.names.get(&order.program_id) else { return };
@@ -112,7 +148,7 @@ impl Engine {
             .get(&prog)
             .and_then(|m| m.get(p.partner_id.as_ref()))
             .and_then(|b| b.items.get(p.batch_id.as_ref()))
-            .copied();
+            .map(|i| (i.amount, i.status));
         let what = || format!("payout of {} to {} in batch {}", p.amount, p.partner_id, p.batch_id);
         match (item, p.status) {
             (None, PayoutStatus::Planned) => {
@@ -162,7 +198,13 @@ impl Engine {
             PayoutStatus::Reversed => pb.paid -= p.amount,
         }
         debug_assert!(pb.in_flight >= Decimal::ZERO && pb.paid >= Decimal::ZERO);
-        pb.items.insert(p.batch_id.as_ref().into(), (p.amount, p.status));
+        let provider_ref = p
+            .provider_ref
+            .as_deref()
+            .map(Box::from)
+            .or_else(|| pb.items.get(p.batch_id.as_ref()).and_then(|i| i.provider_ref.clone()));
+        let state = ItemState { amount: p.amount, tds: p.tds, status: p.status, provider_ref };
+        pb.items.insert(p.batch_id.as_ref().into(), state);
         if matches!(p.status, PayoutStatus::Paid | PayoutStatus::Reversed) {
             self.mark_paid(prog, &program.id, &p.partner_id, e.ts);
         }
