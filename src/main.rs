@@ -196,6 +196,12 @@ enum PayoutsCommand {
         #[command(flatten)]
         store: PayoutStore,
     },
+    /// Runs a local sandbox of the RazorpayX and PayPal payout APIs (no
+    /// accounts needed) until Ctrl-C, then lists the transfers it made.
+    Sandbox {
+        #[arg(long, default_value = "127.0.0.1:9099")]
+        listen: std::net::SocketAddr,
+    },
     /// Applies a provider webhook (its raw body) after verifying its signature.
     Webhook {
         #[command(flatten)]
@@ -403,11 +409,34 @@ fn print_report(r: &afflio::payouts::Report) {
 }
 
 fn payouts_command(c: PayoutsCommand) -> anyhow::Result<ExitCode> {
+    if let PayoutsCommand::Sandbox { listen } = c {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        return rt.block_on(async move {
+            use afflio::payouts::sandbox;
+            let state: sandbox::Shared = std::sync::Arc::default();
+            state.lock().expect("not poisoned").auto_settle = true;
+            let addr =
+                sandbox::start(state.clone(), listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+            println!("payout sandbox on http://{addr} (RazorpayX and PayPal). In the rules file:");
+            println!("  [payouts.razorpayx] base_url = \"http://{addr}\", account_number = \"{}\"", sandbox::ACCOUNT);
+            println!("  [payouts.paypal]    base_url = \"http://{addr}\"");
+            println!(
+                "and in the environment: the RazorpayX key id rzp_key, secret rzp_secret; PayPal pp_id, pp_secret."
+            );
+            println!("Payouts complete when synced. Ctrl-C stops.");
+            tokio::signal::ctrl_c().await?;
+            for (to, amount) in &state.lock().expect("not poisoned").transfers {
+                println!("transfer {amount} -> {to}");
+            }
+            Ok(ExitCode::SUCCESS)
+        });
+    }
     let store = match &c {
         PayoutsCommand::Plan { store, .. }
         | PayoutsCommand::Send { store, .. }
         | PayoutsCommand::Sync { store }
         | PayoutsCommand::Webhook { store, .. } => store,
+        PayoutsCommand::Sandbox { .. } => unreachable!("handled above"),
     };
     let rules = match load_rules(&store.config) {
         Ok(r) => r,
@@ -438,6 +467,7 @@ fn payouts_command(c: PayoutsCommand) -> anyhow::Result<ExitCode> {
             print_report(&rt.block_on(afflio::payouts::send(rules, &data, &program, batch.as_deref()))?);
         }
         PayoutsCommand::Sync { .. } => print_report(&rt.block_on(afflio::payouts::sync(rules, &data, &program))?),
+        PayoutsCommand::Sandbox { .. } => unreachable!("handled above"),
         PayoutsCommand::Webhook { provider, signature, body, .. } => {
             let bytes = std::fs::read(&body).with_context(|| format!("cannot read {}", body.display()))?;
             match afflio::payouts::apply_webhook(rules, &data, &provider, &bytes, &signature) {

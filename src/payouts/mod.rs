@@ -10,6 +10,7 @@
 
 mod paypal;
 mod razorpayx;
+pub mod sandbox;
 
 use std::collections::BTreeMap;
 use std::path::Path;
