@@ -12,6 +12,7 @@ pub mod http;
 mod jsonl;
 pub mod metrics;
 pub mod nats;
+pub mod webhooks;
 
 #[cfg(test)]
 mod http_tests;

@@ -5,10 +5,8 @@
 use afflio_engine::rules::RazorpayxSettings;
 use afflio_engine::PayoutStatus;
 use anyhow::Context;
-use hmac::{Hmac, Mac};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
-use sha2::Sha256;
 
 use super::{ProviderAnswer, SendItem};
 
@@ -154,14 +152,7 @@ impl Razorpayx {
     }
 }
 
-/// Checks `X-Razorpay-Signature`: hex HMAC-SHA256 of the raw body with the
-/// webhook secret, compared in constant time.
-pub fn verify_webhook_signature(body: &[u8], signature: &str, secret: &str) -> bool {
-    let Ok(expected) = hex::decode(signature.trim()) else { return false };
-    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret.as_bytes()) else { return false };
-    mac.update(body);
-    mac.verify_slice(&expected).is_ok()
-}
+pub use afflio_ingest::webhooks::verify_razorpayx_signature as verify_webhook_signature;
 
 /// The payout updates in a (verified) webhook body: (program, batch, partner, answer).
 pub(crate) fn webhook_updates(body: &[u8]) -> anyhow::Result<Vec<(String, String, String, ProviderAnswer)>> {
@@ -180,6 +171,8 @@ pub(crate) fn webhook_updates(body: &[u8]) -> anyhow::Result<Vec<(String, String
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hmac::{Hmac, Mac};
+    use sha2::Sha256;
 
     #[test]
     fn paise_are_exact() {
