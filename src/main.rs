@@ -383,17 +383,6 @@ fn decide(decision: Decision, a: DecisionArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn only_program(rules: &Rules, program: Option<String>) -> anyhow::Result<String> {
-    if let Some(p) = program {
-        return Ok(p);
-    }
-    let ids: Vec<&str> = rules.programs().map(|p| p.id.as_str()).collect();
-    match ids.as_slice() {
-        [one] => Ok(one.to_string()),
-        _ => anyhow::bail!("the config has {} programs ({}): name one with --program", ids.len(), ids.join(", ")),
-    }
-}
-
 fn print_report(r: &afflio::payouts::Report) {
     println!(
         "sent {}, paid {}, failed {}, reversed {}, to retry {}",
@@ -442,7 +431,7 @@ fn payouts_command(c: PayoutsCommand) -> anyhow::Result<ExitCode> {
         Ok(r) => r,
         Err(code) => return Ok(code),
     };
-    let program = only_program(&rules, store.program.clone())?;
+    let program = afflio::review::program_or_only(&rules, store.program.clone())?;
     let data = store.data.clone();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     match c {

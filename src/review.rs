@@ -56,6 +56,18 @@ pub fn load_state(data: &Path, rules: Rules) -> anyhow::Result<(Engine, DateTime
     Ok((engine, as_of))
 }
 
+/// `program`, or the config's only program when none is named.
+pub fn program_or_only(rules: &Rules, program: Option<String>) -> anyhow::Result<String> {
+    if let Some(p) = program {
+        return Ok(p);
+    }
+    let ids: Vec<&str> = rules.programs().map(|p| p.id.as_str()).collect();
+    match ids.as_slice() {
+        [one] => Ok(one.to_string()),
+        _ => bail!("the config has {} programs ({}): name one with --program", ids.len(), ids.join(", ")),
+    }
+}
+
 /// One reviewer decision, as typed on the command line.
 #[derive(Debug, Clone)]
 pub struct ReviewRequest {
@@ -83,16 +95,7 @@ pub enum ReviewResult {
 
 /// Applies `req` to the store at `data` and amends the store.
 pub fn review(rules: Rules, data: &Path, req: &ReviewRequest) -> anyhow::Result<ReviewResult> {
-    let program_id = match &req.program_id {
-        Some(p) => p.clone(),
-        None => {
-            let ids: Vec<&str> = rules.programs().map(|p| p.id.as_str()).collect();
-            match ids.as_slice() {
-                [one] => one.to_string(),
-                _ => bail!("the config has {} programs ({}): name one with --program", ids.len(), ids.join(", ")),
-            }
-        }
-    };
+    let program_id = program_or_only(&rules, req.program_id.clone())?;
     let (mut engine, store_now) = load_state(data, rules)?;
     let ts = req.at.unwrap_or(store_now);
     let mut ev = json!({

@@ -772,11 +772,8 @@ impl Engine {
             });
             let min = fraud.coupon_leak_min_orders as usize;
             // Keyed by the code as configured (the credit's source).
-            let codes = self.leak.entry(prog).or_default();
-            if !codes.contains_key(&*cr.source) {
-                codes.insert(cr.source.as_ref().into(), LeakWindow::default());
-            }
-            let w = codes.get_mut(&*cr.source).expect("inserted above");
+            // One lookup; the key is allocated only for a code seen the first time.
+            let w = self.leak.entry(prog).or_default().entry_ref(&*cr.source).or_default();
             if let Some((share, retro)) = w.record(clicked, &oid, min, fraud.coupon_leak_max_share) {
                 let detail = format!(
                     "code {}: {:.0}% of its last {min} redemptions had no click from {}'s links (limit {:.0}%)",
@@ -821,11 +818,7 @@ impl Engine {
             }
         }
         if fraud.refund_rate != FraudAction::Off {
-            let partners = self.refunds_by_partner.entry(prog).or_default();
-            if !partners.contains_key(cr.partner_id.as_ref()) {
-                partners.insert(cr.partner_id.as_ref().into(), RefundWindow::default());
-            }
-            let r = partners.get_mut(cr.partner_id.as_ref()).expect("inserted above");
+            let r = self.refunds_by_partner.entry(prog).or_default().entry_ref(&*cr.partner_id).or_default();
             // Judged on the partner's window before this order.
             let (n, share) = r.share();
             r.order(ts, fraud.refund_rate_window.num_days());

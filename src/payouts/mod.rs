@@ -116,10 +116,6 @@ fn apply(
     }
 }
 
-fn store_now(data: &Path, rules: Rules) -> anyhow::Result<(Engine, DateTime<Utc>)> {
-    crate::review::load_state(data, rules)
-}
-
 fn save(data: &Path, engine: &mut Engine, now: DateTime<Utc>, tag: &str) -> anyhow::Result<()> {
     let out = engine.take_output();
     let tag = format!("{tag}-{}", Utc::now().format("%Y%m%dT%H%M%S%6fZ"));
@@ -155,7 +151,7 @@ pub fn plan(rules: Rules, data: &Path, program_id: &str, at: Option<DateTime<Utc
     let partners: BTreeMap<String, Option<Payout>> =
         rules.partners().filter(|p| p.program_id == program_id).map(|p| (p.id.clone(), p.payout.clone())).collect();
     let tds_rate = rules.payouts().razorpayx.as_ref().map(|r| r.tds.fraction()).unwrap_or(Decimal::ZERO);
-    let (mut engine, now) = store_now(data, rules)?;
+    let (mut engine, now) = crate::review::load_state(data, rules)?;
     let at = at.unwrap_or(now);
     let batch_id = format!("{program_id}-{}", at.format("%Y%m%dT%H%M%SZ"));
     let mut plan = Plan { batch_id: batch_id.clone(), items: Vec::new(), skipped: Vec::new() };
@@ -247,8 +243,7 @@ fn send_items(
             continue;
         }
         let dest = rules
-            .partners()
-            .find(|p| p.id == it.partner_id)
+            .partner(&it.partner_id)
             .and_then(|p| p.payout.clone())
             .with_context(|| format!("partner {:?} has no payout destination any more", it.partner_id))?;
         v.push((
@@ -329,7 +324,7 @@ fn record(
 /// providers. Safe to run again after a crash or a timeout.
 pub async fn send(rules: Rules, data: &Path, program_id: &str, batch_id: Option<&str>) -> anyhow::Result<Report> {
     let providers = Providers::from_rules(&rules)?;
-    let (mut engine, now) = store_now(data, rules.clone())?;
+    let (mut engine, now) = crate::review::load_state(data, rules.clone())?;
     let items = send_items(&rules, &engine, program_id, batch_id, &[PayoutStatus::Planned])?;
     let mut report = Report::default();
     let (rx, pp): (Vec<_>, Vec<_>) =
@@ -359,7 +354,7 @@ pub async fn send(rules: Rules, data: &Path, program_id: &str, batch_id: Option<
 /// Asks the providers where sent (and paid, for reversals) items stand.
 pub async fn sync(rules: Rules, data: &Path, program_id: &str) -> anyhow::Result<Report> {
     let providers = Providers::from_rules(&rules)?;
-    let (mut engine, now) = store_now(data, rules.clone())?;
+    let (mut engine, now) = crate::review::load_state(data, rules.clone())?;
     let items = send_items(&rules, &engine, program_id, None, &[PayoutStatus::Sent, PayoutStatus::Paid])?;
     let mut report = Report::default();
     for (item, state) in &items {
@@ -420,7 +415,7 @@ pub fn apply_webhook(
 }
 
 fn apply_verified_webhook(rules: Rules, data: &Path, provider: &str, body: &[u8]) -> anyhow::Result<Report> {
-    let (mut engine, now) = store_now(data, rules.clone())?;
+    let (mut engine, now) = crate::review::load_state(data, rules.clone())?;
     let mut report = Report::default();
     let updates = match provider {
         "razorpayx" => razorpayx::webhook_updates(body)?,
