@@ -14,10 +14,10 @@ use crate::event::{fingerprint, Body, Capture, Click, Decision, Event, Item, Ref
 use crate::fraud::{Hit, KeyKind, LeakWindow, RefundWindow, Spike, SpikeParams, Velocity};
 use crate::money::{check_amount, round_money};
 use crate::output::{
-    Arrival, AttributionKind, ClickRow, DecisionRow, EntryKind, Flag, FraudRule, LedgerEntry, Outcome, Output, Reason,
-    Rejection, Stats,
+    Arrival, AttributionKind, DecisionRow, EntryKind, Flag, FraudRule, LedgerEntry, Outcome, Output, Reason, Rejection,
+    Stats,
 };
-use crate::sessions::{ClickRec, Sessions};
+use crate::sessions::{id_key, Sessions};
 use crate::state::{ClosedOrder, CodeIssue, Credit, Line, LineStatus, Order, Review};
 
 mod payouts;
@@ -122,6 +122,10 @@ pub struct Engine {
     dedupe: Dedupe,
     sessions: Sessions,
     names: Names,
+    /// Link id -> interned click target, under the current rules (cleared
+    /// when they change).
+    #[serde(skip)]
+    link_targets: HashMap<Box<str>, u32>,
     orders: Vec<Order>,
     /// (program, order id) -> index in `orders`.
     order_index: HashMap<u32, HashMap<Box<str>, u32>>,
@@ -169,7 +173,7 @@ pub enum CheckpointError {
     Encoding(#[from] postcard::Error),
 }
 
-const CHECKPOINT_MAGIC: &[u8] = b"AFFLIO-ENGINE-CKPT-1\n";
+const CHECKPOINT_MAGIC: &[u8] = b"AFFLIO-ENGINE-CKPT-2\n";
 
 const MICROS_PER_SEC: i64 = 1_000_000;
 
@@ -186,6 +190,7 @@ impl Engine {
             dedupe: Dedupe::default(),
             sessions,
             names: Names::default(),
+            link_targets: HashMap::new(),
             orders: Vec::new(),
             order_index: HashMap::new(),
             code_uses: HashMap::new(),
@@ -231,6 +236,7 @@ impl Engine {
     pub fn set_rules(&mut self, rules: Arc<Rules>) {
         let e = rules.engine();
         self.sessions.set_limits(e.max_clicks_per_visitor, e.max_tracked_visitors);
+        self.link_targets.clear();
         self.rules = rules;
     }
 
@@ -359,7 +365,8 @@ impl Engine {
 
     fn validate_and_apply(&mut self, e: &Event<'_>) -> Result<Outcome, Reject> {
         let fp = fingerprint(e);
-        match self.dedupe.check(&e.event_id, fp) {
+        let key = id_key(&e.event_id);
+        match self.dedupe.check(key, fp) {
             Check::Duplicate => return Ok(Outcome::Duplicate),
             Check::Conflict => {
                 return Err(reject(
@@ -391,7 +398,7 @@ impl Engine {
         // Applied or refused, the id is remembered: a redelivery of either is a
         // duplicate, so replaying a stream with redeliveries inserted gives the
         // same ledger whatever arrived in between.
-        self.dedupe.insert(&e.event_id, fp, ts);
+        self.dedupe.insert(key, fp, ts);
         result?;
         self.seq += 1;
         self.advance(ts);
@@ -461,35 +468,28 @@ impl Engine {
     }
 
     fn apply_click(&mut self, e: &Event<'_>, c: &Click<'_>, rules: &Rules, program: &Program) -> Result<(), Reject> {
-        let Some(link) = rules.link(&c.link_id) else {
-            return Err(reject(
-                Reason::UnknownLink,
-                "link_id",
-                format!("link_id {:?} names no configured link", c.link_id),
-            ));
+        // Links already clicked under these rules resolve with one lookup.
+        let target = match self.link_targets.get(c.link_id.as_ref()) {
+            Some(&t) => t,
+            None => {
+                let Some(link) = rules.link(&c.link_id) else {
+                    return Err(reject(
+                        Reason::UnknownLink,
+                        "link_id",
+                        format!("link_id {:?} names no configured link", c.link_id),
+                    ));
+                };
+                let (l, p, g) =
+                    (self.names.intern(&link.id), self.names.intern(&link.partner_id), self.names.intern(&program.id));
+                let t = self.sessions.target(l, p, g);
+                self.link_targets.insert(link.id.as_str().into(), t);
+                t
+            }
         };
-        let rec = ClickRec {
-            ts: e.ts.timestamp_micros(),
-            seq: self.seq,
-            link: self.names.intern(&link.id),
-            partner: self.names.intern(&link.partner_id),
-            program: self.names.intern(&program.id),
-        };
-        self.sessions.record(&c.visitor_id, rec);
+        let rec = self.sessions.record(&c.visitor_id, e.ts.timestamp_micros(), target);
         self.stats.applied_clicks += 1;
-        let own = |v: &Option<Cow<'_, str>>| v.as_deref().map(str::to_string);
-        self.out.clicks.push(ClickRow {
-            event_id: e.event_id.to_string(),
-            ts: e.ts,
-            program_id: self.names.name(rec.program).clone(),
-            link_id: self.names.name(rec.link).clone(),
-            partner_id: self.names.name(rec.partner).clone(),
-            visitor_id: c.visitor_id.to_string(),
-            ip: own(&c.ip),
-            user_agent: own(&c.user_agent),
-            landing_url: own(&c.landing_url),
-            sub_id: own(&c.sub_id),
-        });
+        let n = |i: u32| &**self.names.name(i);
+        self.out.clicks.push(e, n(rec.program), n(rec.link), n(rec.partner), c);
         Ok(())
     }
 
@@ -767,7 +767,6 @@ impl Engine {
             let clicked = c.visitor_id.as_deref().is_some_and(|v| {
                 self.sessions
                     .clicks(v)
-                    .iter()
                     .any(|k| k.program == prog && Some(k.partner) == partner && k.ts >= from && k.ts <= ts)
             });
             let min = fraud.coupon_leak_min_orders as usize;
@@ -1002,11 +1001,11 @@ impl Engine {
     fn winning_click(&self, visitor: &str, prog: u32, ts: DateTime<Utc>, program: &Program) -> Option<(Credit, i64)> {
         let t = ts.timestamp_micros();
         let from = t.saturating_sub(micros(program.window));
-        let candidates =
-            self.sessions.clicks(visitor).iter().filter(|c| c.program == prog && c.ts >= from && c.ts <= t);
+        // Clicks come in application order: ties in time go to the later applied.
+        let candidates = self.sessions.clicks(visitor).filter(|c| c.program == prog && c.ts >= from && c.ts <= t);
         let best = match program.model {
-            AttributionModel::LastClick => candidates.max_by_key(|c| (c.ts, c.seq)),
-            AttributionModel::FirstClick => candidates.min_by_key(|c| (c.ts, std::cmp::Reverse(c.seq))),
+            AttributionModel::LastClick => candidates.max_by_key(|c| c.ts),
+            AttributionModel::FirstClick => candidates.rev().min_by_key(|c| c.ts),
         }?;
         let credit = Credit {
             kind: AttributionKind::Link,

@@ -25,8 +25,8 @@ pub use event::{
 };
 pub use money::round_money;
 pub use output::{
-    Arrival, AttributionKind, Balance, ClickRow, DecisionRow, EntryKind, Flag, FraudRule, LedgerEntry, Outcome, Output,
-    PayoutRow, Reason, Rejection, Stats,
+    Arrival, AttributionKind, Balance, ClickColumns, DecisionRow, EntryKind, Flag, FraudRule, LedgerEntry, Outcome,
+    Output, PayoutRow, Reason, Rejection, Stats, StrColumn,
 };
 pub use state::{ClosedOrder, CodeIssue, Credit, Line, LineStatus, Order, Review};
 

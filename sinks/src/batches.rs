@@ -3,14 +3,15 @@
 use std::sync::Arc;
 
 use afflio_engine::{
-    Balance, ClickRow, ClosedOrder, DecisionRow, Engine, Flag, LedgerEntry, LineStatus, Order, Output, PayoutRow,
-    Rejection,
+    Balance, ClickColumns, ClosedOrder, DecisionRow, Engine, Flag, LedgerEntry, LineStatus, Order, Output, PayoutRow,
+    Rejection, StrColumn,
 };
 use chrono::{DateTime, Utc};
 use datafusion::arrow::array::{
     ArrayRef, BooleanArray, Decimal128Array, Float64Array, Int32Array, Int64Array, ListBuilder, RecordBatch,
     StringArray, StringBuilder, TimestampMicrosecondArray,
 };
+use datafusion::arrow::buffer::{Buffer, NullBuffer, OffsetBuffer, ScalarBuffer};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::arrow::error::ArrowError;
 use rust_decimal::Decimal;
@@ -283,20 +284,28 @@ pub(crate) fn ledger(rows: &[LedgerEntry]) -> Result<RecordBatch, ArrowError> {
     )
 }
 
-pub(crate) fn clicks(rows: &[ClickRow]) -> Result<RecordBatch, ArrowError> {
+/// A column the engine laid out as Arrow does: three copies, no per-row work.
+fn column(c: &StrColumn, nullable: bool) -> Result<ArrayRef, ArrowError> {
+    let (bytes, offsets, valid) = c.parts();
+    let nulls = (nullable && valid.iter().any(|v| !v)).then(|| NullBuffer::from(valid));
+    let offsets = OffsetBuffer::new(ScalarBuffer::from(offsets.to_vec()));
+    Ok(Arc::new(StringArray::try_new(offsets, Buffer::from(bytes.as_bytes()), nulls)?))
+}
+
+pub(crate) fn clicks(c: &ClickColumns) -> Result<RecordBatch, ArrowError> {
     batch(
         Table::Clicks,
         vec![
-            strings(rows.iter().map(|r| r.event_id.as_str())),
-            times(rows.iter().map(|r| r.ts)),
-            strings(rows.iter().map(|r| &*r.program_id)),
-            strings(rows.iter().map(|r| &*r.link_id)),
-            strings(rows.iter().map(|r| &*r.partner_id)),
-            strings(rows.iter().map(|r| r.visitor_id.as_str())),
-            opt_strings(rows.iter().map(|r| r.ip.as_deref())),
-            opt_strings(rows.iter().map(|r| r.user_agent.as_deref())),
-            opt_strings(rows.iter().map(|r| r.landing_url.as_deref())),
-            opt_strings(rows.iter().map(|r| r.sub_id.as_deref())),
+            column(&c.event_id, false)?,
+            Arc::new(TimestampMicrosecondArray::from(c.ts.clone()).with_timezone("UTC")),
+            column(&c.program_id, false)?,
+            column(&c.link_id, false)?,
+            column(&c.partner_id, false)?,
+            column(&c.visitor_id, false)?,
+            column(&c.ip, true)?,
+            column(&c.user_agent, true)?,
+            column(&c.landing_url, true)?,
+            column(&c.sub_id, true)?,
         ],
     )
 }
