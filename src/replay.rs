@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use afflio_engine::rules::Rules;
-use afflio_engine::{Arrival, Engine, LineStatus, Stats};
+use afflio_engine::{Arrival, Engine, LineStatus, Output, Stats};
 use afflio_ingest::{decode_event, JsonLines};
 use afflio_sinks::ParquetStore;
 use anyhow::Context;
@@ -145,44 +145,73 @@ pub fn replay(
     // "Now" by default: the newest event time read (applied or not).
     let mut newest: Option<DateTime<Utc>> = None;
     let (mut lines_read, mut bytes) = (0u64, 0u64);
-    while let Some(line) = lines.next_line().with_context(|| format!("cannot read {input_name}"))? {
-        lines_read += 1;
-        bytes += line.text.len() as u64 + 1;
-        let origin = LineOrigin { file: input_name, line: line.number };
-        let arrival = Arrival { ts: arrival_ts, origin: &origin };
-        if let Some(problem) = line.problem {
-            engine.reject_undecodable(line.text, None, afflio_engine::Reason::Malformed, None, problem, arrival);
-        } else {
-            match decode_event(line.text) {
-                Ok(event) => {
-                    newest = newest.max(Some(event.ts));
-                    engine.apply(&event, line.text, arrival);
-                }
-                Err(e) => {
+    // The sink (Arrow + Parquet) runs on its own thread, behind a queue of
+    // at most two flushes: the engine goes on while a batch is written.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Output>(2);
+    let (read, store) = std::thread::scope(|scope| {
+        let writer = scope.spawn(move || -> anyhow::Result<ParquetStore> {
+            for out in rx {
+                store.append(&out)?;
+            }
+            Ok(store)
+        });
+        let read = (|| -> anyhow::Result<()> {
+            while let Some(line) = lines.next_line().with_context(|| format!("cannot read {input_name}"))? {
+                lines_read += 1;
+                bytes += line.text.len() as u64 + 1;
+                let origin = LineOrigin { file: input_name, line: line.number };
+                let arrival = Arrival { ts: arrival_ts, origin: &origin };
+                if let Some(problem) = line.problem {
                     engine.reject_undecodable(
                         line.text,
-                        e.event_id.as_deref(),
-                        e.reason,
-                        e.field.as_deref(),
-                        e.detail,
+                        None,
+                        afflio_engine::Reason::Malformed,
+                        None,
+                        problem,
                         arrival,
                     );
+                } else {
+                    match decode_event(line.text) {
+                        Ok(event) => {
+                            newest = newest.max(Some(event.ts));
+                            engine.apply(&event, line.text, arrival);
+                        }
+                        Err(e) => {
+                            engine.reject_undecodable(
+                                line.text,
+                                e.event_id.as_deref(),
+                                e.reason,
+                                e.field.as_deref(),
+                                e.detail,
+                                arrival,
+                            );
+                        }
+                    }
+                }
+                if engine.pending_output().len() >= FLUSH_ROWS {
+                    let out = engine.take_output();
+                    tally.closed(&out.closed);
+                    if tx.send(out).is_err() {
+                        // The writer stopped on an error: it is reported below.
+                        return Ok(());
+                    }
+                }
+                if lines_read % 8192 == 0 {
+                    progress(bytes);
                 }
             }
-        }
-        if engine.pending_output().len() >= FLUSH_ROWS {
             let out = engine.take_output();
             tally.closed(&out.closed);
-            store.append(&out)?;
-        }
-        if lines_read % 8192 == 0 {
-            progress(bytes);
-        }
-    }
+            let _ = tx.send(out);
+            Ok(())
+        })();
+        drop(tx);
+        let store = writer.join().map_err(|_| anyhow::anyhow!("internal error: the Parquet writer thread panicked"));
+        (read, store)
+    });
+    let store = store??;
+    read?;
     progress(bytes);
-    let out = engine.take_output();
-    tally.closed(&out.closed);
-    store.append(&out)?;
     let as_of = as_of.or(newest);
     let at = as_of.unwrap_or(DateTime::UNIX_EPOCH);
     let tables = store.finish(&engine, at)?;

@@ -53,35 +53,40 @@ fn reject(reason: Reason, field: &'static str, detail: String) -> Reject {
 /// client at once; the engine runs them again when it applies the event.
 /// Returns the event's program.
 pub fn check_event<'r>(rules: &'r Rules, e: &Event<'_>) -> Result<&'r Program, Invalid> {
-    let Some(program) = rules.program(&e.program_id) else {
-        return Err(reject(
-            Reason::UnknownProgram,
-            "program_id",
-            format!("program_id {:?} names no configured program", e.program_id),
-        ));
-    };
+    let program = check_program(rules, e)?;
     match &e.body {
         Body::Click(c) => {
-            let Some(link) = rules.link(&c.link_id) else {
-                return Err(reject(
-                    Reason::UnknownLink,
-                    "link_id",
-                    format!("link_id {:?} names no configured link", c.link_id),
-                ));
-            };
-            if link.program_id != program.id {
-                return Err(reject(
-                    Reason::UnknownLink,
-                    "link_id",
-                    format!("link_id {:?} belongs to program {:?}, not {:?}", c.link_id, link.program_id, program.id),
-                ));
-            }
+            check_link(rules, program, &c.link_id)?;
         }
         Body::Capture(c) => check_money(program, &c.currency, c.amount, &c.items)?,
         Body::Refund(r) => check_money(program, &r.currency, r.amount, &r.items)?,
         Body::Review(_) | Body::Payout(_) => {}
     }
     Ok(program)
+}
+
+fn check_program<'r>(rules: &'r Rules, e: &Event<'_>) -> Result<&'r Program, Invalid> {
+    rules.program(&e.program_id).map(|p| &**p).ok_or_else(|| {
+        reject(
+            Reason::UnknownProgram,
+            "program_id",
+            format!("program_id {:?} names no configured program", e.program_id),
+        )
+    })
+}
+
+fn check_link<'r>(rules: &'r Rules, program: &Program, link_id: &str) -> Result<&'r afflio_rules::Link, Invalid> {
+    let Some(link) = rules.link(link_id) else {
+        return Err(reject(Reason::UnknownLink, "link_id", format!("link_id {link_id:?} names no configured link")));
+    };
+    if link.program_id != program.id {
+        return Err(reject(
+            Reason::UnknownLink,
+            "link_id",
+            format!("link_id {link_id:?} belongs to program {:?}, not {:?}", link.program_id, program.id),
+        ));
+    }
+    Ok(link)
 }
 
 /// Interned names (programs, partners, links): small, bounded by the rules.
@@ -125,7 +130,7 @@ pub struct Engine {
     /// Link id -> interned click target, under the current rules (cleared
     /// when they change).
     #[serde(skip)]
-    link_targets: HashMap<Box<str>, u32>,
+    link_targets: HashMap<Box<str>, (u32, Box<str>)>,
     orders: Vec<Order>,
     /// (program, order id) -> index in `orders`.
     order_index: HashMap<u32, HashMap<Box<str>, u32>>,
@@ -151,6 +156,7 @@ pub struct Engine {
     seq: u64,
     watermark: Option<i64>,
     next_sweep: i64,
+    next_session_sweep: i64,
     stats: Stats,
     #[serde(skip)]
     out: Output,
@@ -202,6 +208,7 @@ impl Engine {
             seq: 0,
             watermark: None,
             next_sweep: i64::MIN,
+            next_session_sweep: i64::MIN,
             stats: Stats::default(),
             out: Output::default(),
         }
@@ -406,7 +413,12 @@ impl Engine {
     }
 
     fn apply_checked(&mut self, e: &Event<'_>, rules: &Rules) -> Result<(), Reject> {
-        let program = check_event(rules, e)?;
+        // Clicks, the bulk of the traffic, check their link in `apply_click`
+        // (once per link under these rules); the other types here.
+        let program = match &e.body {
+            Body::Click(_) => check_program(rules, e)?,
+            _ => check_event(rules, e)?,
+        };
         match &e.body {
             Body::Click(c) => self.apply_click(e, c, rules, program),
             Body::Capture(c) => self.apply_capture(e, c, rules, program),
@@ -421,9 +433,8 @@ impl Engine {
         self.watermark = Some(wm);
         let cfg = self.rules.engine();
         self.dedupe.evict_before(wm.saturating_sub(micros(cfg.dedupe_retention)));
+        let horizon = micros(self.rules.max_window()).saturating_add(micros(cfg.out_of_order));
         if wm >= self.next_sweep {
-            let horizon = micros(self.rules.max_window()).saturating_add(micros(cfg.out_of_order));
-            self.sessions.evict_before(wm.saturating_sub(horizon));
             self.close_orders_before(wm.saturating_sub(micros(cfg.order_retention)));
             // Velocity keys with no order in their program's window.
             let rules = Arc::clone(&self.rules);
@@ -433,6 +444,13 @@ impl Engine {
                 keys.len() > 0
             });
             self.next_sweep = wm.saturating_add((horizon / 16).max(60 * MICROS_PER_SEC));
+        }
+        if wm >= self.next_session_sweep {
+            // Every sweep visits every tracked visitor: sweeping each quarter
+            // of the horizon costs ~5 visits per visitor's life and keeps at
+            // most 25% beyond the horizon (a sixteenth cost ~17 visits).
+            self.sessions.evict_before(wm.saturating_sub(horizon));
+            self.next_session_sweep = wm.saturating_add((horizon / 4).max(60 * MICROS_PER_SEC));
         }
     }
 
@@ -469,20 +487,15 @@ impl Engine {
 
     fn apply_click(&mut self, e: &Event<'_>, c: &Click<'_>, rules: &Rules, program: &Program) -> Result<(), Reject> {
         // Links already clicked under these rules resolve with one lookup.
-        let target = match self.link_targets.get(c.link_id.as_ref()) {
-            Some(&t) => t,
+        let cached = self.link_targets.get(c.link_id.as_ref()).filter(|(_, p)| **p == *program.id);
+        let target = match cached {
+            Some(&(t, _)) => t,
             None => {
-                let Some(link) = rules.link(&c.link_id) else {
-                    return Err(reject(
-                        Reason::UnknownLink,
-                        "link_id",
-                        format!("link_id {:?} names no configured link", c.link_id),
-                    ));
-                };
+                let link = check_link(rules, program, &c.link_id)?;
                 let (l, p, g) =
                     (self.names.intern(&link.id), self.names.intern(&link.partner_id), self.names.intern(&program.id));
                 let t = self.sessions.target(l, p, g);
-                self.link_targets.insert(link.id.as_str().into(), t);
+                self.link_targets.insert(link.id.as_str().into(), (t, program.id.as_str().into()));
                 t
             }
         };

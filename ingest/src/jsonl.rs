@@ -50,11 +50,12 @@ impl<R: BufRead> JsonLines<R> {
                 problem =
                     Some(format!("line is {} bytes, over the {}-byte limit", self.buf.len(), self.max_line_bytes));
             }
-            self.text.clear();
+            // Valid text is lent straight from the read buffer (no copy).
             match std::str::from_utf8(&self.buf) {
-                Ok(s) => self.text.push_str(s),
+                Ok(text) => return Ok(Some(Line { number: self.number, text, problem })),
                 Err(e) => {
                     problem.get_or_insert_with(|| format!("line is not valid UTF-8: {e}"));
+                    self.text.clear();
                     self.text.push_str(&String::from_utf8_lossy(&self.buf));
                 }
             }

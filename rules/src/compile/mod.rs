@@ -1,6 +1,8 @@
 //! Compilation of the raw file into validated rules.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
+
+use hashbrown::{HashMap, HashSet};
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -685,7 +687,7 @@ fn compile(file: &str, text: &str, raw: RawConfig, version: u64) -> Result<Rules
                 format!("parent {:?} belongs to program {:?}, not {:?}", pp.id, pp.program_id, rp.program_id.get_ref()),
             ),
             Some(_) => {
-                let mut seen = HashSet::from([rp.id.get_ref().as_str()]);
+                let mut seen: HashSet<&str> = [rp.id.get_ref().as_str()].into_iter().collect();
                 let mut cur = Some(parent.get_ref().as_str());
                 while let Some(c) = cur {
                     if !seen.insert(c) {
