@@ -2,6 +2,7 @@
 //! -> Parquet) shared by `replay`, `demo` and the tests, and the demo
 //! traffic generator.
 
+pub mod bench;
 pub mod demo;
 pub mod fraudlab;
 pub mod payouts;

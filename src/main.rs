@@ -5,6 +5,7 @@ use std::io::{BufReader, IsTerminal};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use afflio::bench;
 use afflio::demo::{self, DemoOptions};
 use afflio::fraudlab::{self, GenOptions};
 use afflio::replay::replay;
@@ -131,6 +132,13 @@ enum Command {
         #[command(subcommand)]
         command: ReviewCommand,
     },
+    /// Reproducible measurements (see BENCHMARKS.md): replay throughput and
+    /// peak memory, memory per tracked session, the live pipeline under
+    /// load, and the PostgreSQL baseline side by side.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
     /// Rules file commands.
     Rules {
         #[command(subcommand)]
@@ -151,6 +159,64 @@ enum Command {
         /// Never show a progress bar.
         #[arg(long)]
         quiet: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// The demo mix (JSON Lines -> engine -> Parquet) in one process: events/s,
+    /// peak RSS, sampled decode+apply latency.
+    Replay {
+        #[arg(long, default_value_t = 1_000_000)]
+        events: u64,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Measure this directory's rules.toml and events.jsonl (into DIR/store)
+        /// in this process instead of generating them and measuring in a child.
+        #[arg(long)]
+        input: Option<PathBuf>,
+    },
+    /// Memory per tracked visitor session: RSS growth over N one-click visitors.
+    Sessions {
+        #[arg(long, default_value_t = 4_000_000)]
+        sessions: u64,
+    },
+    /// Replay at three sizes and sessions at three sizes: how cost grows.
+    Scaling {
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
+    /// The same generated workload through a PostgreSQL attribution pipeline
+    /// and through Afflio; checks the ledgers agree, prints the ratios.
+    Baseline {
+        #[arg(long, default_value_t = 200_000)]
+        events: u64,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// PostgreSQL to use; one is started (initdb + pg_ctl) if none answers.
+        #[arg(long, default_value = "host=127.0.0.1 port=5432 user=postgres dbname=postgres", env = "AFFLIO_PG_URL")]
+        pg: String,
+        /// Events per PostgreSQL transaction.
+        #[arg(long, default_value_t = 100)]
+        batch: usize,
+    },
+    /// The live service under load: a local nats-server, `afflio serve`, and
+    /// NDJSON batches posted at fixed offered rates (a fresh service per rate).
+    Live {
+        /// Offered rates, events/s.
+        #[arg(long, value_delimiter = ',', default_values_t = [50_000u64, 100_000, 200_000])]
+        rates: Vec<u64>,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 500)]
+        batch: usize,
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        #[arg(long, default_value_t = 5)]
+        seed: u64,
+        /// Extra arguments for `afflio serve` (e.g. "--flush-ms 5").
+        #[arg(long, allow_hyphen_values = true)]
+        serve_args: Option<String>,
     },
 }
 
@@ -555,6 +621,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             sql(&data, q, format)
         }
         Command::Payouts { command } => payouts_command(command),
+        Command::Bench { command } => bench_command(command),
         Command::Review { command: ReviewCommand::Approve(a) } => decide(Decision::Approve, a),
         Command::Review { command: ReviewCommand::Reject(a) } => decide(Decision::Reject, a),
         Command::Review { command: ReviewCommand::Clear(a) } => decide(Decision::Clear, a),
@@ -583,4 +650,80 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn bench_command(command: BenchCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        BenchCommand::Replay { input: Some(dir), .. } => {
+            let r = bench::measure_replay(&dir.join("rules.toml"), &dir.join("events.jsonl"), &dir.join("store"))?;
+            println!("{}", bench::replay_line(&r));
+        }
+        BenchCommand::Replay { events, seed, input: None } => {
+            let dir = bench::scratch("replay")?;
+            eprintln!("generating {events} demo events (seed {seed})");
+            bench::generate_input(dir.path(), seed, events)?;
+            let r = bench::replay_in_child(dir.path())?;
+            println!("== replay: {events} demo events (seed {seed}), JSON Lines -> engine -> Parquet, one process");
+            println!("events/s           {:>12.0}", r.events_per_sec());
+            println!("MB/s               {:>12.1}", r.bytes as f64 / 1e6 / r.seconds);
+            println!("seconds            {:>12.3}", r.seconds);
+            println!("peak RSS           {:>9.1} MB", r.peak_rss as f64 / 1048576.0);
+            println!("ledger entries     {:>12}", r.ledger_entries);
+            println!("tracked visitors   {:>12}  orders in memory {}", r.visitors, r.orders);
+            println!(
+                "decode+apply       p50 {} ns, p99 {} ns, p99.9 {} ns (1 event in 64 timed)",
+                r.apply_ns.p50, r.apply_ns.p99, r.apply_ns.p999
+            );
+            println!("{}", bench::replay_line(&r));
+        }
+        BenchCommand::Sessions { sessions } => {
+            let r = bench::measure_sessions(sessions)?;
+            println!(
+                "== sessions: {} one-click visitors kept (30-day window): {:.1} bytes per session (RSS growth), {:.0} clicks/s",
+                r.tracked, r.bytes_per_session, r.clicks_per_sec
+            );
+            println!("{}", bench::sessions_line(&r));
+        }
+        BenchCommand::Scaling { seed } => {
+            println!("== scaling: replay of the demo mix (seed {seed}) at three sizes, each in its own process");
+            println!(
+                "  {:>10} {:>12} {:>12} {:>16} {:>14}",
+                "events", "events/s", "peak RSS MB", "tracked visitors", "ledger rows"
+            );
+            for events in [250_000u64, 1_000_000, 4_000_000] {
+                let dir = bench::scratch("scaling")?;
+                bench::generate_input(dir.path(), seed, events)?;
+                let r = bench::replay_in_child(dir.path())?;
+                println!(
+                    "  {:>10} {:>12.0} {:>12.1} {:>16} {:>14}",
+                    events,
+                    r.events_per_sec(),
+                    r.peak_rss as f64 / 1048576.0,
+                    r.visitors,
+                    r.ledger_entries
+                );
+            }
+            println!("== scaling: tracked sessions, each size in its own process");
+            println!("  {:>10} {:>18} {:>12}", "sessions", "bytes/session", "clicks/s");
+            for n in [1_000_000u64, 4_000_000, 16_000_000] {
+                let r = bench::sessions_in_child(n)?;
+                println!("  {:>10} {:>18.1} {:>12.0}", n, r.bytes_per_session, r.clicks_per_sec);
+            }
+        }
+        BenchCommand::Baseline { events, seed, pg, batch } => {
+            print!("{}", bench::pg::side_by_side(seed, events, &pg, batch)?);
+        }
+        BenchCommand::Live { rates, seconds, batch, clients, seed, serve_args } => {
+            let opts = bench::live::LiveOptions {
+                rates,
+                seconds,
+                batch,
+                clients,
+                seed,
+                serve_args: serve_args.map(|a| a.split_whitespace().map(String::from).collect()).unwrap_or_default(),
+            };
+            print!("{}", bench::live::run(&opts)?);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -67,6 +67,17 @@ pub struct Summary {
     pub lines_read: u64,
     pub bytes: u64,
     pub elapsed: Duration,
+    /// The engine's state at the end.
+    pub memory: afflio_engine::MemoryReport,
+    /// Decode + apply time of a sample of events, nanoseconds.
+    pub latency: Option<hdrhistogram::Histogram<u64>>,
+}
+
+/// How a replay runs.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options {
+    /// Time decode + apply of one event in this many (0: none).
+    pub sample_latency_every: u32,
 }
 
 impl Summary {
@@ -131,8 +142,26 @@ pub fn replay(
     input_name: &str,
     out: &Path,
     as_of: Option<DateTime<Utc>>,
+    progress: impl FnMut(u64),
+) -> anyhow::Result<Summary> {
+    replay_with(rules, input, input_name, out, as_of, Options::default(), progress)
+}
+
+/// [`replay`] with options.
+pub fn replay_with(
+    rules: Rules,
+    input: impl BufRead,
+    input_name: &str,
+    out: &Path,
+    as_of: Option<DateTime<Utc>>,
+    opts: Options,
     mut progress: impl FnMut(u64),
 ) -> anyhow::Result<Summary> {
+    let mut latency = (opts.sample_latency_every > 0)
+        .then(|| hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3))
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("internal error: histogram bounds: {e}"))?;
+    let every = u64::from(opts.sample_latency_every.max(1));
     let started = Instant::now();
     let data_dir = out.to_path_buf();
     let arrival_ts = Utc::now();
@@ -159,6 +188,8 @@ pub fn replay(
             while let Some(line) = lines.next_line().with_context(|| format!("cannot read {input_name}"))? {
                 lines_read += 1;
                 bytes += line.text.len() as u64 + 1;
+                let timed = latency.is_some() && lines_read % every == 0;
+                let t0 = timed.then(Instant::now);
                 let origin = LineOrigin { file: input_name, line: line.number };
                 let arrival = Arrival { ts: arrival_ts, origin: &origin };
                 if let Some(problem) = line.problem {
@@ -187,6 +218,9 @@ pub fn replay(
                             );
                         }
                     }
+                }
+                if let (Some(t0), Some(h)) = (t0, latency.as_mut()) {
+                    h.saturating_record(t0.elapsed().as_nanos() as u64);
                 }
                 if engine.pending_output().len() >= FLUSH_ROWS {
                     let out = engine.take_output();
@@ -229,5 +263,7 @@ pub fn replay(
         lines_read,
         bytes,
         elapsed,
+        memory: engine.memory(),
+        latency,
     })
 }
