@@ -4,9 +4,10 @@
 //! Exactly-once effect: the engine applies stream messages in stream order
 //! and, at each flush, (1) writes the rows of the messages applied since the
 //! last flush as new, synced Parquet files named by their stream positions,
-//! (2) replaces the state snapshot, (3) when a checkpoint is due, writes a
-//! checkpoint of the engine state with the flushed position (atomically),
-//! and (4) acknowledges the flushed messages, whose rows are now durable.
+//! (2) when a checkpoint is due, replaces the state snapshot (open orders,
+//! lines, balances) and writes a checkpoint of the engine state with the
+//! flushed position (atomically), and (3) acknowledges the flushed
+//! messages, whose rows are now durable.
 //! Resuming never depends on acknowledgements: the stream keeps messages
 //! (limits retention) and a restart recreates the consumer at the
 //! checkpoint's position. After a crash the engine restarts from the checkpoint, removes
@@ -21,11 +22,11 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use afflio_engine::rules::Rules;
-use afflio_engine::{Arrival, Engine, Outcome};
-use afflio_ingest::decode_event;
+use afflio_engine::{Arrival, Engine, Outcome, Reason};
 use afflio_ingest::http::{router, Ingest, SharedRules};
 use afflio_ingest::metrics::Metrics;
 use afflio_ingest::nats::{self, JetStreamPublisher, STREAM};
+use afflio_ingest::{decode_event, envelope};
 use afflio_sinks::StreamStore;
 use anyhow::Context;
 use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy};
@@ -187,12 +188,31 @@ struct Pending {
     last_checkpoint: Instant,
 }
 
-struct MsgOrigin(u64);
+/// A stream position, and the index of the event in an envelope.
+struct MsgOrigin(u64, Option<usize>);
 
 impl std::fmt::Display for MsgOrigin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "nats:{}", self.0)
+        match self.1 {
+            None => write!(f, "nats:{}", self.0),
+            Some(i) => write!(f, "nats:{}#{i}", self.0),
+        }
     }
+}
+
+/// Decodes and applies one event's text, counting the outcome.
+fn apply_text(engine: &mut Engine, metrics: &Metrics, text: &str, arrival: Arrival<'_>) {
+    let outcome = match decode_event(text) {
+        Ok(ev) => engine.apply(&ev, text, arrival),
+        Err(e) => {
+            engine.reject_undecodable(text, e.event_id.as_deref(), e.reason, e.field.as_deref(), e.detail, arrival)
+        }
+    };
+    match outcome {
+        Outcome::Applied => metrics.engine_applied.fetch_add(1, Ordering::Relaxed),
+        Outcome::Duplicate => metrics.engine_duplicates.fetch_add(1, Ordering::Relaxed),
+        Outcome::Rejected(_) => metrics.engine_rejected.fetch_add(1, Ordering::Relaxed),
+    };
 }
 
 async fn consume(
@@ -210,6 +230,7 @@ async fn consume(
     store.snapshot(&engine, Utc::now(), committed)?;
     eprintln!("afflio: engine at stream position {committed} ({removed} uncommitted files removed)");
     metrics.engine_seq.store(committed, Ordering::Relaxed);
+    metrics.engine_events.store(engine.events_read(), Ordering::Relaxed);
 
     let stream = js.get_stream(STREAM).await.map_err(|e| anyhow::anyhow!("stream {STREAM}: {e}"))?;
     // The checkpoint, not the consumer's delivery state, says where to resume:
@@ -298,23 +319,36 @@ async fn consume(
                         engine.set_rules(r.clone());
                     }
                 }
-                let text = String::from_utf8_lossy(&msg.payload);
-                let origin = MsgOrigin(seq);
-                let arrival = Arrival { ts: Utc::now(), origin: &origin };
-                let outcome = match decode_event(&text) {
-                    Ok(ev) => engine.apply(&ev, &text, arrival),
-                    Err(e) => engine.reject_undecodable(&text, e.event_id.as_deref(), e.reason, e.field.as_deref(), e.detail, arrival),
-                };
-                match outcome {
-                    Outcome::Applied => metrics.engine_applied.fetch_add(1, Ordering::Relaxed),
-                    Outcome::Duplicate => metrics.engine_duplicates.fetch_add(1, Ordering::Relaxed),
-                    Outcome::Rejected(_) => metrics.engine_rejected.fetch_add(1, Ordering::Relaxed),
-                };
+                let now = Utc::now();
+                if envelope::is_envelope(&msg.payload) {
+                    match envelope::decode(&msg.payload) {
+                        Ok(texts) => {
+                            for (i, text) in texts.into_iter().enumerate() {
+                                let origin = MsgOrigin(seq, Some(i));
+                                apply_text(&mut engine, &metrics, text, Arrival { ts: now, origin: &origin });
+                                pending.published_us.push(published_us);
+                            }
+                        }
+                        Err(detail) => {
+                            // Kept whole as a rejection: nothing is dropped silently.
+                            let text = String::from_utf8_lossy(&msg.payload);
+                            let origin = MsgOrigin(seq, None);
+                            let arrival = Arrival { ts: now, origin: &origin };
+                            engine.reject_undecodable(&text, None, Reason::Malformed, None, format!("broken envelope: {detail}"), arrival);
+                            metrics.engine_rejected.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                } else {
+                    let text = String::from_utf8_lossy(&msg.payload);
+                    let origin = MsgOrigin(seq, None);
+                    apply_text(&mut engine, &metrics, &text, Arrival { ts: now, origin: &origin });
+                    pending.published_us.push(published_us);
+                }
                 pending.first.get_or_insert(seq);
                 pending.last = seq;
-                pending.published_us.push(published_us);
                 pending.ack = Some(msg);
                 metrics.engine_seq.store(seq, Ordering::Relaxed);
+                metrics.engine_events.store(engine.events_read(), Ordering::Relaxed);
                                 if pending.published_us.len() >= opts.flush_events {
                     flush(&mut engine, &mut pending, &store, &ckpt, &metrics, every, false).await?;
                 }
@@ -344,7 +378,6 @@ async fn flush(
     if let Some(first) = pending.first.take() {
         let out = engine.take_output();
         store.append(first, pending.last, &out)?;
-        store.snapshot(engine, Utc::now(), pending.last)?;
         pending.flushed = pending.last;
         let done_us = Utc::now().timestamp_micros();
         for p in pending.published_us.drain(..) {
@@ -358,6 +391,10 @@ async fn flush(
     if force || pending.last_checkpoint.elapsed() >= checkpoint_every {
         // The engine has applied exactly up to `flushed` (output taken above).
         if pending.flushed > pending.committed {
+            // The state tables (open orders, lines, balances) are rewritten
+            // here, not at every flush: their cost grows with the open
+            // orders, the append-only tables' with the new rows only.
+            store.snapshot(engine, Utc::now(), pending.flushed)?;
             write_checkpoint(ckpt, pending.flushed, engine)?;
             pending.committed = pending.flushed;
             // Committed files only: keep the number of small files bounded.

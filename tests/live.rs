@@ -297,7 +297,7 @@ fn live_pipeline_gives_the_replay_ledger_through_engine_crashes() {
         }
     }
     wait_for("the engine to apply every stored event", Duration::from_secs(60), || {
-        svc.metric("afflio_engine_stream_seq") >= stored
+        svc.metric("afflio_engine_events_total") >= stored
     });
     assert_eq!(svc.term(), Some(0), "SIGTERM stops cleanly (seed {seed})");
     assert_same((ledger(&data), orders(&data)), &expected);
@@ -337,7 +337,7 @@ fn a_broker_outage_gives_503_and_loses_nothing() {
         stored += post(svc.port, key, body);
     }
     wait_for("the engine to apply every stored event", Duration::from_secs(60), || {
-        svc.metric("afflio_engine_stream_seq") >= stored
+        svc.metric("afflio_engine_events_total") >= stored
     });
     assert_eq!(svc.term(), Some(0));
     assert_same((ledger(&data), orders(&data)), &expected);
@@ -374,7 +374,7 @@ fn rules_reload_on_sighup_keeps_the_old_rules_when_the_new_are_invalid() {
     Command::new("kill").args(["-HUP", &pid]).status().unwrap();
     wait_for("the reload", Duration::from_secs(10), || svc.metric("afflio_rules_version") == 2);
     assert_eq!(post(svc.port, key, &capture("e3", "o3")), 1);
-    wait_for("the engine", Duration::from_secs(30), || svc.metric("afflio_engine_stream_seq") >= 3);
+    wait_for("the engine", Duration::from_secs(30), || svc.metric("afflio_engine_events_total") >= 3);
     assert_eq!(svc.term(), Some(0));
     assert_eq!(
         sql(&data, "SELECT entry_id, amount, rules_version FROM ledger ORDER BY entry_id"),

@@ -68,3 +68,13 @@ pub fn mixed_lines(n: u64) -> Vec<String> {
         })
         .collect()
 }
+
+/// A refund line for order `o` at second `s` of the day.
+pub fn refund_line(i: u64, o: u64, s: u64) -> String {
+    format!(
+        r#"{{"type":"refund","event_id":"ref-{i}","ts":"2026-11-10T{:02}:{:02}:{:02}Z","program_id":"acme","order_id":"o{o}","amount":"40.00","currency":"USD"}}"#,
+        s / 3600 % 24,
+        s / 60 % 60,
+        s % 60
+    )
+}

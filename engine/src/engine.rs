@@ -263,6 +263,11 @@ impl Engine {
         s
     }
 
+    /// Events read so far (applied, duplicate or refused); kept in checkpoints.
+    pub fn events_read(&self) -> u64 {
+        self.stats.events
+    }
+
     /// Sizes of the bounded state, for metrics.
     pub fn memory(&self) -> MemoryReport {
         MemoryReport {
@@ -1257,8 +1262,6 @@ fn self_referral(rules: &Rules, partner_id: &str, c: &Capture<'_>) -> Option<Str
     }
     None
 }
-
-/// Orders credited to a partner, and what they captured and refunded.
 
 /// Sizes of the engine's bounded state.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

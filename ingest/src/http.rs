@@ -225,10 +225,16 @@ async fn post_events(State(st): State<Ingest>, headers: HeaderMap, body: Bytes) 
         // which records it as idempotency_conflict.
         let msg_id = format!("{}:{:032x}", ev.event_id, fingerprint(&ev));
         pending.push((i, ev.event_id.to_string()));
-        msgs.push((subject, msg_id, Bytes::copy_from_slice(text.as_bytes())));
+        msgs.push((subject, msg_id, *text));
         answers.push(None);
     }
+    // One event: one message, which the broker deduplicates by id and
+    // content. Several: envelopes of many events each (the broker's cost is
+    // per message); a retried identical request is one duplicate envelope,
+    // and events repeated across requests are duplicates to the engine.
+    let (msgs, spans) = pack(msgs, &program);
     let results = if msgs.is_empty() { Vec::new() } else { st.publisher.publish(msgs).await };
+    let results: Vec<_> = spans.iter().zip(results).flat_map(|(&n, r)| std::iter::repeat_n(r, n)).collect();
     let mut unavailable = false;
     for ((i, id), r) in pending.into_iter().zip(results) {
         let m = &st.metrics;
@@ -278,6 +284,39 @@ async fn post_events(State(st): State<Ingest>, headers: HeaderMap, body: Bytes) 
         resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
     resp
+}
+
+/// The messages for accepted events `(subject, msg id, text)`, and how many
+/// events each message carries.
+fn pack(events: Vec<(String, String, &str)>, program: &str) -> (Vec<Message>, Vec<usize>) {
+    if events.len() == 1 {
+        let (subject, id, text) = events.into_iter().next().unwrap_or_default();
+        return (vec![(subject, id, Bytes::copy_from_slice(text.as_bytes()))], vec![1]);
+    }
+    let subject = crate::nats::subject(program, "batch");
+    let (mut msgs, mut spans) = (Vec::new(), Vec::new());
+    let mut start = 0;
+    while start < events.len() {
+        let (mut end, mut bytes) = (start, 0);
+        while end < events.len()
+            && (end == start || bytes + events[end].2.len() + 16 <= crate::envelope::MAX_ENVELOPE_BYTES)
+        {
+            bytes += events[end].2.len() + 16;
+            end += 1;
+        }
+        let chunk = &events[start..end];
+        // Identified by its events' ids and contents: a retried request is a duplicate.
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        for (_, id, _) in chunk {
+            h.update(id.as_bytes());
+            h.update(b"\n");
+        }
+        let id = format!("env:{:032x}", h.digest128());
+        msgs.push((subject.clone(), id, crate::envelope::encode(chunk.iter().map(|(_, _, t)| *t))));
+        spans.push(chunk.len());
+        start = end;
+    }
+    (msgs, spans)
 }
 
 const VISITOR_COOKIE: &str = "afflio_vid";

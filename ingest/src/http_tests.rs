@@ -232,7 +232,13 @@ async fn batches_answer_per_event() {
         .unwrap();
     let (status, _, text) = send(&app, req).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{text}");
-    assert_eq!(broker.stored.lock().unwrap().len(), 3);
+    // One accepted event: its own message; several: one envelope.
+    let stored = broker.stored.lock().unwrap().clone();
+    assert_eq!(stored.len(), 2);
+    assert!(stored[1].0.ends_with(".batch") && stored[1].1.starts_with("env:"), "{:?}", stored[1]);
+    let texts = crate::envelope::decode(stored[1].2.as_bytes()).unwrap();
+    assert_eq!(texts.len(), 2);
+    assert!(texts[0].contains("cap-3") && texts[1].contains("cap-4"));
 }
 
 #[tokio::test]

@@ -8,6 +8,7 @@
 //! be read, the event id, so that the caller can keep it as a rejection.
 
 mod decode;
+pub mod envelope;
 pub mod http;
 mod jsonl;
 pub mod metrics;

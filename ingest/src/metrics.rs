@@ -21,6 +21,8 @@ pub struct Metrics {
     pub engine_rejected: AtomicU64,
     pub stream_last_seq: AtomicU64,
     pub engine_seq: AtomicU64,
+    /// Events the engine has read in all (applied, duplicate or refused), kept across restarts.
+    pub engine_events: AtomicU64,
     pub tracked_visitors: AtomicU64,
     pub tracked_orders: AtomicU64,
     pub rules_version: AtomicU64,
@@ -47,6 +49,7 @@ impl Default for Metrics {
             engine_rejected: AtomicU64::new(0),
             stream_last_seq: AtomicU64::new(0),
             engine_seq: AtomicU64::new(0),
+            engine_events: AtomicU64::new(0),
             tracked_visitors: AtomicU64::new(0),
             tracked_orders: AtomicU64::new(0),
             rules_version: AtomicU64::new(0),
@@ -115,6 +118,12 @@ impl Metrics {
         let at = get(&self.engine_seq);
         g(&mut s, "afflio_consumer_lag", "Stream messages not yet applied.", last.saturating_sub(at));
         g(&mut s, "afflio_engine_stream_seq", "Last stream position applied.", at);
+        g(
+            &mut s,
+            "afflio_engine_events_total",
+            "Events read by the engine (a message may carry many), across restarts.",
+            get(&self.engine_events),
+        );
         g(&mut s, "afflio_tracked_visitors", "Visitors with clicks in memory.", get(&self.tracked_visitors));
         g(&mut s, "afflio_tracked_orders", "Orders in memory.", get(&self.tracked_orders));
         g(&mut s, "afflio_rules_version", "Version of the rules in force.", get(&self.rules_version));

@@ -187,9 +187,10 @@ fn run_rate(opts: &LiveOptions, rate: u64, events: &[String], rules: &Path, dir:
         let deadline = Instant::now() + Duration::from_secs(300);
         let mut text = loop {
             let text = client.get(format!("{base}/metrics")).send().await?.text().await?;
+            // Events, not messages: an envelope carries many.
             let stored = metric(&text, "afflio_events_accepted_total").unwrap_or(0.0);
-            let at = metric(&text, "afflio_engine_stream_seq").unwrap_or(0.0);
-            if at >= stored && stored > 0.0 {
+            let done = metric(&text, "afflio_engine_events_total").unwrap_or(0.0);
+            if done >= stored && stored > 0.0 {
                 break text;
             }
             anyhow::ensure!(Instant::now() < deadline, "the engine did not catch up within 300s");
