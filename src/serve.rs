@@ -163,11 +163,11 @@ fn read_checkpoint(path: &Path, rules: Arc<Rules>) -> anyhow::Result<(Engine, u6
     }
 }
 
-fn write_checkpoint(path: &Path, seq: u64, engine: &Engine) -> anyhow::Result<()> {
+fn write_checkpoint(path: &Path, seq: u64, state: &[u8]) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
     f.write_all(&seq.to_le_bytes())?;
-    f.write_all(&engine.checkpoint()?)?;
+    f.write_all(state)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
@@ -186,6 +186,9 @@ struct Pending {
     /// Stream position the last checkpoint holds.
     committed: u64,
     last_checkpoint: Instant,
+    /// The checkpoint being written and the compaction after it, off the
+    /// consumer's path (at most one); its position once durable.
+    writing: Option<std::thread::JoinHandle<anyhow::Result<u64>>>,
 }
 
 /// A stream position, and the index of the event in an envelope.
@@ -283,6 +286,7 @@ async fn consume(
         flushed: committed,
         committed,
         last_checkpoint: Instant::now(),
+        writing: None,
     };
     let every = opts.checkpoint_interval;
     let mut tick = tokio::time::interval(opts.flush_interval);
@@ -388,17 +392,54 @@ async fn flush(
         metrics.tracked_visitors.store(mem.visitors as u64, Ordering::Relaxed);
         metrics.tracked_orders.store(mem.orders as u64, Ordering::Relaxed);
     }
-    if force || pending.last_checkpoint.elapsed() >= checkpoint_every {
+    let due = force || pending.last_checkpoint.elapsed() >= checkpoint_every;
+    if due || pending.writing.as_ref().is_some_and(|w| w.is_finished()) {
+        if let Some(w) = pending.writing.take() {
+            pending.committed =
+                w.join().map_err(|_| anyhow::anyhow!("internal error: checkpoint writer panicked"))??;
+        }
+    }
+    if due {
         // The engine has applied exactly up to `flushed` (output taken above).
         if pending.flushed > pending.committed {
             // The state tables (open orders, lines, balances) are rewritten
             // here, not at every flush: their cost grows with the open
-            // orders, the append-only tables' with the new rows only.
+            // orders, the append-only tables' with the new rows only. The
+            // state is encoded here (consistent with `flushed`); writing it,
+            // and compacting the committed small files, happen on a thread:
+            // `committed` moves only once the checkpoint is durable, and
+            // recovery removes whatever is newer.
+            let t0 = Instant::now();
             store.snapshot(engine, Utc::now(), pending.flushed)?;
-            write_checkpoint(ckpt, pending.flushed, engine)?;
-            pending.committed = pending.flushed;
-            // Committed files only: keep the number of small files bounded.
-            store.compact(pending.committed, COMPACT_AFTER_FILES)?;
+            let t1 = Instant::now();
+            let state = engine.checkpoint()?;
+            let t2 = Instant::now();
+            let (path, store, pos) = (ckpt.to_path_buf(), store.clone(), pending.flushed);
+            let log = std::env::var_os("AFFLIO_LOG_CHECKPOINTS").is_some();
+            pending.writing = Some(std::thread::spawn(move || {
+                let t3 = Instant::now();
+                write_checkpoint(&path, pos, &state)?;
+                let t4 = Instant::now();
+                // Committed files only: keep the number of small files bounded.
+                store.compact(pos, COMPACT_AFTER_FILES)?;
+                if log {
+                    eprintln!(
+                        "afflio: checkpoint at {pos}: snapshot {:?}, state encoded {:?} ({} bytes); written {:?}, compaction {:?} (off the consumer)",
+                        t1 - t0,
+                        t2 - t1,
+                        state.len(),
+                        t4 - t3,
+                        t4.elapsed()
+                    );
+                }
+                Ok(pos)
+            }));
+            if force {
+                if let Some(w) = pending.writing.take() {
+                    pending.committed =
+                        w.join().map_err(|_| anyhow::anyhow!("internal error: checkpoint writer panicked"))??;
+                }
+            }
         }
         pending.last_checkpoint = Instant::now();
     }

@@ -215,6 +215,7 @@ fn stream_file_last_seq(name: &str) -> Option<u64> {
 /// checkpoint that follows it is; [`StreamStore::recover`] removes what a
 /// crash left uncommitted, so that replaying the stream from the checkpoint
 /// writes each row exactly once.
+#[derive(Clone, Debug)]
 pub struct StreamStore {
     dir: PathBuf,
 }
@@ -266,13 +267,25 @@ impl StreamStore {
     /// that has rows.
     pub fn append(&self, first: u64, last: u64, out: &Output) -> Result<(), StoreError> {
         let name = format!("part-{first:020}-{last:020}.parquet");
-        for t in Table::ALL {
-            let b = batches::rows(t, out).map_err(|source| StoreError::Arrow { table: t.name(), source })?;
-            if b.num_rows() > 0 {
-                write_file_atomic(&self.dir.join(t.name()).join(&name), t, &b)?;
-            }
-        }
-        Ok(())
+        // One thread per table with rows: the encodings and, above all, the
+        // fsyncs overlap (a flush's latency is the slowest table's, not the sum).
+        std::thread::scope(|scope| {
+            let writers: Vec<_> = Table::ALL
+                .into_iter()
+                .map(|t| {
+                    let path = self.dir.join(t.name()).join(&name);
+                    scope.spawn(move || -> Result<(), StoreError> {
+                        let b =
+                            batches::rows(t, out).map_err(|source| StoreError::Arrow { table: t.name(), source })?;
+                        if b.num_rows() > 0 {
+                            write_file_atomic(&path, t, &b)?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            writers.into_iter().try_for_each(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+        })
     }
 
     /// The committed part files of a table, oldest first, with their ranges.

@@ -226,7 +226,11 @@ pub fn run(opts: &LiveOptions) -> anyhow::Result<String> {
         eprintln!("offering {rate} events/s for {}s", opts.seconds);
         let run_dir = dir.path().join(format!("run{i}"));
         std::fs::create_dir_all(&run_dir)?;
-        results.push(run_rate(opts, rate, &events, &rules, &run_dir)?);
+        let r = run_rate(opts, rate, &events, &rules, &run_dir);
+        if std::env::var_os("AFFLIO_BENCH_SERVE_LOG").is_some() {
+            eprint!("{}", std::fs::read_to_string(run_dir.join("serve.log")).unwrap_or_default());
+        }
+        results.push(r?);
     }
     let mut r = String::new();
     let _ = writeln!(
