@@ -235,8 +235,10 @@ pub fn run(opts: &LiveOptions) -> anyhow::Result<String> {
     let mut r = String::new();
     let _ = writeln!(
         r,
-        "== live: HTTP (NDJSON, {} events per request, <= {} in flight) -> JetStream -> engine -> Parquet",
-        opts.batch, opts.clients
+        "== live: HTTP (NDJSON, {} events per request, <= {} in flight) -> JetStream -> engine -> Parquet; serve {}",
+        opts.batch,
+        opts.clients,
+        opts.serve_args.join(" ")
     );
     let _ = writeln!(
         r,
