@@ -478,3 +478,31 @@ fn conversion_spike_holds_the_orders_of_the_spiking_bucket() {
     assert!(e.order("acme", "o23").unwrap().held, "alice's first order of hour 5");
     assert!(!e.order("acme", "o21").unwrap().held, "bob's");
 }
+
+/// Clicks at the same instant: both models credit the one applied later
+/// (the session keeps application order; no sequence number is stored).
+#[test]
+fn clicks_at_the_same_instant_go_to_the_later_applied_under_both_models() {
+    for model in ["last_click", "first_click"] {
+        let rules = format!(
+            "[[programs]]\nid = \"acme\"\ncurrency = \"USD\"\nrate = \"10%\"\n[programs.attribution]\nwindow = \"1d\"\nmodel = \"{model}\"\n\
+             [[partners]]\nid = \"alice\"\nprogram_id = \"acme\"\n[[partners]]\nid = \"bob\"\nprogram_id = \"acme\"\n\
+             [[links]]\nid = \"a1\"\npartner_id = \"alice\"\n[[links]]\nid = \"b1\"\npartner_id = \"bob\"\n"
+        );
+        let mut e = Engine::new(Arc::new(Rules::parse("t.toml", &rules).unwrap()));
+        // Two clicks at the same minute: alice's, then bob's.
+        assert_eq!(apply(&mut e, &click("c1", 10, "a1", "v", "acme")), Outcome::Applied);
+        assert_eq!(apply(&mut e, &click("c2", 10, "b1", "v", "acme")), Outcome::Applied);
+        assert_eq!(apply(&mut e, &capture("k1", 20, "o1", "10.00", Some("v"), &[])), Outcome::Applied);
+        let credited = e.order("acme", "o1").and_then(|o| o.credit.as_ref()).map(|c| c.partner_id.to_string());
+        assert_eq!(credited.as_deref(), Some("bob"), "{model}: a tie goes to the later applied");
+        // The earliest instant wins under first_click when it is alone.
+        let mut e = Engine::new(Arc::new(Rules::parse("t.toml", &rules).unwrap()));
+        apply(&mut e, &click("d0", 0, "a1", "w", "acme"));
+        apply(&mut e, &click("d1", 5, "b1", "w", "acme"));
+        apply(&mut e, &capture("k2", 20, "o2", "10.00", Some("w"), &[]));
+        let credited = e.order("acme", "o2").and_then(|o| o.credit.as_ref()).map(|c| c.partner_id.to_string());
+        let expect = if model == "last_click" { "bob" } else { "alice" };
+        assert_eq!(credited.as_deref(), Some(expect), "{model}");
+    }
+}
