@@ -181,7 +181,8 @@ enum BenchCommand {
         #[arg(long, default_value_t = 4_000_000)]
         sessions: u64,
     },
-    /// Replay at three sizes and sessions at three sizes: how cost grows.
+    /// Replay at three sizes of events and of partners, sessions at three
+    /// sizes: how cost grows.
     Scaling {
         #[arg(long, default_value_t = 7)]
         seed: u64,
@@ -701,6 +702,20 @@ fn bench_command(command: BenchCommand) -> anyhow::Result<ExitCode> {
                     r.events_per_sec(),
                     r.peak_rss as f64 / 1048576.0,
                     r.visitors,
+                    r.ledger_entries
+                );
+            }
+            println!("== scaling: 1M demo events with 40, 400 and 4000 creators per program (two programs, 10 networks and agencies each)");
+            println!("  {:>10} {:>12} {:>12} {:>14}", "partners", "events/s", "peak RSS MB", "ledger rows");
+            for creators in [40usize, 400, 4000] {
+                let dir = bench::scratch("scaling")?;
+                bench::generate_input_with(dir.path(), seed, 1_000_000, creators)?;
+                let r = bench::replay_in_child(dir.path())?;
+                println!(
+                    "  {:>10} {:>12.0} {:>12.1} {:>14}",
+                    2 * (creators + 10),
+                    r.events_per_sec(),
+                    r.peak_rss as f64 / 1048576.0,
                     r.ledger_entries
                 );
             }

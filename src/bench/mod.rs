@@ -38,12 +38,17 @@ pub fn memory() -> (u64, u64) {
 
 /// Writes the demo's rules and `events` events of `seed` under `dir`.
 pub fn generate_input(dir: &Path, seed: u64, events: u64) -> anyhow::Result<(PathBuf, PathBuf)> {
+    generate_input_with(dir, seed, events, crate::demo::CREATORS_PER_PROGRAM)
+}
+
+/// [`generate_input`] with `creators` creators per program.
+pub fn generate_input_with(dir: &Path, seed: u64, events: u64, creators: usize) -> anyhow::Result<(PathBuf, PathBuf)> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let rules = dir.join("rules.toml");
     let input = dir.join("events.jsonl");
     let mut r = BufWriter::new(File::create(&rules).with_context(|| format!("cannot create {}", rules.display()))?);
     let mut e = BufWriter::new(File::create(&input).with_context(|| format!("cannot create {}", input.display()))?);
-    crate::demo::generate(seed, events, &mut r, &mut e)?;
+    crate::demo::generate_with(seed, events, creators, &mut r, &mut e)?;
     r.flush()?;
     e.flush()?;
     Ok((rules, input))
