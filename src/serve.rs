@@ -4,10 +4,10 @@
 //! Exactly-once effect: the engine applies stream messages in stream order
 //! and, at each flush, (1) writes the rows of the messages applied since the
 //! last flush as new, synced Parquet files named by their stream positions,
-//! (2) when a checkpoint is due, clones the engine and, on a thread,
-//! replaces the state snapshot (open orders, lines, balances) and writes a
-//! checkpoint of that state with the flushed position (atomically), and (3)
-//! acknowledges the flushed messages, whose rows are now durable.
+//! (2) when a checkpoint is due, replaces the state snapshot (open orders,
+//! lines, balances) and writes a checkpoint of the engine state with the
+//! flushed position (atomically), and (3) acknowledges the flushed
+//! messages, whose rows are now durable.
 //! Resuming never depends on acknowledgements: the stream keeps messages
 //! (limits retention) and a restart recreates the consumer at the
 //! checkpoint's position. After a crash the engine restarts from the checkpoint, removes
@@ -405,32 +405,29 @@ async fn flush(
             // The state tables (open orders, lines, balances) are rewritten
             // here, not at every flush: their cost grows with the open
             // orders, the append-only tables' with the new rows only. The
-            // consumer only clones the engine (its state as of `flushed`);
-            // the snapshot, the encoding, the durable write and the
-            // compaction of committed small files happen on a thread.
-            // `committed` moves once the checkpoint is durable; recovery
-            // removes whatever is newer.
+            // state is encoded here (consistent with `flushed`); writing it,
+            // and compacting the committed small files, happen on a thread:
+            // `committed` moves only once the checkpoint is durable, and
+            // recovery removes whatever is newer.
             let t0 = Instant::now();
-            let state = engine.clone();
-            let cloned = t0.elapsed();
+            store.snapshot(engine, Utc::now(), pending.flushed)?;
+            let t1 = Instant::now();
+            let state = engine.checkpoint()?;
+            let t2 = Instant::now();
             let (path, store, pos) = (ckpt.to_path_buf(), store.clone(), pending.flushed);
             let log = std::env::var_os("AFFLIO_LOG_CHECKPOINTS").is_some();
             pending.writing = Some(std::thread::spawn(move || {
-                let t1 = Instant::now();
-                store.snapshot(&state, Utc::now(), pos)?;
-                let t2 = Instant::now();
-                let bytes = state.checkpoint()?;
-                drop(state);
                 let t3 = Instant::now();
-                write_checkpoint(&path, pos, &bytes)?;
+                write_checkpoint(&path, pos, &state)?;
                 let t4 = Instant::now();
+                // Committed files only: keep the number of small files bounded.
                 store.compact(pos, COMPACT_AFTER_FILES)?;
                 if log {
                     eprintln!(
-                        "afflio: checkpoint at {pos}: state cloned {cloned:?} (on the consumer); snapshot {:?}, encoded {:?} ({} bytes), written {:?}, compaction {:?} (on a thread)",
+                        "afflio: checkpoint at {pos}: snapshot {:?}, state encoded {:?} ({} bytes); written {:?}, compaction {:?} (off the consumer)",
+                        t1 - t0,
                         t2 - t1,
-                        t3 - t2,
-                        bytes.len(),
+                        state.len(),
                         t4 - t3,
                         t4.elapsed()
                     );
