@@ -144,27 +144,32 @@ pub fn replay_line(r: &ReplayResult) -> String {
 /// Runs `afflio bench replay --input DIR` as a child (a clean process for
 /// the peak RSS) and reads its result line.
 pub fn replay_in_child(dir: &Path) -> anyhow::Result<ReplayResult> {
+    let dir = dir.to_string_lossy();
+    parse_replay_line(&run_child(&["bench", "replay", "--input", &dir], "replay ")?)
+}
+
+/// Runs `afflio <args>` and returns its stdout line starting with `prefix`.
+fn run_child(args: &[&str], prefix: &str) -> anyhow::Result<String> {
     let exe = std::env::current_exe().context("cannot find the afflio executable")?;
-    let out = std::process::Command::new(exe)
-        .args(["bench", "replay", "--input"])
-        .arg(dir)
-        .output()
-        .context("cannot run the replay child")?;
+    let out = std::process::Command::new(exe).args(args).output().context("cannot run the bench child")?;
     if !out.status.success() {
-        anyhow::bail!("replay child failed: {}", String::from_utf8_lossy(&out.stderr));
+        anyhow::bail!("{} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
     }
     let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().find(|l| l.starts_with("replay ")).context("no result line from the replay child")?;
-    parse_replay_line(line)
+    let line = text.lines().find(|l| l.starts_with(prefix));
+    line.map(str::to_string).with_context(|| format!("no {prefix:?} result line from {}", args.join(" ")))
+}
+
+/// The number after `key=` in a result line.
+fn field(line: &str, key: &str) -> anyhow::Result<f64> {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no {key} in {line:?}"))
 }
 
 fn parse_replay_line(line: &str) -> anyhow::Result<ReplayResult> {
-    let get = |k: &str| -> anyhow::Result<f64> {
-        line.split_whitespace()
-            .find_map(|kv| kv.strip_prefix(k).and_then(|v| v.strip_prefix('=')))
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("no {k} in {line:?}"))
-    };
+    let get = |k: &str| field(line, k);
     Ok(ReplayResult {
         events: get("events")? as u64,
         bytes: get("bytes")? as u64,
@@ -256,22 +261,8 @@ pub fn measure_sessions(n: u64) -> anyhow::Result<SessionsResult> {
 
 /// Sessions in a child process (a clean heap for each size).
 pub fn sessions_in_child(n: u64) -> anyhow::Result<SessionsResult> {
-    let exe = std::env::current_exe().context("cannot find the afflio executable")?;
-    let out = std::process::Command::new(exe)
-        .args(["bench", "sessions", "--sessions", &n.to_string()])
-        .output()
-        .context("cannot run the sessions child")?;
-    if !out.status.success() {
-        anyhow::bail!("sessions child failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().find(|l| l.starts_with("sessions ")).context("no result line from the sessions child")?;
-    let get = |k: &str| -> anyhow::Result<f64> {
-        line.split_whitespace()
-            .find_map(|kv| kv.strip_prefix(k).and_then(|v| v.strip_prefix('=')))
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("no {k} in {line:?}"))
-    };
+    let line = run_child(&["bench", "sessions", "--sessions", &n.to_string()], "sessions ")?;
+    let get = |k: &str| field(&line, k);
     Ok(SessionsResult {
         sessions: get("sessions")? as u64,
         tracked: get("tracked")? as usize,

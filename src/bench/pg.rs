@@ -488,15 +488,15 @@ pub fn side_by_side(seed: u64, events: u64, url: &str, batch: usize) -> anyhow::
     }
 }
 
-/// For tests: a workload is deterministic and uses only what both sides implement.
-pub fn workload_summary(w: &Workload) -> (usize, usize, usize) {
-    let count = |t: &str| w.events.iter().filter(|e| e.contains(&format!(r#""type":"{t}""#))).count();
-    (count("click"), count("capture"), count("refund"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Clicks, captures and refunds in a workload.
+    fn workload_summary(w: &Workload) -> (usize, usize, usize) {
+        let count = |t: &str| w.events.iter().filter(|e| e.contains(&format!(r#""type":"{t}""#))).count();
+        (count("click"), count("capture"), count("refund"))
+    }
 
     #[test]
     fn the_workload_is_deterministic_and_mostly_clicks() {
