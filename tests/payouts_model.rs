@@ -88,7 +88,6 @@ fn apply(e: &mut Engine, n: &mut usize, mut json: serde_json::Value) -> Outcome 
 
 fn approved_net(e: &Engine, partner: &str, at: DateTime<Utc>) -> Decimal {
     e.orders()
-        .iter()
         .flat_map(|o| o.lines.iter().map(move |l| (o, l)))
         .filter(|(o, l)| {
             &*l.partner_id == partner && matches!(e.line_status(o, l, at), LineStatus::Approved | LineStatus::Paid)
@@ -213,13 +212,8 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
             // Nothing is paid twice: the balance nets what was paid and is in flight.
             prop_assert_eq!(available + in_flight + paid, approved_net(&e, p, now), "balance identity for {}", p);
             // Lines marked paid are covered by money actually paid.
-            let marked: Decimal = e
-                .orders()
-                .iter()
-                .flat_map(|o| o.lines.iter())
-                .filter(|l| &*l.partner_id == p && l.paid)
-                .map(|l| l.net)
-                .sum();
+            let marked: Decimal =
+                e.orders().flat_map(|o| o.lines.iter()).filter(|l| &*l.partner_id == p && l.paid).map(|l| l.net).sum();
             prop_assert!(marked <= paid, "{} marked paid but {} paid to {}", marked, paid, p);
         }
     }

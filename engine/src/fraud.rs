@@ -13,10 +13,12 @@
 //! same attack that are still in its state ("retroactive" flags): an attack is
 //! recognised on its n-th order, but all n orders belong to it.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use hashbrown::HashMap;
+
+use crate::state::tracked::Tracked;
 use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -67,8 +69,8 @@ impl KeyKind {
 }
 
 /// A key's orders in the window: most keys see one order, kept inline.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-enum KeyOrders {
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) enum KeyOrders {
     One(i64, Arc<str>),
     Many(VecDeque<(i64, Arc<str>)>),
 }
@@ -82,11 +84,12 @@ impl KeyOrders {
     }
 }
 
-/// Orders per key within the window, for one program.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+/// Orders per (program, key) within the window.
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Velocity {
-    keys: HashMap<u64, KeyOrders>,
-    pub(crate) dropped: u64,
+    pub(crate) keys: Tracked<(u32, u64), KeyOrders>,
+    /// Keys per program (derived).
+    counts: HashMap<u32, usize>,
 }
 
 impl Velocity {
@@ -97,32 +100,43 @@ impl Velocity {
         h.digest()
     }
 
-    /// Records an order at `ts` for `value`; when the key has more than `max`
-    /// orders in `(ts - window, ts]`, returns them all (the newest last).
+    /// Recounts keys per program (after a restore).
+    pub(crate) fn recount(&mut self) {
+        let mut counts: HashMap<u32, usize> = HashMap::new();
+        for ((p, _), _) in self.keys.iter() {
+            *counts.entry(*p).or_default() += 1;
+        }
+        self.counts = counts;
+    }
+
+    /// Records an order at `ts` for `value` in `program`; when the key has
+    /// more than `max` orders in `(ts - window, ts]`, returns them all (the
+    /// newest last). `Err(())` when the program tracks too many keys to add
+    /// this one.
+    #[allow(clippy::too_many_arguments, clippy::result_unit_err)]
     pub(crate) fn record(
         &mut self,
+        program: u32,
         kind: KeyKind,
         value: &str,
         ts: i64,
         order_id: &Arc<str>,
         window: i64,
         max: usize,
-    ) -> Option<Vec<Arc<str>>> {
-        let h = Velocity::hash(kind, value);
-        let full = self.keys.len() >= VELOCITY_MAX_KEYS;
-        let q = match self.keys.get_mut(&h) {
-            None if full => {
-                self.dropped += 1;
-                return None;
-            }
+    ) -> Result<Option<Vec<Arc<str>>>, ()> {
+        let key = (program, Velocity::hash(kind, value));
+        let count = self.counts.entry(program).or_default();
+        let q = match self.keys.get_mut(&key) {
+            None if *count >= VELOCITY_MAX_KEYS => return Err(()),
             None => {
-                self.keys.insert(h, KeyOrders::One(ts, order_id.clone()));
-                return (max == 0).then(|| vec![order_id.clone()]);
+                *count += 1;
+                self.keys.insert(key, KeyOrders::One(ts, order_id.clone()));
+                return Ok((max == 0).then(|| vec![order_id.clone()]));
             }
             Some(k) if k.newest() <= ts.saturating_sub(window) => {
                 // Every order of the key has left the window.
                 *k = KeyOrders::One(ts, order_id.clone());
-                return (max == 0).then(|| vec![order_id.clone()]);
+                return Ok((max == 0).then(|| vec![order_id.clone()]));
             }
             Some(k) => {
                 if let KeyOrders::One(t, o) = k {
@@ -140,12 +154,21 @@ impl Velocity {
             q.pop_front();
         }
         debug_assert!(q.len() <= max + 1);
-        (q.len() > max).then(|| q.iter().map(|(_, o)| o.clone()).collect())
+        Ok((q.len() > max).then(|| q.iter().map(|(_, o)| o.clone()).collect()))
     }
 
-    /// Forgets keys with no order at or after `cutoff`.
-    pub(crate) fn sweep(&mut self, cutoff: i64) {
-        self.keys.retain(|_, q| q.newest() > cutoff);
+    /// Forgets keys with no order after their program's cutoff.
+    pub(crate) fn sweep(&mut self, cutoff: impl Fn(u32) -> Option<i64>) {
+        let counts = &mut self.counts;
+        self.keys.retain(|(p, _), q| {
+            let kept = cutoff(*p).is_none_or(|c| q.newest() > c);
+            if !kept {
+                if let Some(n) = counts.get_mut(p) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+            (kept, false)
+        });
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -155,7 +178,7 @@ impl Velocity {
 
 /// One partner's orders, captured and refunded money per day of event
 /// time, over a sliding window (refund_rate).
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub(crate) struct RefundWindow {
     /// (day, orders, captured, refunded), oldest first, within the window.
     days: VecDeque<(i64, u32, Decimal, Decimal)>,
@@ -218,7 +241,7 @@ impl RefundWindow {
 
 /// The last redemptions of one code: whether a click from the code's
 /// partner preceded each, and the order.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub(crate) struct LeakWindow {
     recent: VecDeque<(bool, Arc<str>)>,
     pub(crate) redemptions: u64,
@@ -251,7 +274,7 @@ impl LeakWindow {
 }
 
 /// One partner's learned share of its program's orders per bucket.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub(crate) struct SpikePartner {
     bucket: i64,
     count: u32,
@@ -266,11 +289,11 @@ pub(crate) struct SpikePartner {
 }
 
 /// Per program: orders per bucket, and each partner's baseline.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Spike {
-    /// (bucket, orders), oldest first, at most [`SPIKE_BUCKETS`].
-    buckets: VecDeque<(i64, u32)>,
-    partners: HashMap<u32, SpikePartner>,
+    /// program -> (bucket, orders), oldest first, at most [`SPIKE_BUCKETS`].
+    pub(crate) buckets: BTreeMap<u32, VecDeque<(i64, u32)>>,
+    pub(crate) partners: Tracked<(u32, u32), SpikePartner>,
 }
 
 /// What a conversion_spike judgement needs from the config.
@@ -292,34 +315,44 @@ pub(crate) struct SpikeHit {
     pub(crate) retro: Vec<Arc<str>>,
 }
 
-impl Spike {
-    fn program_count(&self, bucket: i64) -> Option<u32> {
-        self.buckets.iter().rev().find(|(b, _)| *b == bucket).map(|(_, n)| *n)
-    }
+fn program_count(buckets: &VecDeque<(i64, u32)>, bucket: i64) -> Option<u32> {
+    buckets.iter().rev().find(|(b, _)| *b == bucket).map(|(_, n)| *n)
+}
 
-    /// Records an order attributed to `partner` at `ts`.
-    pub(crate) fn record(&mut self, partner: u32, ts: i64, order_id: &Arc<str>, p: &SpikeParams) -> Option<SpikeHit> {
+impl Spike {
+    /// Records an order of `program` attributed to `partner` at `ts`.
+    pub(crate) fn record(
+        &mut self,
+        program: u32,
+        partner: u32,
+        ts: i64,
+        order_id: &Arc<str>,
+        p: &SpikeParams,
+    ) -> Option<SpikeHit> {
         let b = ts.div_euclid(p.bucket);
-        match self.buckets.back_mut() {
+        let buckets = self.buckets.entry(program).or_default();
+        match buckets.back_mut() {
             Some((last, n)) if *last == b => *n += 1,
             Some((last, _)) if *last > b => {
                 // A late order: counted in its bucket if still known, never judged.
-                if let Some(slot) = self.buckets.iter_mut().find(|(k, _)| *k == b) {
+                if let Some(slot) = buckets.iter_mut().find(|(k, _)| *k == b) {
                     slot.1 += 1;
                 }
                 return None;
             }
             _ => {
-                self.buckets.push_back((b, 1));
-                while self.buckets.len() > SPIKE_BUCKETS {
-                    self.buckets.pop_front();
+                buckets.push_back((b, 1));
+                while buckets.len() > SPIKE_BUCKETS {
+                    buckets.pop_front();
                 }
             }
         }
         let alpha = 2.0 / (f64::from(p.warmup) + 1.0);
-        let program_total = self.program_count(b);
-        let buckets = &self.buckets;
-        let sp = self.partners.entry(partner).or_insert_with(|| SpikePartner { bucket: b, ..SpikePartner::default() });
+        let program_total = program_count(buckets, b);
+        let buckets = &*buckets;
+        let sp = self
+            .partners
+            .get_or_insert_with((program, partner), || SpikePartner { bucket: b, ..SpikePartner::default() });
         if sp.bucket > b {
             return None;
         }
@@ -407,14 +440,14 @@ mod tests {
                 let ts = h * H + i64::from(i) * (H / i64::from(total + 1));
                 let partner = if i % 10 == 0 { 1 } else { 2 };
                 n += 1;
-                if let Some(hit) = sp.record(partner, ts, &id(&format!("o{n}")), &params()) {
+                if let Some(hit) = sp.record(0, partner, ts, &id(&format!("o{n}")), &params()) {
                     hits.push((h, hit));
                 }
             }
             for j in 0..extra(h) {
                 n += 1;
                 let ts = h * H + H / 2 + i64::from(j);
-                if let Some(hit) = sp.record(1, ts, &id(&format!("x{n}")), &params()) {
+                if let Some(hit) = sp.record(0, 1, ts, &id(&format!("x{n}")), &params()) {
                     hits.push((h, hit));
                 }
             }
@@ -462,22 +495,24 @@ mod tests {
     fn velocity_returns_every_order_of_the_key_in_the_window_once_over_the_limit() {
         let mut v = Velocity::default();
         let w = 60 * 1_000_000;
-        assert!(v.record(KeyKind::Ip, "1.2.3.4", 0, &id("a"), w, 2).is_none());
-        assert!(v.record(KeyKind::Ip, "1.2.3.4", 10, &id("b"), w, 2).is_none());
+        assert!(v.record(0, KeyKind::Ip, "1.2.3.4", 0, &id("a"), w, 2).unwrap().is_none());
+        assert!(v.record(0, KeyKind::Ip, "1.2.3.4", 10, &id("b"), w, 2).unwrap().is_none());
         // Another kind with the same value is another key.
-        assert!(v.record(KeyKind::CustomerId, "1.2.3.4", 20, &id("z"), w, 2).is_none());
-        let hit = v.record(KeyKind::Ip, "1.2.3.4", 20, &id("c"), w, 2).unwrap();
+        assert!(v.record(0, KeyKind::CustomerId, "1.2.3.4", 20, &id("z"), w, 2).unwrap().is_none());
+        let hit = v.record(0, KeyKind::Ip, "1.2.3.4", 20, &id("c"), w, 2).unwrap().unwrap();
         assert_eq!(hit, vec!["a".into(), "b".into(), "c".into()] as Vec<Arc<str>>);
         // Exactly one window later the first order has left it: b, c, e.
-        assert!(v.record(KeyKind::Ip, "5.5.5.5", w, &id("d"), w, 2).is_none());
-        let hit = v.record(KeyKind::Ip, "1.2.3.4", w, &id("e"), w, 2).unwrap();
+        assert!(v.record(0, KeyKind::Ip, "5.5.5.5", w, &id("d"), w, 2).unwrap().is_none());
+        let hit = v.record(0, KeyKind::Ip, "1.2.3.4", w, &id("e"), w, 2).unwrap().unwrap();
         assert_eq!(hit, vec!["b".into(), "c".into(), "e".into()] as Vec<Arc<str>>);
         // One more microsecond and b has left too: c, e.
-        assert!(v.record(KeyKind::Ip, "1.2.3.4", w + 10, &id("f"), w, 2).is_some(), "c, e, f");
-        assert!(v.record(KeyKind::Ip, "1.2.3.4", w + 21, &id("g"), w, 2).is_some(), "e, f, g");
-        v.sweep(w + 20);
+        assert!(v.record(0, KeyKind::Ip, "1.2.3.4", w + 10, &id("f"), w, 2).unwrap().is_some(), "c, e, f");
+        assert!(v.record(0, KeyKind::Ip, "1.2.3.4", w + 21, &id("g"), w, 2).unwrap().is_some(), "e, f, g");
+        v.sweep(|_| Some(w + 20));
         assert_eq!(v.len(), 1, "only 1.2.3.4 has an order after the cutoff");
-        v.sweep(w + 21);
+        v.sweep(|p| (p == 1).then_some(w + 21));
+        assert_eq!(v.len(), 1, "another program's cutoff leaves it");
+        v.sweep(|_| Some(w + 21));
         assert_eq!(v.len(), 0);
     }
 

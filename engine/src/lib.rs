@@ -18,7 +18,7 @@ mod sessions;
 mod state;
 
 pub use afflio_rules as rules;
-pub use engine::{check_event, CheckpointError, Engine, Invalid, ItemState, MemoryReport, PayoutItem};
+pub use engine::{check_event, CheckpointError, Engine, Invalid, ItemState, MemoryReport, PayoutItem, StateChanges};
 pub use event::{
     fingerprint, Body, Capture, Click, Customer, Decision, Event, EventType, Item, PayoutEvent, PayoutStatus, Refund,
     ReviewEvent,

@@ -439,6 +439,9 @@ pub struct Stats {
     pub visitors_evicted_capacity: u64,
     /// Orders closed by `order_retention`.
     pub orders_closed: u64,
+    /// Velocity keys not tracked because their program tracked the maximum.
+    #[serde(default)]
+    pub velocity_keys_dropped: u64,
 }
 
 impl Stats {

@@ -408,7 +408,7 @@ pub(crate) fn rows(t: Table, out: &Output) -> Result<RecordBatch, ArrowError> {
 /// The state tables' rows: the engine's open orders and their lines as of `as_of`.
 pub(crate) fn state(t: Table, engine: &Engine, as_of: DateTime<Utc>) -> Option<Result<RecordBatch, ArrowError>> {
     match t {
-        Table::Orders => Some(orders(&engine.orders().iter().collect::<Vec<_>>())),
+        Table::Orders => Some(orders(&engine.orders().collect::<Vec<_>>())),
         Table::Lines => Some(lines(&open_lines(engine, as_of))),
         Table::Balances => {
             let mut ids: Vec<&str> = engine.rules().programs().map(|p| p.id.as_str()).collect();
@@ -468,7 +468,7 @@ pub(crate) fn orders(rows: &[&Order]) -> Result<RecordBatch, ArrowError> {
 
 /// The engine's open orders' lines as of `as_of`.
 pub(crate) fn open_lines(engine: &Engine, as_of: DateTime<Utc>) -> Vec<(&Order, Vec<LineStatus>, DateTime<Utc>)> {
-    engine.orders().iter().map(|o| (o, engine.line_statuses(o, as_of), as_of)).collect()
+    engine.orders().map(|o| (o, engine.line_statuses(o, as_of), as_of)).collect()
 }
 
 /// Closed orders with the status their lines had when they were closed.

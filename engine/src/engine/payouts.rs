@@ -7,19 +7,22 @@
 //! so nobody is paid twice for a line, and a refund after payment leaves the
 //! balance negative (a clawback netted from the next payout).
 
+use std::sync::Arc;
+
+use afflio_rules::Program;
+use chrono::{DateTime, Utc};
 use hashbrown::HashMap;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-use super::{reject, Engine, Reject};
+use super::validate::{reject, Reject};
+use super::Engine;
 use crate::event::{Event, PayoutEvent, PayoutStatus};
 use crate::output::{Balance, PayoutRow, Reason};
 use crate::state::LineStatus;
-use afflio_rules::Program;
-use chrono::{DateTime, Utc};
 
 /// One partner's payout state in one program.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub(crate) struct PartnerBalance {
     pub(crate) paid: Decimal,
     pub(crate) in_flight: Decimal,
@@ -48,64 +51,71 @@ pub struct PayoutItem {
 }
 
 impl Engine {
-    /// The approved (or paid) net of a partner's open lines as of `at`.
-    fn approved_open(&self, program_id: &str, partner_id: &str, at: DateTime<Utc>) -> Decimal {
-        let mut sum = Decimal::ZERO;
-        for o in self.orders.iter().filter(|o| &*o.program_id == program_id) {
+    /// The approved (or paid) net and the pending net of a partner's open
+    /// lines as of `at`.
+    fn open_nets(&self, prog: u32, partner_id: &str, at: DateTime<Utc>) -> (Decimal, Decimal) {
+        let (mut approved, mut pending) = (Decimal::ZERO, Decimal::ZERO);
+        for seq in self.orders.of_partner(prog, partner_id) {
+            let Some(o) = self.orders.get(seq) else { continue };
             for l in o.lines.iter().filter(|l| &*l.partner_id == partner_id) {
-                if matches!(self.line_status(o, l, at), LineStatus::Approved | LineStatus::Paid) {
-                    sum += l.net;
+                match self.line_status(o, l, at) {
+                    LineStatus::Approved | LineStatus::Paid => approved += l.net,
+                    LineStatus::Pending => pending += l.net,
+                    LineStatus::Rejected => {}
                 }
             }
         }
-        sum
+        (approved, pending)
+    }
+
+    /// One partner's balance in a program as of `at`.
+    pub(super) fn partner_balance(&self, prog: u32, program: &Program, partner_id: &str, at: DateTime<Utc>) -> Balance {
+        let (approved, pending) = self.open_nets(prog, partner_id, at);
+        let pb = self.names.get(partner_id).and_then(|p| self.balances.get(&(prog, p)));
+        let (paid, in_flight, closed) =
+            pb.map_or((Decimal::ZERO, Decimal::ZERO, Decimal::ZERO), |b| (b.paid, b.in_flight, b.closed_approved));
+        Balance {
+            program_id: self.names.name(prog).clone(),
+            partner_id: Arc::from(partner_id),
+            currency: program.currency,
+            pending,
+            available: approved + closed - paid - in_flight,
+            in_flight,
+            paid,
+        }
     }
 
     /// Every partner's balance in `program_id` as of `at` (partners with
     /// lines or payouts), sorted by partner.
     pub fn balances(&self, program_id: &str, at: DateTime<Utc>) -> Vec<Balance> {
         let Some(program) = self.rules.program(program_id) else { return Vec::new() };
-        let mut by: std::collections::BTreeMap<std::sync::Arc<str>, Balance> = std::collections::BTreeMap::new();
-        let blank = |partner: std::sync::Arc<str>| Balance {
-            program_id: program_id.into(),
-            partner_id: partner,
-            currency: program.currency,
-            pending: Decimal::ZERO,
-            available: Decimal::ZERO,
-            in_flight: Decimal::ZERO,
-            paid: Decimal::ZERO,
-        };
-        for o in self.orders.iter().filter(|o| &*o.program_id == program_id) {
+        let Some(prog) = self.names.get(program_id) else { return Vec::new() };
+        let mut partners: std::collections::BTreeSet<Arc<str>> = std::collections::BTreeSet::new();
+        for o in self.orders.iter().filter(|o| *o.program_id == *program_id) {
             for l in &o.lines {
-                let b = by.entry(l.partner_id.clone()).or_insert_with(|| blank(l.partner_id.clone()));
-                match self.line_status(o, l, at) {
-                    LineStatus::Pending => b.pending += l.net,
-                    LineStatus::Approved | LineStatus::Paid => b.available += l.net,
-                    LineStatus::Rejected => {}
-                }
+                partners.insert(l.partner_id.clone());
             }
         }
-        if let Some(m) = self.names.get(program_id).and_then(|p| self.balances.get(&p)) {
-            for (partner, pb) in m {
-                let key: std::sync::Arc<str> = partner.as_ref().into();
-                let b = by.entry(key.clone()).or_insert_with(|| blank(key));
-                b.available += pb.closed_approved - pb.paid - pb.in_flight;
-                b.in_flight = pb.in_flight;
-                b.paid = pb.paid;
+        for ((p, partner), _) in self.balances.iter() {
+            if *p == prog {
+                partners.insert(self.names.name(*partner).clone());
             }
         }
-        by.into_values().collect()
+        partners.into_iter().map(|partner| self.partner_balance(prog, program, &partner, at)).collect()
     }
 
     /// The payout items of a program, by partner then batch.
     pub fn payout_items(&self, program_id: &str) -> Vec<PayoutItem> {
-        let Some(m) = self.names.get(program_id).and_then(|p| self.balances.get(&p)) else { return Vec::new() };
-        let mut v: Vec<PayoutItem> = m
+        let Some(prog) = self.names.get(program_id) else { return Vec::new() };
+        let mut v: Vec<PayoutItem> = self
+            .balances
             .iter()
-            .flat_map(|(partner, pb)| {
+            .filter(|((p, _), _)| *p == prog)
+            .flat_map(|((_, partner), pb)| {
+                let partner = self.names.name(*partner).to_string();
                 pb.items.iter().map(move |(batch, s)| PayoutItem {
                     program_id: program_id.to_string(),
-                    partner_id: partner.to_string(),
+                    partner_id: partner.clone(),
                     batch_id: batch.to_string(),
                     state: s.clone(),
                 })
@@ -116,17 +126,22 @@ impl Engine {
     }
 
     /// Adds a closed order's approved lines to its partners' balances.
-    pub(super) fn close_into_balances(&mut self, order: &crate::state::Order, statuses: &[LineStatus]) {
-        let Some(prog) = self.names.get(&order.program_id) else { return };
+    pub(super) fn close_into_balances(&mut self, prog: u32, order: &crate::state::Order, statuses: &[LineStatus]) {
         for (l, s) in order.lines.iter().zip(statuses) {
             if matches!(s, LineStatus::Approved | LineStatus::Paid) && !l.net.is_zero() {
-                let pb = self.balances.entry(prog).or_default().entry(l.partner_id.as_ref().into()).or_default();
-                pb.closed_approved += l.net;
+                let partner = self.names.intern(&l.partner_id);
+                self.balances.get_or_default((prog, partner)).closed_approved += l.net;
             }
         }
     }
 
-    pub(super) fn apply_payout(&mut self, e: &Event<'_>, p: &PayoutEvent<'_>, program: &Program) -> Result<(), Reject> {
+    pub(super) fn apply_payout(
+        &mut self,
+        e: &Event<'_>,
+        p: &PayoutEvent<'_>,
+        program: &Program,
+        prog: u32,
+    ) -> Result<(), Reject> {
         let invalid = |field: &'static str, detail: String| reject(Reason::InvalidPayout, field, detail);
         if p.currency != program.currency.code() {
             return Err(reject(
@@ -142,21 +157,22 @@ impl Engine {
                 format!("amount {} must be positive and tds {} between 0 and the amount", p.amount, p.tds),
             ));
         }
-        let prog = self.names.intern(&program.id);
+        if self.rules.partner(&p.partner_id).is_none_or(|x| x.program_id != program.id) {
+            return Err(invalid(
+                "partner_id",
+                format!("partner_id {:?} is no partner of program {:?}", p.partner_id, program.id),
+            ));
+        }
+        let partner = self.names.intern(&p.partner_id);
         let item = self
             .balances
-            .get(&prog)
-            .and_then(|m| m.get(p.partner_id.as_ref()))
+            .get(&(prog, partner))
             .and_then(|b| b.items.get(p.batch_id.as_ref()))
             .map(|i| (i.amount, i.status));
         let what = || format!("payout of {} to {} in batch {}", p.amount, p.partner_id, p.batch_id);
         match (item, p.status) {
             (None, PayoutStatus::Planned) => {
-                let pb = self.balances.get(&prog).and_then(|m| m.get(p.partner_id.as_ref()));
-                let (paid, in_flight, closed) = pb.map_or((Decimal::ZERO, Decimal::ZERO, Decimal::ZERO), |b| {
-                    (b.paid, b.in_flight, b.closed_approved)
-                });
-                let available = self.approved_open(&program.id, &p.partner_id, e.ts) + closed - paid - in_flight;
+                let available = self.partner_balance(prog, program, &p.partner_id, e.ts).available;
                 if p.amount > available {
                     return Err(invalid(
                         "amount",
@@ -186,7 +202,7 @@ impl Engine {
             }
         }
         // Validated: apply.
-        let pb = self.balances.entry(prog).or_default().entry(p.partner_id.as_ref().into()).or_default();
+        let pb = self.balances.get_or_default((prog, partner));
         match p.status {
             PayoutStatus::Planned => pb.in_flight += p.amount,
             PayoutStatus::Sent => {}
@@ -197,7 +213,12 @@ impl Engine {
             PayoutStatus::Failed => pb.in_flight -= p.amount,
             PayoutStatus::Reversed => pb.paid -= p.amount,
         }
-        debug_assert!(pb.in_flight >= Decimal::ZERO && pb.paid >= Decimal::ZERO);
+        assert!(
+            pb.in_flight >= Decimal::ZERO && pb.paid >= Decimal::ZERO,
+            "internal error: payout balances below zero (in flight {}, paid {})",
+            pb.in_flight,
+            pb.paid
+        );
         let provider_ref = p
             .provider_ref
             .as_deref()
@@ -206,9 +227,10 @@ impl Engine {
         let state = ItemState { amount: p.amount, tds: p.tds, status: p.status, provider_ref };
         pb.items.insert(p.batch_id.as_ref().into(), state);
         if matches!(p.status, PayoutStatus::Paid | PayoutStatus::Reversed) {
-            self.mark_paid(prog, &program.id, &p.partner_id, e.ts);
+            self.mark_paid(prog, partner, &p.partner_id, e.ts);
         }
-        self.stats.applied_payouts += 1;
+        self.note_balance_changed(prog, partner);
+        self.meta.stats.applied_payouts += 1;
         self.out.payouts.push(PayoutRow {
             event_id: e.event_id.to_string(),
             ts: e.ts,
@@ -228,29 +250,33 @@ impl Engine {
 
     /// Marks the partner's approved lines paid, oldest eligible first, as
     /// far as its paid total (beyond closed orders) covers them whole.
-    fn mark_paid(&mut self, prog: u32, program_id: &str, partner_id: &str, at: DateTime<Utc>) {
-        let pb = self.balances.get(&prog).and_then(|m| m.get(partner_id));
+    fn mark_paid(&mut self, prog: u32, partner: u32, partner_id: &str, at: DateTime<Utc>) {
+        let pb = self.balances.get(&(prog, partner));
         let mut cover = pb.map_or(Decimal::ZERO, |b| b.paid - b.closed_approved);
-        let mut lines: Vec<(DateTime<Utc>, usize, usize)> = Vec::new();
-        for (oi, o) in self.orders.iter().enumerate().filter(|(_, o)| &*o.program_id == program_id) {
+        let mut lines: Vec<(DateTime<Utc>, Box<str>, u64, usize)> = Vec::new();
+        for seq in self.orders.of_partner(prog, partner_id) {
+            let Some(o) = self.orders.get(seq) else { continue };
             for (li, l) in o.lines.iter().enumerate().filter(|(_, l)| &*l.partner_id == partner_id) {
                 let s = self.line_status(o, l, at);
                 if matches!(s, LineStatus::Approved | LineStatus::Paid) {
-                    lines.push((o.eligible_at, oi, li));
+                    lines.push((o.eligible_at, o.order_id.clone(), seq, li));
                 }
             }
         }
-        lines.sort_by(|a, b| (a.0, &self.orders[a.1].order_id, a.2).cmp(&(b.0, &self.orders[b.1].order_id, b.2)));
+        lines.sort_by(|a, b| (a.0, &a.1, a.3).cmp(&(b.0, &b.1, b.3)));
         let mut covering = true;
-        for (_, oi, li) in lines {
-            let net = self.orders[oi].lines[li].net;
+        for (_, _, seq, li) in lines {
+            let net = self.orders.get(seq).expect("listed above").lines[li].net;
             let paid = covering && net <= cover;
             if paid {
                 cover -= net;
             } else {
                 covering = false;
             }
-            self.orders[oi].lines[li].paid = paid;
+            if self.orders.get(seq).expect("listed above").lines[li].paid != paid {
+                self.orders.get_mut(seq).expect("listed above").lines[li].paid = paid;
+                self.orders.touch_for_store(seq);
+            }
         }
     }
 }

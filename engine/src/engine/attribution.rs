@@ -1,0 +1,220 @@
+//! Who an order is credited to: clicks are remembered per (program,
+//! visitor); an order's first capture decides its credit once, from its
+//! promo codes and its visitor's clicks in the attribution window.
+
+use afflio_rules::{normalize_code, AttributionModel, FraudAction, Program, Rules};
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+
+use super::detect::FlagSpec;
+use super::validate::{check_link, Reject};
+use super::{micros, Engine};
+use crate::event::{Capture, Click, Event};
+use crate::fraud::Hit;
+use crate::output::{AttributionKind, FraudRule};
+use crate::sessions::scoped_key;
+use crate::state::{CodeIssue, Credit, Line, Order};
+
+impl Engine {
+    pub(super) fn apply_click(
+        &mut self,
+        e: &Event<'_>,
+        c: &Click<'_>,
+        rules: &Rules,
+        program: &Program,
+        prog: u32,
+    ) -> Result<(), Reject> {
+        // Links already clicked under these rules resolve with one lookup.
+        let cached = self.link_targets.get(c.link_id.as_ref()).filter(|(_, p)| *p == prog);
+        let target = match cached {
+            Some(&(t, _)) => t,
+            None => {
+                let link = check_link(rules, program, &c.link_id)?;
+                let (l, p) = (self.names.intern(&link.id), self.names.intern(&link.partner_id));
+                let t = self.sessions.target(l, p, prog);
+                self.link_targets.insert(link.id.as_str().into(), (t, prog));
+                t
+            }
+        };
+        let key = scoped_key(&program.id, &c.visitor_id);
+        let (rec, dropped, evicted) = self.sessions.record(key, e.ts.timestamp_micros(), target);
+        let stats = &mut self.meta.stats;
+        stats.applied_clicks += 1;
+        stats.clicks_dropped += dropped;
+        stats.visitors_evicted_capacity += evicted;
+        let n = |i: u32| &**self.names.name(i);
+        self.out.clicks.push(e, n(rec.program), n(rec.link), n(rec.partner), c);
+        Ok(())
+    }
+
+    pub(super) fn apply_capture(
+        &mut self,
+        e: &Event<'_>,
+        c: &Capture<'_>,
+        rules: &Rules,
+        program: &Program,
+        prog: u32,
+    ) -> Result<(), Reject> {
+        self.check_capture_totals(c, program, prog)?;
+        // Validated: from here on nothing can fail.
+        let seq = match self.orders.seq_of(prog, &c.order_id) {
+            Some(s) => s,
+            None => self.open_order(e, c, rules, program, prog),
+        };
+        let order = self.orders.get_mut(seq).expect("open order");
+        order.captured += c.amount;
+        order.captures += 1;
+        order.last_activity = order.last_activity.max(e.ts);
+        if e.ts > order.last_capture_ts {
+            order.last_capture_ts = e.ts;
+        }
+        let eligible_at = order.last_capture_ts + program.hold;
+        let credit = order.credit.clone();
+        self.orders.set_eligible_at(seq, eligible_at);
+        self.meta.stats.applied_captures += 1;
+        if let Some(cr) = &credit {
+            if let Some(pi) = self.names.get(&cr.partner_id) {
+                if let Some(w) = self.refunds_by_partner.get_mut(&(prog, pi)) {
+                    w.captured(e.ts.timestamp_micros(), c.amount, program.fraud.refund_rate_window.num_days());
+                }
+            }
+        }
+        self.accrue(seq, e, c, rules, program);
+        Ok(())
+    }
+
+    /// The first capture of an order: decides attribution, once.
+    fn open_order(&mut self, e: &Event<'_>, c: &Capture<'_>, rules: &Rules, program: &Program, prog: u32) -> u64 {
+        let ts = e.ts;
+        // 1. Promo codes, in typed order.
+        let mut codes: Vec<Box<str>> = Vec::with_capacity(c.codes.len());
+        let mut issues = Vec::new();
+        let mut valid: Vec<&afflio_rules::Code> = Vec::new();
+        for typed in &c.codes {
+            let norm = normalize_code(typed);
+            if norm.is_empty() || codes.iter().any(|k| **k == *norm) {
+                continue;
+            }
+            codes.push(norm.clone().into());
+            let issue = match program.codes.get(&norm) {
+                None => Some(CodeIssue::Unknown),
+                Some(code) if code.starts_at.is_some_and(|s| ts < s) => Some(CodeIssue::NotStarted),
+                Some(code) if code.expires_at.is_some_and(|x| ts >= x) => Some(CodeIssue::Expired),
+                Some(code) if code.max_uses.is_some_and(|m| self.code_uses(prog, &code.normalized) >= m) => {
+                    Some(CodeIssue::Exhausted)
+                }
+                Some(code) => {
+                    valid.push(code);
+                    None
+                }
+            };
+            if let Some(issue) = issue {
+                issues.push((norm.into_boxed_str(), issue));
+            }
+        }
+        let by_code = valid.first().map(|code| Credit {
+            kind: AttributionKind::Code,
+            source: code.code.as_str().into(),
+            partner_id: code.partner_id.as_str().into(),
+        });
+        // 2. Link clicks of this visitor in the window.
+        let won = c.visitor_id.as_deref().and_then(|v| self.winning_click(v, prog, ts, program));
+        let click_ts = won.as_ref().map(|(_, t)| *t);
+        let by_click = won.map(|(credit, _)| credit);
+        // 3. Priority.
+        let credit = if program.code_priority { by_code.or(by_click) } else { by_click.or(by_code) };
+        match credit.as_ref().map(|c| c.kind) {
+            Some(AttributionKind::Code) => {
+                self.meta.stats.orders_by_code += 1;
+                if let Some(code) = valid.first() {
+                    let k = self.names.intern(&code.normalized);
+                    *self.code_uses.get_or_default((prog, k)) += 1;
+                }
+            }
+            Some(AttributionKind::Link) => self.meta.stats.orders_by_link += 1,
+            None => self.meta.stats.orders_unattributed += 1,
+        }
+        // Lines: the credited partner (tier 0) and its ancestors for each override tier.
+        let mut lines = Vec::new();
+        if let Some(cr) = &credit {
+            let line = |partner_id, tier| Line {
+                partner_id,
+                tier,
+                accrued: Decimal::ZERO,
+                net: Decimal::ZERO,
+                review: None,
+                paid: false,
+            };
+            lines.push(line(cr.partner_id.clone(), 0));
+            for (i, anc) in rules.ancestors(&cr.partner_id, program.overrides.len()).enumerate() {
+                lines.push(line(anc.id.as_str().into(), (i + 1) as u8));
+            }
+        }
+        let order = Order {
+            seq: 0,
+            program_id: self.names.name(prog).clone(),
+            order_id: c.order_id.as_ref().into(),
+            currency: program.currency,
+            first_capture_ts: ts,
+            last_capture_ts: ts,
+            eligible_at: ts + program.hold,
+            credit,
+            captured: Decimal::ZERO,
+            refunded: Decimal::ZERO,
+            chargeback_amount: Decimal::ZERO,
+            chargeback: false,
+            codes,
+            code_issues: issues,
+            flags: Vec::new(),
+            lines,
+            captures: 0,
+            refunds: 0,
+            last_activity: ts,
+            held: false,
+        };
+        // Fraud rules, decided with the attribution.
+        let mut hits: Vec<(FraudRule, Hit)> = Vec::new();
+        if let Some(cr) = order.credit.clone() {
+            self.detect(&mut hits, e, c, &cr, &valid, click_ts, rules, program, prog);
+        }
+        let seq = self.orders.insert(prog, order);
+        for (rule, hit) in hits {
+            let action = super::detect::rule_action(&program.fraud, rule);
+            if action == FraudAction::Off {
+                continue;
+            }
+            let Hit { value, threshold, score, detail, retro } = hit;
+            let flag = FlagSpec { rule, action, value, threshold, score, detail };
+            for id in retro.iter().filter(|id| ***id != *c.order_id) {
+                if let Some(s) = self.orders.seq_of(prog, id) {
+                    self.flag_order(s, &flag, e, true);
+                }
+            }
+            self.flag_order(seq, &flag, e, false);
+        }
+        seq
+    }
+
+    fn code_uses(&self, prog: u32, norm: &str) -> u64 {
+        self.names.get(norm).and_then(|k| self.code_uses.get(&(prog, k))).copied().unwrap_or(0)
+    }
+
+    /// The winning click's credit and time.
+    fn winning_click(&self, visitor: &str, prog: u32, ts: DateTime<Utc>, program: &Program) -> Option<(Credit, i64)> {
+        let t = ts.timestamp_micros();
+        let from = t.saturating_sub(micros(program.window));
+        let key = scoped_key(&program.id, visitor);
+        // Clicks come in application order: ties in time go to the later applied.
+        let candidates = self.sessions.clicks(key).filter(|c| c.program == prog && c.ts >= from && c.ts <= t);
+        let best = match program.model {
+            AttributionModel::LastClick => candidates.max_by_key(|c| c.ts),
+            AttributionModel::FirstClick => candidates.rev().min_by_key(|c| c.ts),
+        }?;
+        let credit = Credit {
+            kind: AttributionKind::Link,
+            source: self.names.name(best.link).clone(),
+            partner_id: self.names.name(best.partner).clone(),
+        };
+        Some((credit, best.ts))
+    }
+}
