@@ -8,4 +8,3 @@ pub mod fraudlab;
 pub mod payouts;
 pub mod replay;
 pub mod review;
-pub mod serve;

@@ -45,7 +45,9 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
-    /// Runs SQL over a store (tables: ledger, orders, lines, flags, rejections, clicks).
+    /// Runs a query over a store (tables: ledger, orders, lines, flags,
+    /// rejections, clicks, decisions, payouts, balances, epochs). Queries
+    /// only: nothing that writes is accepted.
     Sql {
         /// The store directory.
         #[arg(long)]
@@ -54,6 +56,18 @@ enum Command {
         query: String,
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
+        /// Read store version N (every table as that commit left it); see the
+        /// `epochs` table. Default: the latest.
+        #[arg(long, conflicts_with = "as_of_time")]
+        version: Option<i64>,
+        /// Read the latest store version committed at or before this time (RFC 3339).
+        #[arg(long, value_parser = parse_ts)]
+        as_of_time: Option<DateTime<Utc>>,
+    },
+    /// Store maintenance by hand (the live service runs it on a schedule).
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
     },
     /// The live service: HTTP ingest and tracking redirects, NATS JetStream,
     /// the engine, streaming Parquet sinks. Stops cleanly on SIGTERM.
@@ -70,21 +84,30 @@ enum Command {
         /// The store directory (one subdirectory per table).
         #[arg(long)]
         data: PathBuf,
-        /// Where the engine keeps its checkpoint (default: DATA/../state).
+        /// Where the engine keeps its checkpoints (default: DATA/../state).
         #[arg(long)]
         state: Option<PathBuf>,
-        /// Flush after this many events...
-        #[arg(long, default_value_t = 50_000)]
-        flush_events: usize,
-        /// ...or after this many milliseconds.
-        #[arg(long, default_value_t = 200)]
-        flush_ms: u64,
-        /// Checkpoint the engine (and acknowledge the broker) this often, ms.
-        #[arg(long, default_value_t = 5000)]
-        checkpoint_ms: u64,
+        /// Commit an epoch to the store (and checkpoint) this often, ms...
+        #[arg(long, default_value_t = 1000)]
+        epoch_ms: u64,
+        /// ...or when it holds this many events.
+        #[arg(long, default_value_t = 200_000)]
+        max_epoch_events: usize,
         /// Largest accepted request body, bytes.
         #[arg(long, default_value_t = 4 * 1024 * 1024)]
         max_body: usize,
+        /// Store maintenance (OPTIMIZE of a table with many small files) this often, seconds.
+        #[arg(long, default_value_t = 60)]
+        maintenance_secs: u64,
+        /// OPTIMIZE a table once it has this many files.
+        #[arg(long, default_value_t = 64)]
+        optimize_min_files: usize,
+        /// VACUUM this often, seconds.
+        #[arg(long, default_value_t = 3600)]
+        vacuum_secs: u64,
+        /// Files older versions no longer need are deleted after this long (e.g. 7d, 1h).
+        #[arg(long, default_value = "7d", value_parser = parse_duration)]
+        vacuum_retention: chrono::TimeDelta,
     },
     /// Generates labelled traffic: normal shopping with daily seasonality and
     /// injected attacks of every fraud kind; writes rules.toml, events.jsonl
@@ -215,9 +238,8 @@ enum BenchCommand {
         clients: usize,
         #[arg(long, default_value_t = 5)]
         seed: u64,
-        /// Arguments for `afflio serve`: a flush every 20 ms (the default
-        /// 200 ms trades latency for fewer files).
-        #[arg(long, allow_hyphen_values = true, default_value = "--flush-ms 20")]
+        /// Extra arguments for `afflio serve` (e.g. "--epoch-ms 500").
+        #[arg(long, allow_hyphen_values = true, default_value = "")]
         serve_args: String,
     },
 }
@@ -331,6 +353,36 @@ struct DecisionArgs {
 }
 
 #[derive(Subcommand)]
+enum StoreCommand {
+    /// Merges each table's small files into large ones (a new version with
+    /// the same rows; readers are not disturbed).
+    Optimize {
+        #[arg(long)]
+        data: PathBuf,
+        /// Only this table.
+        #[arg(long)]
+        table: Option<String>,
+    },
+    /// Deletes files that no version younger than the retention needs.
+    Vacuum {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        table: Option<String>,
+        /// How long old versions stay readable (e.g. 7d, 24h).
+        #[arg(long, default_value = "7d", value_parser = parse_duration)]
+        retention: chrono::TimeDelta,
+    },
+    /// The store's versions: when each was committed, by whom, at which stream position.
+    History {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value_t = 20)]
+        last: usize,
+    },
+}
+
+#[derive(Subcommand)]
 enum RulesCommand {
     /// Validates a rules file and reports every problem with line and field.
     Check { file: PathBuf },
@@ -343,6 +395,10 @@ enum Format {
     Json,
 }
 
+fn parse_duration(s: &str) -> Result<chrono::TimeDelta, String> {
+    afflio_engine::rules::parse_duration(s)
+}
+
 fn parse_ts(s: &str) -> Result<DateTime<Utc>, String> {
     DateTime::parse_from_rfc3339(s)
         .map(|t| t.with_timezone(&Utc))
@@ -350,6 +406,8 @@ fn parse_ts(s: &str) -> Result<DateTime<Utc>, String> {
 }
 
 fn main() -> ExitCode {
+    // Fault points for the crash tests (`FAILPOINTS`); inert without it.
+    let _faults = fail::FailScenario::setup();
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
@@ -381,14 +439,14 @@ fn progress_bar(total: u64, quiet: bool, what: &str) -> ProgressBar {
     pb
 }
 
-fn sql(data: &Path, query: &str, format: Format) -> anyhow::Result<ExitCode> {
+fn sql(data: &Path, query: &str, format: Format, at: afflio_sinks::At) -> anyhow::Result<ExitCode> {
     let format = match format {
         Format::Table => OutputFormat::Table,
         Format::Csv => OutputFormat::Csv,
         Format::Json => OutputFormat::Json,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    match rt.block_on(afflio_sinks::query(data, query, format)) {
+    match rt.block_on(afflio_sinks::query_at(data, query, format, at)) {
         Ok(text) => {
             print!("{text}");
             Ok(ExitCode::SUCCESS)
@@ -558,26 +616,53 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("store              {}", out.display());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Sql { data, query, format } => sql(&data, &query, format),
-        Command::Serve { config, nats, http, data, state, flush_events, flush_ms, checkpoint_ms, max_body } => {
+        Command::Sql { data, query, format, version, as_of_time } => {
+            let at = match (version, as_of_time) {
+                (Some(v), _) => afflio_sinks::At::Version(v),
+                (None, Some(t)) => afflio_sinks::At::Time(t),
+                (None, None) => afflio_sinks::At::Latest,
+            };
+            sql(&data, &query, format, at)
+        }
+        Command::Store { command } => store_command(command),
+        Command::Serve {
+            config,
+            nats,
+            http,
+            data,
+            state,
+            epoch_ms,
+            max_epoch_events,
+            max_body,
+            maintenance_secs,
+            optimize_min_files,
+            vacuum_secs,
+            vacuum_retention,
+        } => {
             let rules = match load_rules(&config) {
                 Ok(r) => r,
                 Err(code) => return Ok(code),
             };
             let state = state.unwrap_or_else(|| data.parent().unwrap_or(Path::new(".")).join("state"));
-            let opts = afflio::serve::ServeOptions {
+            let opts = afflio_pipeline::ServeOptions {
                 config,
                 nats,
                 http,
                 data,
                 state,
-                flush_events: flush_events.max(1),
-                flush_interval: std::time::Duration::from_millis(flush_ms.max(10)),
-                checkpoint_interval: std::time::Duration::from_millis(checkpoint_ms.max(flush_ms).max(10)),
+                epoch_interval: std::time::Duration::from_millis(epoch_ms.max(10)),
+                max_epoch_events: max_epoch_events.max(1),
                 max_body,
+                maintenance_every: std::time::Duration::from_secs(maintenance_secs.max(1)),
+                vacuum_every: std::time::Duration::from_secs(vacuum_secs.max(1)),
+                maintenance: afflio_sinks::Maintenance {
+                    vacuum_retention,
+                    min_files: optimize_min_files.max(2),
+                    ..afflio_sinks::Maintenance::default()
+                },
             };
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            rt.block_on(afflio::serve::run(opts, rules))?;
+            rt.block_on(afflio_pipeline::run(opts, rules))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Gen { seed, days, orders_per_day, creators, no_fraud, out } => {
@@ -620,7 +705,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                      FROM flags WHERE action = 'hold' GROUP BY program_id, order_id) f \
                      ON l.program_id = f.program_id AND l.order_id = f.order_id \
                      WHERE l.held ORDER BY l.program_id, l.order_id, l.tier";
-            sql(&data, q, format)
+            sql(&data, q, format, afflio_sinks::At::Latest)
         }
         Command::Payouts { command } => payouts_command(command),
         Command::Bench { command } => bench_command(command),
@@ -652,6 +737,48 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn store_command(c: StoreCommand) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async {
+        let tables = |only: &Option<String>| -> anyhow::Result<Vec<&'static str>> {
+            let all: Vec<&'static str> = afflio_sinks::Store::table_names().collect();
+            match only {
+                None => Ok(all),
+                Some(t) => match all.iter().find(|n| **n == t.as_str()) {
+                    Some(n) => Ok(vec![*n]),
+                    None => anyhow::bail!("--table {t:?} is not one of {}", all.join(", ")),
+                },
+            }
+        };
+        match c {
+            StoreCommand::Optimize { data, table } => {
+                anyhow::ensure!(afflio_sinks::is_store(&data), "no Afflio store at {}", data.display());
+                let mut store = afflio_sinks::Store::open(&data).await?;
+                let m = afflio_sinks::Maintenance::default();
+                for t in tables(&table)? {
+                    println!("{}", store.optimize(t, &m, true).await?);
+                }
+                store.record_maintenance().await?;
+            }
+            StoreCommand::Vacuum { data, table, retention } => {
+                anyhow::ensure!(afflio_sinks::is_store(&data), "no Afflio store at {}", data.display());
+                let mut store = afflio_sinks::Store::open(&data).await?;
+                let m = afflio_sinks::Maintenance { vacuum_retention: retention, ..Default::default() };
+                for t in tables(&table)? {
+                    println!("{}", store.vacuum(t, &m).await?);
+                }
+            }
+            StoreCommand::History { data, last } => {
+                let q = format!(
+                    "SELECT committed_at, position, writer, ledger_version, orders_version, lines_version                      FROM epochs ORDER BY committed_at DESC LIMIT {last}"
+                );
+                print!("{}", afflio_sinks::query(&data, &q, OutputFormat::Table).await?);
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
 }
 
 fn bench_command(command: BenchCommand) -> anyhow::Result<ExitCode> {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use afflio_engine::rules::Rules;
 use afflio_engine::{Arrival, Engine, LineStatus, Output, Stats};
 use afflio_ingest::{decode_event, JsonLines};
-use afflio_sinks::ParquetStore;
+use afflio_sinks::{state_changes_of, Mode, Store, Write};
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -60,7 +60,6 @@ impl Tally {
 pub struct Summary {
     pub stats: Stats,
     pub as_of: Option<DateTime<Utc>>,
-    pub tables: BTreeMap<&'static str, u64>,
     /// Net commission per (currency, status).
     pub commission: BTreeMap<(String, LineStatus), Decimal>,
     pub flags_by_rule: BTreeMap<&'static str, u64>,
@@ -167,22 +166,32 @@ pub fn replay_with(
     let arrival_ts = Utc::now();
     let run_id = format!("{}", arrival_ts.format("%Y%m%dT%H%M%S%6fZ"));
     let mut engine = Engine::new(Arc::new(rules));
-    let mut store =
-        ParquetStore::create(out, &run_id).with_context(|| format!("cannot create the store at {}", out.display()))?;
+    // A replay writes the whole state at its end: no change sets to keep.
+    engine.set_tracking(false);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let store = rt.block_on(Store::open(out)).with_context(|| format!("cannot open the store at {}", out.display()))?;
     let mut lines = JsonLines::new(input);
     let mut tally = Tally::default();
     // "Now" by default: the newest event time read (applied or not).
     let mut newest: Option<DateTime<Utc>> = None;
     let (mut lines_read, mut bytes) = (0u64, 0u64);
-    // The sink (Arrow + Parquet) runs on its own thread, behind a queue of
-    // at most two flushes: the engine goes on while a batch is written.
+    // The sink (Arrow + Parquet + Delta) runs on its own thread, behind a
+    // queue of at most two flushes: the engine goes on while a batch is
+    // written. The first write replaces what the store held; readers keep
+    // the previous version until the replay's last write records its own.
     let (tx, rx) = std::sync::mpsc::sync_channel::<Output>(2);
+    let handle = rt.handle().clone();
     let (read, store) = std::thread::scope(|scope| {
-        let writer = scope.spawn(move || -> anyhow::Result<ParquetStore> {
+        let writer = scope.spawn(move || -> anyhow::Result<(Store, bool)> {
+            let mut store = store;
+            let mut replaced = false;
             for out in rx {
-                store.append(&out)?;
+                let mode = if replaced { Mode::Append } else { Mode::Replace };
+                let w = Write { output: &out, changes: None, mode, position: None, writer: "replay" };
+                handle.block_on(store.write_rows_only(w))?;
+                replaced = true;
             }
-            Ok(store)
+            Ok((store, replaced))
         });
         let read = (|| -> anyhow::Result<()> {
             while let Some(line) = lines.next_line().with_context(|| format!("cannot read {input_name}"))? {
@@ -243,21 +252,25 @@ pub fn replay_with(
         let store = writer.join().map_err(|_| anyhow::anyhow!("internal error: the Parquet writer thread panicked"));
         (read, store)
     });
-    let store = store??;
+    let (mut store, replaced) = store??;
     read?;
     progress(bytes);
     let as_of = as_of.or(newest);
     let at = as_of.unwrap_or(DateTime::UNIX_EPOCH);
-    let tables = store.finish(&engine, at)?;
+    // The open orders and every balance as of `at`, and the commit record.
+    let state = state_changes_of(&engine, at);
+    let last = Output::default();
+    let mode = if replaced { Mode::Append } else { Mode::Replace };
+    rt.block_on(store.write(Write { output: &last, changes: Some(&state), mode, position: None, writer: "replay" }))?;
+    engine.mark_state_written(at);
     for o in engine.orders() {
         tally.order(o, &engine.line_statuses(o, at));
     }
     let elapsed = started.elapsed();
-    crate::review::save_state(&data_dir, &engine, at)?;
+    crate::review::save_state(&data_dir, &engine, at, Some(&run_id))?;
     Ok(Summary {
         stats: engine.stats(),
         as_of,
-        tables,
         commission: tally.commission,
         flags_by_rule: tally.flags_by_rule,
         lines_read,

@@ -1,8 +1,8 @@
 //! Reviews on a replayed store: the engine's state is kept next to the
 //! tables (`DIR/.state/`), a review is an event of type `review` applied to
 //! it like any other (same validation, same idempotency), and the store is
-//! amended: the decisions as new rows, the orders and lines snapshot
-//! replaced. In the live service the same event goes through `POST
+//! amended: the decisions as new rows, the orders, lines and balances that
+//! changed upserted. In the live service the same event goes through `POST
 //! /v1/events` with a reviewer key.
 
 use std::fs;
@@ -12,7 +12,7 @@ use std::sync::Arc;
 use afflio_engine::rules::Rules;
 use afflio_engine::{Arrival, Decision, DecisionRow, Engine, Outcome, Rejection};
 use afflio_ingest::decode_event;
-use afflio_sinks::ParquetStore;
+use afflio_sinks::{Mode, Position, Store, Write};
 use anyhow::{bail, Context};
 use chrono::{DateTime, Utc};
 use serde_json::json;
@@ -21,17 +21,46 @@ fn state_dir(data: &Path) -> PathBuf {
     data.join(".state")
 }
 
-/// Saves the engine and the store's "now" next to the tables.
-pub fn save_state(data: &Path, engine: &Engine, as_of: DateTime<Utc>) -> anyhow::Result<()> {
+/// Saves the engine and the store's "now" next to the tables; a replay
+/// also names its run (the store's writes after it are identified by it).
+pub fn save_state(data: &Path, engine: &Engine, as_of: DateTime<Utc>, run_id: Option<&str>) -> anyhow::Result<()> {
     let dir = state_dir(data);
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let bytes = engine.checkpoint().context("internal error: engine checkpoint with output pending")?;
-    for (name, content) in [("engine.ckpt", bytes), ("as_of", as_of.to_rfc3339().into_bytes())] {
+    let mut files = vec![("engine.ckpt", bytes), ("as_of", as_of.to_rfc3339().into_bytes())];
+    if let Some(r) = run_id {
+        files.push(("run_id", r.as_bytes().to_vec()));
+    }
+    for (name, content) in files {
         let tmp = dir.join(format!(".{name}.tmp"));
         fs::write(&tmp, content).with_context(|| format!("cannot write {}", tmp.display()))?;
         fs::rename(&tmp, dir.join(name)).with_context(|| format!("cannot write {}", dir.join(name).display()))?;
     }
     Ok(())
+}
+
+/// Writes what `engine` did since it was loaded (its rows, and the orders,
+/// lines and balances that changed, as of `now`) to the store at `data`,
+/// then saves its state. The write carries the engine's event count as its
+/// position: run again after a crash between the two, it is recognised and
+/// not written twice.
+pub fn amend(data: &Path, engine: &mut Engine, now: DateTime<Utc>, writer: &str) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(amend_async(data, engine, now, writer))
+}
+
+/// [`amend`] from async code.
+pub async fn amend_async(data: &Path, engine: &mut Engine, now: DateTime<Utc>, writer: &str) -> anyhow::Result<()> {
+    let out = engine.take_output();
+    let changes = engine.take_state_changes(now);
+    let run = fs::read_to_string(state_dir(data).join("run_id")).unwrap_or_else(|_| "store".into());
+    let position = Position { app: format!("afflio:cli:{}", run.trim()), seq: engine.events_read() as i64 };
+    let mut store = Store::open(data).await.with_context(|| format!("cannot open the store at {}", data.display()))?;
+    store
+        .write(Write { output: &out, changes: Some(&changes), mode: Mode::Upsert, position: Some(&position), writer })
+        .await
+        .with_context(|| format!("cannot write the store at {}", data.display()))?;
+    save_state(data, engine, now, None)
 }
 
 /// The engine and "now" of a replayed store.
@@ -122,16 +151,15 @@ pub fn review(rules: Rules, data: &Path, req: &ReviewRequest) -> anyhow::Result<
     let event = decode_event(&text).map_err(|e| anyhow::anyhow!("invalid review: {e}"))?;
     let arrival = Arrival { ts: Utc::now(), origin: &"afflio review" };
     let outcome = engine.apply(&event, &text, arrival);
-    let out = engine.take_output();
+    let decisions = engine.pending_output().decisions.clone();
+    let rejection = engine.pending_output().rejections.first().cloned();
     let now = store_now.max(ts);
-    let tag = format!("review-{}", Utc::now().format("%Y%m%dT%H%M%S%6fZ"));
-    ParquetStore::amend(data, &tag, &out, &engine, now)?;
-    save_state(data, &engine, now)?;
+    amend(data, &mut engine, now, "review")?;
     Ok(match outcome {
-        Outcome::Applied => ReviewResult::Applied(out.decisions),
+        Outcome::Applied => ReviewResult::Applied(decisions),
         Outcome::Duplicate => ReviewResult::Duplicate,
-        Outcome::Rejected(_) => ReviewResult::Rejected(
-            out.rejections.into_iter().next().context("internal error: a rejected review left no rejection")?,
-        ),
+        Outcome::Rejected(_) => {
+            ReviewResult::Rejected(rejection.context("internal error: a rejected review left no rejection")?)
+        }
     })
 }

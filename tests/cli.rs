@@ -1,5 +1,6 @@
-//! End to end through the `afflio` binary: replay, then SQL over the Parquet
-//! it wrote; bad config and unreadable input; rules check; the demo.
+//! End to end through the `afflio` binary: replay, then SQL over the Delta
+//! tables it wrote; bad config and unreadable input; rules check; the demo;
+//! store maintenance and time travel by hand.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -35,7 +36,7 @@ fn sql(out: &Path, query: &str, format: &str) -> String {
 }
 
 #[test]
-fn replay_writes_parquet_that_sql_reads_back() {
+fn replay_writes_delta_tables_that_sql_reads_back() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("store");
     let o = replay(&scenario("rejections"), &out);
@@ -44,15 +45,19 @@ fn replay_writes_parquet_that_sql_reads_back() {
     for want in ["events read", "duplicates", "malformed", "unknown_order", "commission by status", "orders"] {
         assert!(summary.contains(want), "summary lacks {want}:\n{summary}");
     }
-    for t in ["ledger", "orders", "lines", "flags", "rejections", "clicks", "decisions", "payouts", "balances"] {
-        let mut files: Vec<_> =
-            std::fs::read_dir(out.join(t)).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
-        files.sort();
-        // State tables: closed orders in the run's part, open ones in its snapshot.
-        let want = if ["orders", "lines", "balances"].contains(&t) { 2 } else { 1 };
-        assert_eq!(files.len(), want, "{t}: {files:?}");
-        assert!(files[0].starts_with("part-") && files.iter().all(|f| f.ends_with(".parquet")), "{files:?}");
+    for t in
+        ["ledger", "orders", "lines", "flags", "rejections", "clicks", "decisions", "payouts", "balances", "epochs"]
+    {
+        let log = out.join(t).join("_delta_log");
+        assert!(log.join("00000000000000000000.json").is_file(), "{t} is a Delta table");
     }
+    // Orders and lines are partitioned by the hour of the first capture.
+    let parts: Vec<String> = std::fs::read_dir(out.join("orders"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("order_hour="))
+        .collect();
+    assert!(!parts.is_empty(), "orders are partitioned by order_hour");
     let csv = sql(&out, "SELECT reason, count(*) AS n FROM rejections GROUP BY reason ORDER BY reason", "csv");
     assert!(csv.starts_with("reason,n\n"), "{csv}");
     assert!(csv.contains("invalid_amount,5\n"), "{csv}");
@@ -132,7 +137,7 @@ fn an_unreadable_input_fails_clearly_and_writes_nothing() {
     assert!(!out.exists());
     let o = afflio(&["sql", "--data", out.to_str().unwrap(), "SELECT 1"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(text(&o.stderr).contains("no Afflio data"), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("no Afflio store"), "{}", text(&o.stderr));
     let o =
         afflio(&["replay", "--config", cfg.to_str().unwrap(), "--events", "x", "--out", "y", "--as-of", "yesterday"]);
     assert_eq!(o.status.code(), Some(2));

@@ -98,11 +98,9 @@ impl Service {
             data.display().to_string(),
             "--state".into(),
             state.display().to_string(),
-            "--flush-ms".into(),
-            "50".into(),
-            "--flush-events".into(),
-            "150".into(),
-            "--checkpoint-ms".into(),
+            "--epoch-ms".into(),
+            "100".into(),
+            "--max-epoch-events".into(),
             "300".into(),
         ];
         let mut s = Service { child: None, port, args };
@@ -360,6 +358,8 @@ fn rules_reload_on_sighup_keeps_the_old_rules_when_the_new_are_invalid() {
         )
     };
     assert_eq!(post(svc.port, key, &capture("e1", "o1")), 1);
+    // Rules are those in force when the engine applies an event.
+    wait_for("the engine", Duration::from_secs(30), || svc.metric("afflio_engine_events_total") >= 1);
     let pid = svc.child.as_ref().unwrap().id().to_string();
     // An invalid file: refused, the old rules stay.
     std::fs::write(&rules_path, base.replace("rate = \"10%\"", "rate = \"ten\"")).unwrap();
@@ -369,6 +369,7 @@ fn rules_reload_on_sighup_keeps_the_old_rules_when_the_new_are_invalid() {
     });
     assert_eq!(svc.metric("afflio_rules_version"), 1);
     assert_eq!(post(svc.port, key, &capture("e2", "o2")), 1);
+    wait_for("the engine", Duration::from_secs(30), || svc.metric("afflio_engine_events_total") >= 2);
     // A valid change: swapped, recorded on later rows only.
     std::fs::write(&rules_path, base.replace("rate = \"10%\"", "rate = \"12%\"")).unwrap();
     Command::new("kill").args(["-HUP", &pid]).status().unwrap();

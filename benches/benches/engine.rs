@@ -10,7 +10,7 @@ use std::sync::Arc;
 use afflio_benches::{capture_line, click_line, mixed_lines, refund_line, rules};
 use afflio_engine::{round_money, Arrival, Engine};
 use afflio_ingest::decode_event;
-use afflio_sinks::ParquetStore;
+use afflio_sinks::{Mode, Store, Write};
 use chrono::Utc;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use rust_decimal::Decimal;
@@ -126,32 +126,123 @@ fn mixed_output(n: u64) -> afflio_engine::Output {
     e.take_output()
 }
 
-fn parquet(c: &mut Criterion) {
-    let out = mixed_output(50_000);
-    let dir = tempfile::tempdir().unwrap();
-    let mut g = c.benchmark_group("sink");
-    g.throughput(Throughput::Elements(out.len() as u64));
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+/// One epoch's commit to the Delta store: append-only tables appended, the
+/// state tables' changed rows merged by key.
+fn store(c: &mut Criterion) {
+    let rt = rt();
+    let mut g = c.benchmark_group("store");
     g.sample_size(10);
-    let mut run = 0u64;
-    g.bench_function("parquet_flush_50k_events", |b| {
+    let out = mixed_output(50_000);
+    g.throughput(Throughput::Elements(out.len() as u64));
+    g.bench_function("delta_append_50k_events", |b| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = rt.block_on(Store::open(dir.path())).unwrap();
         b.iter(|| {
-            run += 1;
-            let mut store = ParquetStore::create(&dir.path().join(format!("s{run}")), &format!("r{run}")).unwrap();
-            store.append(&out).unwrap();
-            store
+            let w = Write { output: &out, changes: None, mode: Mode::Append, position: None, writer: "bench" };
+            rt.block_on(store.write_rows_only(w)).unwrap()
         })
+    });
+    // An epoch of 2,000 captures and 200 refunds of earlier orders, merged
+    // into state tables that already hold 20,000 orders.
+    let mut e = Engine::new(Arc::new(rules()));
+    let now = Utc::now();
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = rt.block_on(Store::open(dir.path())).unwrap();
+    let mut n = 0u64;
+    let mut epoch = |e: &mut Engine, orders: u64, refunds: u64| {
+        for _ in 0..orders {
+            n += 1;
+            let raw = format!(
+                r#"{{"type":"capture","event_id":"c{n}","ts":"2026-11-10T{:02}:{:02}:00Z","program_id":"acme","order_id":"o{n}","amount":"100.00","currency":"USD","codes":["ALICE10"]}}"#,
+                (n / 60) % 24,
+                n % 60
+            );
+            let ev = decode_event(&raw).unwrap();
+            e.apply(&ev, &raw, Arrival { ts: now, origin: &Origin });
+        }
+        for r in 0..refunds {
+            let o = 1 + (r * 97) % n.max(1);
+            let raw = format!(
+                r#"{{"type":"refund","event_id":"r{n}-{r}","ts":"2026-11-11T00:00:00Z","program_id":"acme","order_id":"o{o}","amount":"1.00","currency":"USD"}}"#
+            );
+            let ev = decode_event(&raw).unwrap();
+            e.apply(&ev, &raw, Arrival { ts: now, origin: &Origin });
+        }
+        (e.take_output(), e.take_state_changes(now))
+    };
+    let (out, changes) = epoch(&mut e, 20_000, 0);
+    let w = Write { output: &out, changes: Some(&changes), mode: Mode::Upsert, position: None, writer: "bench" };
+    rt.block_on(store.write(w)).unwrap();
+    g.throughput(Throughput::Elements(2_200));
+    g.bench_function("delta_epoch_merge_2k_orders_200_refunds", |b| {
+        b.iter_batched(
+            || epoch(&mut e, 2_000, 200),
+            |(out, changes)| {
+                let w = Write {
+                    output: &out,
+                    changes: Some(&changes),
+                    mode: Mode::Upsert,
+                    position: None,
+                    writer: "bench",
+                };
+                rt.block_on(store.write(w)).unwrap()
+            },
+            criterion::BatchSize::PerIteration,
+        )
     });
     g.finish();
 }
 
+/// A checkpoint delta after 10,000 events, against a state of 200,000
+/// sessions: the delta's cost follows the changes.
+fn checkpoint(c: &mut Criterion) {
+    let mut e = Engine::new(Arc::new(rules()));
+    let now = Utc::now();
+    for raw in mixed_lines(200_000) {
+        let ev = decode_event(&raw).unwrap();
+        e.apply(&ev, &raw, Arrival { ts: now, origin: &Origin });
+    }
+    let _ = e.take_output();
+    let _ = e.checkpoint_delta().unwrap();
+    let more = mixed_lines(210_000).split_off(200_000);
+    let mut g = c.benchmark_group("checkpoint");
+    g.sample_size(10);
+    g.bench_function("delta_after_10k_events", |b| {
+        b.iter_batched(
+            || {
+                let mut twin = e.clone();
+                for raw in &more {
+                    let ev = decode_event(raw).unwrap();
+                    twin.apply(&ev, raw, Arrival { ts: now, origin: &Origin });
+                }
+                let _ = twin.take_output();
+                twin
+            },
+            |mut twin| twin.checkpoint_delta().unwrap().len(),
+            criterion::BatchSize::PerIteration,
+        )
+    });
+    g.bench_function("image_of_200k_events", |b| b.iter(|| e.checkpoint().unwrap().len()));
+    g.finish();
+}
+
 fn query(c: &mut Criterion) {
+    let rt = rt();
     let dir = tempfile::tempdir().unwrap();
     let out = mixed_output(200_000);
-    let mut store = ParquetStore::create(dir.path(), "q").unwrap();
-    store.append(&out).unwrap();
-    let engine = Engine::new(Arc::new(rules()));
-    store.finish(&engine, Utc::now()).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let mut store = rt.block_on(Store::open(dir.path())).unwrap();
+    rt.block_on(store.write(Write {
+        output: &out,
+        changes: None,
+        mode: Mode::Replace,
+        position: None,
+        writer: "bench",
+    }))
+    .unwrap();
     let sql =
         "SELECT partner_id, count(*) AS entries, sum(amount) AS net FROM ledger GROUP BY partner_id ORDER BY net DESC";
     let mut g = c.benchmark_group("sql");
@@ -162,5 +253,5 @@ fn query(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, decode, apply, commission, parquet, query);
+criterion_group!(benches, decode, apply, commission, store, checkpoint, query);
 criterion_main!(benches);

@@ -162,9 +162,8 @@ impl Dedupe {
         }
     }
 
-    /// A canonical view for equality checks in tests: per program, popped
-    /// count and entries with fingerprints.
-    #[cfg(test)]
+    /// A canonical view for equality checks: per program, popped count and
+    /// entries with fingerprints.
     pub(crate) fn canonical(&self) -> Vec<LogDelta> {
         self.full()
     }

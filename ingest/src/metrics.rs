@@ -25,12 +25,38 @@ pub struct Metrics {
     pub engine_events: AtomicU64,
     pub tracked_visitors: AtomicU64,
     pub tracked_orders: AtomicU64,
+    pub tracked_dedupe_ids: AtomicU64,
+    pub tracked_velocity_keys: AtomicU64,
+    /// An estimate of the engine state's memory, bytes.
+    pub state_memory_bytes: AtomicU64,
     pub rules_version: AtomicU64,
     pub rules_reload_failures: AtomicU64,
-    /// Flush (Parquet + checkpoint) durations, microseconds.
-    flush_us: Mutex<Histogram<u64>>,
-    /// From broker storage to durable ledger row, microseconds.
-    capture_to_ledger_us: Mutex<Histogram<u64>>,
+    /// Stream position of the last durable checkpoint (all tables committed).
+    pub committed_seq: AtomicU64,
+    pub store_commits: AtomicU64,
+    pub store_commit_failures: AtomicU64,
+    /// The last checkpoint: bytes written and milliseconds taken.
+    pub checkpoint_bytes: AtomicU64,
+    pub checkpoint_ms: AtomicU64,
+    /// The checkpoint chain on disk: image bytes, delta bytes, deltas.
+    pub state_image_bytes: AtomicU64,
+    pub state_delta_bytes: AtomicU64,
+    pub state_deltas: AtomicU64,
+    pub state_folds: AtomicU64,
+    /// How long the last start took to restore the engine, milliseconds.
+    pub recovery_ms: AtomicU64,
+    pub maintenance_runs: AtomicU64,
+    pub maintenance_failures: AtomicU64,
+    /// Events in the last epoch committed.
+    pub epoch_events: AtomicU64,
+    /// From broker storage to the event applied by the engine (its ledger
+    /// entries exist in the engine), microseconds.
+    decision_us: Mutex<Histogram<u64>>,
+    /// From broker storage to the event's rows readable in a committed
+    /// store version, microseconds.
+    freshness_us: Mutex<Histogram<u64>>,
+    /// One epoch's commit to the store (every table), microseconds.
+    commit_us: Mutex<Histogram<u64>>,
 }
 
 impl Default for Metrics {
@@ -52,10 +78,27 @@ impl Default for Metrics {
             engine_events: AtomicU64::new(0),
             tracked_visitors: AtomicU64::new(0),
             tracked_orders: AtomicU64::new(0),
+            tracked_dedupe_ids: AtomicU64::new(0),
+            tracked_velocity_keys: AtomicU64::new(0),
+            state_memory_bytes: AtomicU64::new(0),
             rules_version: AtomicU64::new(0),
             rules_reload_failures: AtomicU64::new(0),
-            flush_us: h(),
-            capture_to_ledger_us: h(),
+            committed_seq: AtomicU64::new(0),
+            store_commits: AtomicU64::new(0),
+            store_commit_failures: AtomicU64::new(0),
+            checkpoint_bytes: AtomicU64::new(0),
+            checkpoint_ms: AtomicU64::new(0),
+            state_image_bytes: AtomicU64::new(0),
+            state_delta_bytes: AtomicU64::new(0),
+            state_deltas: AtomicU64::new(0),
+            state_folds: AtomicU64::new(0),
+            recovery_ms: AtomicU64::new(0),
+            maintenance_runs: AtomicU64::new(0),
+            maintenance_failures: AtomicU64::new(0),
+            epoch_events: AtomicU64::new(0),
+            decision_us: h(),
+            freshness_us: h(),
+            commit_us: h(),
         }
     }
 }
@@ -66,24 +109,44 @@ fn record(h: &Mutex<Histogram<u64>>, us: u64) {
     }
 }
 
+fn quantiles(h: &Mutex<Histogram<u64>>) -> (u64, u64, u64, u64, u64) {
+    let h = h.lock().expect("metrics lock");
+    (h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.value_at_quantile(0.999), h.max(), h.len())
+}
+
 impl Metrics {
     pub fn rejected(&self, reason: Reason) {
         let i = Reason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
         self.rejected[i].fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn record_flush_us(&self, us: u64) {
-        record(&self.flush_us, us);
+    pub fn record_decision_us(&self, us: u64) {
+        record(&self.decision_us, us);
     }
 
-    pub fn record_capture_to_ledger_us(&self, us: u64) {
-        record(&self.capture_to_ledger_us, us);
+    /// Records `n` events of one message decided `us` after storage.
+    pub fn record_decision_us_n(&self, us: u64, n: u64) {
+        if let Ok(mut h) = self.decision_us.lock() {
+            let _ = h.record_n(us.clamp(1, 3_600_000_000), n);
+        }
     }
 
-    /// (p50, p99, p99.9, max, count) of capture-to-ledger latency in microseconds.
-    pub fn capture_to_ledger_quantiles(&self) -> (u64, u64, u64, u64, u64) {
-        let h = self.capture_to_ledger_us.lock().expect("metrics lock");
-        (h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.value_at_quantile(0.999), h.max(), h.len())
+    pub fn record_freshness_us(&self, us: u64) {
+        record(&self.freshness_us, us);
+    }
+
+    pub fn record_commit_us(&self, us: u64) {
+        record(&self.commit_us, us);
+    }
+
+    /// (p50, p99, p99.9, max, count) of decision latency in microseconds.
+    pub fn decision_quantiles(&self) -> (u64, u64, u64, u64, u64) {
+        quantiles(&self.decision_us)
+    }
+
+    /// (p50, p99, p99.9, max, count) of freshness in microseconds.
+    pub fn freshness_quantiles(&self) -> (u64, u64, u64, u64, u64) {
+        quantiles(&self.freshness_us)
     }
 
     /// Prometheus text exposition.
@@ -124,13 +187,73 @@ impl Metrics {
             "Events read by the engine (a message may carry many), across restarts.",
             get(&self.engine_events),
         );
-        g(&mut s, "afflio_tracked_visitors", "Visitors with clicks in memory.", get(&self.tracked_visitors));
-        g(&mut s, "afflio_tracked_orders", "Orders in memory.", get(&self.tracked_orders));
+        g(&mut s, "afflio_tracked_visitors", "Visitor sessions with clicks in memory.", get(&self.tracked_visitors));
+        g(&mut s, "afflio_tracked_orders", "Open orders in memory.", get(&self.tracked_orders));
+        g(&mut s, "afflio_tracked_dedupe_ids", "Event ids remembered for idempotency.", get(&self.tracked_dedupe_ids));
+        g(&mut s, "afflio_tracked_velocity_keys", "Velocity keys tracked.", get(&self.tracked_velocity_keys));
+        g(&mut s, "afflio_state_memory_bytes", "Estimated memory of the engine state.", get(&self.state_memory_bytes));
         g(&mut s, "afflio_rules_version", "Version of the rules in force.", get(&self.rules_version));
         c(&mut s, "afflio_rules_reload_failures_total", "Rules reloads refused.", get(&self.rules_reload_failures));
+        g(
+            &mut s,
+            "afflio_committed_stream_seq",
+            "Stream position of the last durable checkpoint.",
+            get(&self.committed_seq),
+        );
+        c(&mut s, "afflio_store_commits_total", "Epochs committed to the store.", get(&self.store_commits));
+        c(
+            &mut s,
+            "afflio_store_commit_failures_total",
+            "Store commits that failed (retried).",
+            get(&self.store_commit_failures),
+        );
+        g(&mut s, "afflio_checkpoint_bytes", "Bytes of the last checkpoint (a delta).", get(&self.checkpoint_bytes));
+        g(
+            &mut s,
+            "afflio_checkpoint_duration_ms",
+            "Duration of the last checkpoint, milliseconds.",
+            get(&self.checkpoint_ms),
+        );
+        g(&mut s, "afflio_state_image_bytes", "Bytes of the checkpoint image on disk.", get(&self.state_image_bytes));
+        g(
+            &mut s,
+            "afflio_state_delta_bytes",
+            "Bytes of the checkpoint deltas after the image.",
+            get(&self.state_delta_bytes),
+        );
+        g(&mut s, "afflio_state_deltas", "Checkpoint deltas after the image.", get(&self.state_deltas));
+        c(&mut s, "afflio_state_folds_total", "Deltas folded into a new image.", get(&self.state_folds));
+        g(
+            &mut s,
+            "afflio_recovery_duration_ms",
+            "Time the last start took to restore the engine.",
+            get(&self.recovery_ms),
+        );
+        c(
+            &mut s,
+            "afflio_maintenance_runs_total",
+            "Store maintenance steps (OPTIMIZE, VACUUM).",
+            get(&self.maintenance_runs),
+        );
+        c(
+            &mut s,
+            "afflio_maintenance_failures_total",
+            "Store maintenance steps that failed.",
+            get(&self.maintenance_failures),
+        );
+        g(&mut s, "afflio_epoch_events", "Events in the last epoch committed.", get(&self.epoch_events));
         for (name, help, h) in [
-            ("afflio_flush_latency_seconds", "Parquet flush and checkpoint time.", &self.flush_us),
-            ("afflio_capture_to_ledger_seconds", "Broker storage to durable ledger row.", &self.capture_to_ledger_us),
+            (
+                "afflio_decision_latency_seconds",
+                "Broker storage to the event applied by the engine.",
+                &self.decision_us,
+            ),
+            (
+                "afflio_freshness_seconds",
+                "Broker storage to the event's rows in a committed store version.",
+                &self.freshness_us,
+            ),
+            ("afflio_store_commit_seconds", "One epoch's commit to the store.", &self.commit_us),
         ] {
             let h = h.lock().expect("metrics lock");
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} summary");

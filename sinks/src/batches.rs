@@ -2,9 +2,11 @@
 
 use std::sync::Arc;
 
+use std::collections::BTreeMap;
+
 use afflio_engine::{
     Balance, ClickColumns, ClosedOrder, DecisionRow, Engine, Flag, LedgerEntry, LineStatus, Order, Output, PayoutRow,
-    Rejection, StrColumn,
+    Rejection, StateChanges, StrColumn,
 };
 use chrono::{DateTime, Utc};
 use datafusion::arrow::array::{
@@ -42,6 +44,35 @@ impl Table {
         Table::Payouts,
         Table::Balances,
     ];
+
+    /// The columns that identify a row of a state table (empty for
+    /// append-only tables): the key its rows are upserted by.
+    pub fn key(self) -> &'static [&'static str] {
+        match self {
+            Table::Orders => &["order_hour", "program_id", "order_id", "first_capture_ts"],
+            Table::Lines => &["order_hour", "program_id", "order_id", "first_capture_ts", "partner_id", "tier"],
+            Table::Balances => &["program_id", "partner_id"],
+            _ => &[],
+        }
+    }
+
+    /// Partition columns: the hour of the order's first capture for orders
+    /// and lines (a MERGE touches only the hours of the orders it changes).
+    pub fn partitions(self) -> &'static [&'static str] {
+        match self {
+            Table::Orders | Table::Lines => &["order_hour"],
+            _ => &[],
+        }
+    }
+
+    /// Whether rows are only ever appended.
+    pub fn append_only(self) -> bool {
+        self.key().is_empty()
+    }
+
+    pub fn parse(name: &str) -> Option<Table> {
+        Table::ALL.into_iter().find(|t| t.name() == name)
+    }
 
     pub fn name(self) -> &'static str {
         match self {
@@ -117,6 +148,7 @@ pub fn schema(t: Table) -> SchemaRef {
             f("flags", list_of_strings(), false),
             f("captures", Int32, false),
             f("refunds", Int32, false),
+            f("order_hour", Utf8, false),
         ],
         Table::Flags => vec![
             f("program_id", Utf8, false),
@@ -168,6 +200,8 @@ pub fn schema(t: Table) -> SchemaRef {
             f("held", Boolean, false),
             f("review", Utf8, true),
             f("as_of", ts_type(), false),
+            f("first_capture_ts", ts_type(), false),
+            f("order_hour", Utf8, false),
         ],
         Table::Decisions => vec![
             f("event_id", Utf8, false),
@@ -230,16 +264,27 @@ fn opt_times(it: impl Iterator<Item = Option<DateTime<Utc>>>) -> ArrayRef {
     Arc::new(TimestampMicrosecondArray::from_iter(it.map(|t| t.map(|t| t.timestamp_micros()))).with_timezone("UTC"))
 }
 
-/// A decimal as an i128 at `scale`; the engine keeps amounts within it.
-fn scaled(d: Decimal, scale: u32) -> i128 {
+/// A decimal as an i128 at `scale`, or an error when it does not fit (the
+/// engine keeps amounts within the store's scale and range; this checks it
+/// in every build).
+fn scaled(d: Decimal, scale: u32) -> Result<i128, ArrowError> {
     let mut x = d;
     x.rescale(scale);
-    debug_assert_eq!(x, d, "{d} does not fit scale {scale}");
-    x.mantissa()
+    if x != d {
+        return Err(ArrowError::InvalidArgumentError(format!("{d} has more than {scale} decimal places")));
+    }
+    Ok(x.mantissa())
+}
+
+fn decimals(it: impl Iterator<Item = Option<Decimal>>, scale: u32) -> Result<ArrayRef, ArrowError> {
+    let values: Vec<Option<i128>> = it.map(|d| d.map(|d| scaled(d, scale)).transpose()).collect::<Result<_, _>>()?;
+    let a = Decimal128Array::from_iter(values).with_precision_and_scale(18, scale as i8)?;
+    a.validate_decimal_precision(18)?;
+    Ok(Arc::new(a))
 }
 
 fn money(it: impl Iterator<Item = Decimal>) -> Result<ArrayRef, ArrowError> {
-    Ok(Arc::new(Decimal128Array::from_iter_values(it.map(|d| scaled(d, 4))).with_precision_and_scale(18, 4)?))
+    decimals(it.map(Some), 4)
 }
 
 fn lists<'a, I: Iterator<Item = &'a str>>(rows: impl Iterator<Item = I>) -> ArrayRef {
@@ -275,10 +320,7 @@ pub(crate) fn ledger(rows: &[LedgerEntry]) -> Result<RecordBatch, ArrowError> {
             strings(rows.iter().map(|r| r.attribution.as_str())),
             strings(rows.iter().map(|r| &*r.source)),
             times(rows.iter().map(|r| r.eligible_at)),
-            Arc::new(
-                Decimal128Array::from_iter(rows.iter().map(|r| r.rate.map(|d| scaled(d, 8))))
-                    .with_precision_and_scale(18, 8)?,
-            ),
+            decimals(rows.iter().map(|r| r.rate), 8)?,
             Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.rules_version as i64))),
         ],
     )
@@ -389,35 +431,82 @@ pub(crate) fn balances(rows: &[Balance], as_of: DateTime<Utc>) -> Result<RecordB
     )
 }
 
-/// The rows of `out` for table `t`: streamed rows, and for the state tables
-/// the orders closed by retention (they leave the snapshot for good).
-pub(crate) fn rows(t: Table, out: &Output) -> Result<RecordBatch, ArrowError> {
-    match t {
-        Table::Ledger => ledger(&out.ledger),
-        Table::Clicks => clicks(&out.clicks),
-        Table::Flags => flags(&out.flags),
-        Table::Rejections => rejections(&out.rejections),
-        Table::Decisions => decisions(&out.decisions),
-        Table::Payouts => payouts(&out.payouts),
-        Table::Balances => balances(&[], DateTime::UNIX_EPOCH),
-        Table::Orders => orders(&out.closed.iter().map(|c| &c.order).collect::<Vec<_>>()),
-        Table::Lines => lines(&closed_lines(&out.closed)),
-    }
+/// The rows of one write for every table: the append-only tables' rows of
+/// `out`; for the state tables the orders closed by retention (their final
+/// rows) and, with `changes`, the open orders and balances that changed.
+pub(crate) fn write_rows(
+    out: &Output,
+    changes: Option<&StateChanges>,
+) -> Result<Vec<(Table, RecordBatch)>, (Table, ArrowError)> {
+    Table::ALL
+        .into_iter()
+        .map(|t| {
+            let b = match t {
+                Table::Ledger => ledger(&out.ledger),
+                Table::Clicks => clicks(&out.clicks),
+                Table::Flags => flags(&out.flags),
+                Table::Rejections => rejections(&out.rejections),
+                Table::Decisions => decisions(&out.decisions),
+                Table::Payouts => payouts(&out.payouts),
+                Table::Orders => {
+                    let mut rows: Vec<&Order> = out.closed.iter().map(|c| &c.order).collect();
+                    if let Some(c) = changes {
+                        rows.extend(c.orders.iter().map(|(o, _)| o));
+                    }
+                    orders(&rows)
+                }
+                Table::Lines => {
+                    let mut rows = closed_lines(&out.closed);
+                    if let Some(c) = changes {
+                        rows.extend(c.orders.iter().map(|(o, s)| (o, s.clone(), c.as_of)));
+                    }
+                    lines(&rows)
+                }
+                Table::Balances => match changes {
+                    Some(c) => balances(&c.balances, c.as_of),
+                    None => balances(&[], DateTime::UNIX_EPOCH),
+                },
+            };
+            b.map(|b| (t, b)).map_err(|e| (t, e))
+        })
+        .collect()
 }
 
-/// The state tables' rows: the engine's open orders and their lines as of `as_of`.
-pub(crate) fn state(t: Table, engine: &Engine, as_of: DateTime<Utc>) -> Option<Result<RecordBatch, ArrowError>> {
-    match t {
-        Table::Orders => Some(orders(&engine.orders().collect::<Vec<_>>())),
-        Table::Lines => Some(lines(&open_lines(engine, as_of))),
-        Table::Balances => {
-            let mut ids: Vec<&str> = engine.rules().programs().map(|p| p.id.as_str()).collect();
-            ids.sort_unstable();
-            let rows: Vec<Balance> = ids.into_iter().flat_map(|p| engine.balances(p, as_of)).collect();
-            Some(balances(&rows, as_of))
-        }
-        _ => None,
+/// The state tables' rows of the engine's open orders and every balance as
+/// of `as_of` (a replay's final write).
+pub fn state_changes_of(engine: &Engine, as_of: DateTime<Utc>) -> StateChanges {
+    let orders = engine.orders().map(|o| (o.clone(), engine.line_statuses(o, as_of))).collect();
+    let mut ids: Vec<&str> = engine.rules().programs().map(|p| p.id.as_str()).collect();
+    ids.sort_unstable();
+    let balances = ids.into_iter().flat_map(|p| engine.balances(p, as_of)).collect();
+    StateChanges { as_of, orders, balances }
+}
+
+/// The `epochs` table: one row per commit of the store.
+pub(crate) fn epochs_schema() -> SchemaRef {
+    let mut fields = vec![
+        f("committed_at", ts_type(), false),
+        f("position", DataType::Int64, true),
+        f("writer", DataType::Utf8, false),
+    ];
+    for t in Table::ALL {
+        fields.push(f(&format!("{}_version", t.name()), DataType::Int64, false));
     }
+    Arc::new(Schema::new(fields))
+}
+
+pub(crate) fn epoch_row(
+    position: Option<i64>,
+    writer: &str,
+    at: DateTime<Utc>,
+    versions: &BTreeMap<&'static str, i64>,
+) -> Result<RecordBatch, ArrowError> {
+    let mut cols: Vec<ArrayRef> =
+        vec![times(std::iter::once(at)), Arc::new(Int64Array::from(vec![position])), strings(std::iter::once(writer))];
+    for t in Table::ALL {
+        cols.push(Arc::new(Int64Array::from(vec![versions.get(t.name()).copied().unwrap_or(-1)])));
+    }
+    RecordBatch::try_new(epochs_schema(), cols)
 }
 
 pub(crate) fn rejections(rows: &[Rejection]) -> Result<RecordBatch, ArrowError> {
@@ -462,17 +551,22 @@ pub(crate) fn orders(rows: &[&Order]) -> Result<RecordBatch, ArrowError> {
             lists(rows.iter().map(|r| r.flags.iter().map(|f| f.as_str()))),
             Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.captures as i32))),
             Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.refunds as i32))),
+            strings_owned(rows.iter().map(|r| order_hour(r.first_capture_ts))),
         ],
     )
 }
 
-/// The engine's open orders' lines as of `as_of`.
-pub(crate) fn open_lines(engine: &Engine, as_of: DateTime<Utc>) -> Vec<(&Order, Vec<LineStatus>, DateTime<Utc>)> {
-    engine.orders().map(|o| (o, engine.line_statuses(o, as_of), as_of)).collect()
+/// The partition of an order: the UTC hour of its first capture, `2026-11-10T13`.
+pub fn order_hour(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%dT%H").to_string()
+}
+
+fn strings_owned(it: impl Iterator<Item = String>) -> ArrayRef {
+    Arc::new(StringArray::from_iter_values(it))
 }
 
 /// Closed orders with the status their lines had when they were closed.
-pub(crate) fn closed_lines(closed: &[ClosedOrder]) -> Vec<(&Order, Vec<LineStatus>, DateTime<Utc>)> {
+fn closed_lines(closed: &[ClosedOrder]) -> Vec<(&Order, Vec<LineStatus>, DateTime<Utc>)> {
     closed.iter().map(|c| (&c.order, c.statuses.clone(), c.as_of)).collect()
 }
 
@@ -497,6 +591,8 @@ pub(crate) fn lines(orders: &[(&Order, Vec<LineStatus>, DateTime<Utc>)]) -> Resu
             Arc::new(BooleanArray::from_iter(rows.iter().map(|(o, l, _, _)| Some(o.held && l.review.is_none())))),
             opt_strings(rows.iter().map(|(_, l, _, _)| l.review.map(|r| r.as_str()))),
             times(rows.iter().map(|(_, _, _, a)| *a)),
+            times(rows.iter().map(|(o, _, _, _)| o.first_capture_ts)),
+            strings_owned(rows.iter().map(|(o, _, _, _)| order_hour(o.first_capture_ts))),
         ],
     )
 }

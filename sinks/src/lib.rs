@@ -1,14 +1,16 @@
-//! Afflio sinks: the Arrow schemas of the output tables (SPEC §10), an
-//! atomic Parquet store (a reader never sees a partial file), and a
-//! DataFusion session over it.
+//! Afflio sinks: the Arrow schemas of the output tables, the store (one
+//! Delta Lake table per output table, and an `epochs` table indexing the
+//! store's commits), its maintenance, and SQL over it with DataFusion.
 
 mod batches;
+mod maintenance;
 mod sql;
 mod store;
 
-pub use batches::{schema, Table};
-pub use sql::{query, sql_context, OutputFormat, SqlError};
-pub use store::{ParquetStore, StoreError, StreamStore};
+pub use batches::{order_hour, schema, state_changes_of, Table};
+pub use maintenance::{Maintenance, MaintenanceReport};
+pub use sql::{escape, query, query_at, sql_context, OutputFormat, SqlError};
+pub use store::{is_store, snapshot, At, Committed, Mode, Position, Snapshot, Store, StoreError, Write, EPOCHS};
 
 #[cfg(test)]
 mod tests;

@@ -5,17 +5,24 @@ use std::path::Path;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::error::ArrowError;
 use datafusion::error::DataFusionError;
-use datafusion::prelude::{ParquetReadOptions, SessionContext};
+use datafusion::execution::context::SQLOptions;
+use datafusion::prelude::SessionContext;
 
-use crate::batches::Table;
+use crate::store::{open_table_at, snapshot, At, Snapshot, StoreError, EPOCHS};
 
 /// Why a query failed: the user's SQL, a missing store, or the engine.
 #[derive(Debug, thiserror::Error)]
 pub enum SqlError {
-    #[error("no Afflio data at {0}: expected table directories such as {0}/ledger (run `afflio replay` first)")]
+    /// The user's: no store there, or no such version.
+    #[error("{0}")]
     NoData(String),
+    /// The user's: a statement that would write or change the session.
+    #[error("only queries are allowed (SELECT, WITH, EXPLAIN): {0}")]
+    NotAQuery(String),
     #[error("{0}")]
     Query(#[from] DataFusionError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error("cannot format the result: {0}")]
     Format(#[from] ArrowError),
 }
@@ -61,36 +68,68 @@ fn flatten_nested(batch: &RecordBatch) -> Result<RecordBatch, ArrowError> {
     RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)
 }
 
-/// A session with every table of the store at `dir` registered by name.
-pub async fn sql_context(dir: &Path) -> Result<SessionContext, SqlError> {
+/// A session with every table of the store at `dir` registered by name, at
+/// store version `at` (every table at the version that commit left, so the
+/// tables agree with each other), and the snapshot it reads.
+pub async fn sql_context(dir: &Path, at: At) -> Result<(SessionContext, Snapshot), SqlError> {
+    let snap = snapshot(dir, at).await.map_err(|e| match e {
+        StoreError::Invalid(m) => SqlError::NoData(m),
+        other => SqlError::Store(other),
+    })?;
     let ctx = SessionContext::new();
-    let mut found = 0;
-    for t in Table::ALL {
-        let tdir = dir.join(t.name());
-        if !tdir.is_dir() {
-            continue;
-        }
-        found += 1;
-        let path = format!("{}/", tdir.display());
-        let schema = crate::schema(t);
-        let opts = ParquetReadOptions::default().schema(&schema);
-        ctx.register_parquet(t.name(), &path, opts).await?;
+    for (name, version) in &snap.tables {
+        let table = open_table_at(dir, name, *version).await?;
+        table
+            .update_datafusion_session(&ctx.state())
+            .map_err(|e| SqlError::Store(StoreError::Delta { table: name.clone(), source: Box::new(e) }))?;
+        let provider = table
+            .table_provider()
+            .await
+            .map_err(|e| SqlError::Store(StoreError::Delta { table: name.clone(), source: Box::new(e.into()) }))?;
+        ctx.register_table(name.as_str(), provider)?;
     }
-    if found == 0 {
-        return Err(SqlError::NoData(dir.display().to_string()));
+    if let Some(v) = snap.version {
+        let table = open_table_at(dir, EPOCHS, v).await?;
+        table
+            .update_datafusion_session(&ctx.state())
+            .map_err(|e| SqlError::Store(StoreError::Delta { table: EPOCHS.into(), source: Box::new(e) }))?;
+        let provider = table
+            .table_provider()
+            .await
+            .map_err(|e| SqlError::Store(StoreError::Delta { table: EPOCHS.into(), source: Box::new(e.into()) }))?;
+        ctx.register_table(EPOCHS, provider)?;
     }
-    Ok(ctx)
+    Ok((ctx, snap))
 }
 
-/// Runs `sql` against the store and renders the result.
+/// Only queries: no DDL, no DML (`COPY ... TO`, `INSERT`), no `SET`.
+fn read_only() -> SQLOptions {
+    SQLOptions::new().with_allow_ddl(false).with_allow_dml(false).with_allow_statements(false)
+}
+
+/// Runs `sql` against the latest version of the store and renders the result.
 pub async fn query(dir: &Path, sql: &str, format: OutputFormat) -> Result<String, SqlError> {
-    let ctx = sql_context(dir).await?;
-    let df = ctx.sql(sql).await?;
+    query_at(dir, sql, format, At::Latest).await
+}
+
+/// Runs `sql` (a query; anything that would write is refused) against store
+/// version `at` and renders the result.
+pub async fn query_at(dir: &Path, sql: &str, format: OutputFormat, at: At) -> Result<String, SqlError> {
+    let (ctx, _) = sql_context(dir, at).await?;
+    let df = ctx.sql_with_options(sql, read_only()).await.map_err(|e| match e {
+        DataFusionError::Plan(m) if m.contains("not supported") || m.contains("not allowed") => SqlError::NotAQuery(m),
+        other => SqlError::Query(other),
+    })?;
     let schema = df.schema().inner().clone();
     let batches: Vec<RecordBatch> = df.collect().await?;
     let mut buf = Vec::new();
     match format {
         OutputFormat::Table => {
+            let batches = batches.iter().map(escape_controls).collect::<Result<Vec<_>, _>>()?;
+            let schema = match batches.first() {
+                Some(b) => b.schema(),
+                None => flatten_nested(&RecordBatch::new_empty(schema))?.schema(),
+            };
             let s = datafusion::arrow::util::pretty::pretty_format_batches_with_schema(schema, &batches)?;
             return Ok(format!("{s}\n"));
         }
@@ -116,4 +155,52 @@ pub async fn query(dir: &Path, sql: &str, format: OutputFormat) -> Result<String
         }
     }
     Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// Text for a terminal: control characters (escape sequences, CR, LF) in
+/// string values are shown escaped (`\u{1b}`), never sent raw. Nested
+/// columns are flattened to their text first.
+fn escape_controls(batch: &RecordBatch) -> Result<RecordBatch, ArrowError> {
+    use datafusion::arrow::array::{ArrayRef, StringArray, StringBuilder};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    let batch = flatten_nested(batch)?;
+    let mut fields = Vec::new();
+    let mut cols: Vec<ArrayRef> = Vec::new();
+    for (f, col) in batch.schema().fields().iter().zip(batch.columns()) {
+        let text = match f.data_type() {
+            DataType::Utf8View | DataType::LargeUtf8 => datafusion::arrow::compute::cast(col, &DataType::Utf8)?,
+            _ => col.clone(),
+        };
+        match text.as_any().downcast_ref::<StringArray>() {
+            Some(s) if s.iter().flatten().any(|v| v.chars().any(char::is_control)) => {
+                let mut b = StringBuilder::new();
+                for v in s.iter() {
+                    match v {
+                        None => b.append_null(),
+                        Some(v) => b.append_value(escape(v)),
+                    }
+                }
+                fields.push(Field::new(f.name(), DataType::Utf8, f.is_nullable()));
+                cols.push(std::sync::Arc::new(b.finish()));
+            }
+            _ => {
+                fields.push(f.as_ref().clone());
+                cols.push(col.clone());
+            }
+        }
+    }
+    RecordBatch::try_new(std::sync::Arc::new(Schema::new(fields)), cols)
+}
+
+/// A string with its control characters written as `\u{..}`.
+pub fn escape(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        if c.is_control() {
+            out.push_str(&c.escape_unicode().to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }

@@ -1,37 +1,56 @@
-//! An atomic Parquet store: one directory per table; each table's file is
-//! written under a hidden temporary name and renamed into place when
-//! complete, so a reader never sees a partial file.
+//! The store: one Delta Lake table per output table under `DATA/<table>`,
+//! and an `epochs` table that records, for every commit of the store, the
+//! version of each table it left (so a reader can take all tables at one
+//! consistent point, now or in the past).
+//!
+//! - Append-only tables (ledger, clicks, flags, rejections, decisions,
+//!   payouts) are appended to.
+//! - State tables (orders, lines, balances) are upserted: MERGE of the rows
+//!   that changed, by key (`orders` and `lines` are partitioned by the hour
+//!   of the order's first capture, so a MERGE reads and rewrites only the
+//!   hours it touches).
+//! - A write may carry a stream position: each table's commit then records
+//!   it as a Delta application transaction (`txn`, app id per stream and
+//!   table), and a write whose position a table already holds is skipped
+//!   for that table. That is the exactly-once protocol of the live service:
+//!   after a crash the same rows are written again and recognised, without
+//!   deleting any file.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
-use afflio_engine::{Engine, Output};
+use afflio_engine::{Output, StateChanges};
 use chrono::{DateTime, Utc};
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::error::ArrowError;
-use datafusion::parquet::arrow::ArrowWriter;
-use datafusion::parquet::basic::Compression;
-use datafusion::parquet::errors::ParquetError;
-use datafusion::parquet::file::properties::WriterProperties;
+use datafusion::prelude::SessionContext;
+use deltalake::kernel::engine::arrow_conversion::TryIntoKernel as _;
+use deltalake::kernel::transaction::CommitProperties;
+use deltalake::kernel::{StructType, Transaction};
+use deltalake::parquet::basic::Compression;
+use deltalake::parquet::file::properties::WriterProperties;
+use deltalake::protocol::SaveMode;
+use deltalake::{DeltaTable, DeltaTableError};
+use futures::future::try_join_all;
 
 use crate::batches::{self, schema, Table};
 
-/// Why the store could not be written (an external problem, or a bug when
-/// rows do not fit their schema).
+/// Why the store could not be written or read: an external problem (the
+/// disk, a store another program damaged), or a bug when rows do not fit
+/// their schema.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot use {path}: {source}")]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot encode table {table} as Parquet: {source}")]
-    Parquet {
-        table: &'static str,
+    #[error("Delta table {table}: {source}")]
+    Delta {
+        table: String,
         #[source]
-        source: ParquetError,
+        source: Box<DeltaTableError>,
     },
     #[error("internal error: rows of table {table} do not fit its schema: {source}")]
     Arrow {
@@ -39,355 +58,445 @@ pub enum StoreError {
         #[source]
         source: ArrowError,
     },
+    #[error("{0}")]
+    Invalid(String),
 }
 
-struct TableFile {
-    tmp: PathBuf,
-    path: PathBuf,
-    writer: ArrowWriter<File>,
-    rows: u64,
+fn delta(table: impl Into<String>) -> impl FnOnce(DeltaTableError) -> StoreError {
+    let table = table.into();
+    move |source| StoreError::Delta { table, source: Box::new(source) }
 }
 
-/// Writes one Parquet file per table, streaming rows as they come.
-pub struct ParquetStore {
-    dir: PathBuf,
-    run_id: String,
-    files: BTreeMap<Table, TableFile>,
+/// The table that indexes the store's commits.
+pub const EPOCHS: &str = "epochs";
+
+/// How a write treats the tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Every table's content is replaced by the rows written (a replay's
+    /// first write; a table without rows is emptied).
+    Replace,
+    /// Every table's rows are appended, state tables too (rows known to be new).
+    Append,
+    /// Append-only tables are appended to; state tables are upserted by key.
+    Upsert,
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io { path: path.to_path_buf(), source }
+/// A stream position written with the rows, for exactly-once writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Position {
+    /// The stream's application id (`afflio:<stream>`); each table's
+    /// transaction is `<app>:<table>`.
+    pub app: String,
+    /// The position of the last message whose rows are in this write.
+    pub seq: i64,
 }
 
-impl ParquetStore {
-    /// Opens the store for a new run: `dir/<table>/` directories are
-    /// created, files are written under temporary names until [`finish`].
-    ///
-    /// [`finish`]: ParquetStore::finish
-    pub fn create(dir: &Path, run_id: &str) -> Result<ParquetStore, StoreError> {
-        fs::create_dir_all(dir).map_err(io(dir))?;
-        let props = WriterProperties::builder()
-            .set_compression(Compression::SNAPPY)
-            .set_max_row_group_row_count(Some(256 * 1024))
-            .build();
-        let mut files = BTreeMap::new();
-        for t in Table::ALL {
-            let tdir = dir.join(t.name());
-            fs::create_dir_all(&tdir).map_err(io(&tdir))?;
-            let name = format!("part-{run_id}.parquet");
-            let tmp = tdir.join(format!(".{name}.tmp"));
-            let file = File::create(&tmp).map_err(io(&tmp))?;
-            let writer = ArrowWriter::try_new(file, schema(t), Some(props.clone()))
-                .map_err(|source| StoreError::Parquet { table: t.name(), source })?;
-            files.insert(t, TableFile { tmp, path: tdir.join(name), writer, rows: 0 });
-        }
-        Ok(ParquetStore { dir: dir.to_path_buf(), run_id: run_id.to_string(), files })
+/// One write of the store.
+#[derive(Clone, Copy)]
+pub struct Write<'a> {
+    pub output: &'a Output,
+    pub changes: Option<&'a StateChanges>,
+    pub mode: Mode,
+    pub position: Option<&'a Position>,
+    /// Who wrote (`serve`, `replay`, `review`, `payouts`), kept in `epochs`.
+    pub writer: &'a str,
+}
+
+/// What a write did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Committed {
+    /// The store version (the `epochs` table's version) this write made.
+    pub version: i64,
+    /// Rows written per table.
+    pub rows: BTreeMap<&'static str, usize>,
+    /// Tables that already held this position (their rows were not written again).
+    pub skipped: Vec<&'static str>,
+}
+
+/// An open store: every table's latest state.
+pub struct Store {
+    root: PathBuf,
+    tables: BTreeMap<Table, DeltaTable>,
+    epochs: DeltaTable,
+    ctx: SessionContext,
+}
+
+fn url_of(dir: &Path) -> Result<url::Url, StoreError> {
+    let abs = std::path::absolute(dir).map_err(|source| StoreError::Io { path: dir.to_path_buf(), source })?;
+    url::Url::from_directory_path(&abs)
+        .map_err(|()| StoreError::Invalid(format!("{} cannot be used as a table location", abs.display())))
+}
+
+pub(crate) fn writer_properties() -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_max_row_group_row_count(Some(256 * 1024))
+        .build()
+}
+
+/// Opens the Delta table at `dir`, creating it with `schema` (and
+/// `partitions`) when there is none.
+async fn open_or_create(
+    dir: &Path,
+    name: &str,
+    schema: datafusion::arrow::datatypes::SchemaRef,
+    partitions: &[&str],
+) -> Result<DeltaTable, StoreError> {
+    std::fs::create_dir_all(dir).map_err(|source| StoreError::Io { path: dir.to_path_buf(), source })?;
+    let table = DeltaTable::try_from_url(url_of(dir)?).await.map_err(delta(name))?;
+    if table.version().is_some() {
+        return Ok(table);
+    }
+    let kernel: StructType = schema.as_ref().try_into_kernel().map_err(|e| delta(name)(e.into()))?;
+    table
+        .create()
+        .with_table_name(name)
+        .with_columns(kernel.fields().cloned())
+        .with_partition_columns(partitions.iter().map(|p| p.to_string()))
+        .with_save_mode(SaveMode::Ignore)
+        .await
+        .map_err(delta(name))
+}
+
+/// Whether `dir` holds an Afflio store (a Delta `ledger` table).
+pub fn is_store(dir: &Path) -> bool {
+    dir.join("ledger").join("_delta_log").is_dir()
+}
+
+fn txn_app(app: &str, table: &str) -> String {
+    format!("{app}:{table}")
+}
+
+impl Store {
+    /// Opens the store at `root`, creating the directory and any missing table.
+    pub async fn open(root: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(root).map_err(|source| StoreError::Io { path: root.to_path_buf(), source })?;
+        let opened = try_join_all(Table::ALL.into_iter().map(|t| async move {
+            open_or_create(&root.join(t.name()), t.name(), schema(t), t.partitions()).await.map(|d| (t, d))
+        }))
+        .await?;
+        let tables: BTreeMap<Table, DeltaTable> = opened.into_iter().collect();
+        let epochs = open_or_create(&root.join(EPOCHS), EPOCHS, batches::epochs_schema(), &[]).await?;
+        Ok(Store { root: root.to_path_buf(), tables, epochs, ctx: SessionContext::new() })
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    pub fn root(&self) -> &Path {
+        &self.root
     }
 
-    fn write(&mut self, t: Table, b: Result<RecordBatch, ArrowError>) -> Result<(), StoreError> {
-        let b = b.map_err(|source| StoreError::Arrow { table: t.name(), source })?;
-        if b.num_rows() == 0 {
-            return Ok(());
-        }
-        let f = self.files.get_mut(&t).expect("every table has a file");
-        f.rows += b.num_rows() as u64;
-        f.writer.write(&b).map_err(|source| StoreError::Parquet { table: t.name(), source })
-    }
-
-    /// Appends the streamed rows, and the orders closed by retention.
-    pub fn append(&mut self, out: &Output) -> Result<(), StoreError> {
-        for t in Table::ALL {
-            self.write(t, batches::rows(t, out))?;
-        }
-        Ok(())
-    }
-
-    /// Closes every file and moves each into place, replacing what an
-    /// earlier run wrote to the same table; the state tables get the
-    /// engine's open orders and their lines as of `as_of` in a snapshot file
-    /// (`snap-*.parquet`) next to the closed ones, which [`amend`] replaces.
-    /// Returns rows written per table.
-    ///
-    /// [`amend`]: ParquetStore::amend
-    pub fn finish(mut self, engine: &Engine, as_of: DateTime<Utc>) -> Result<BTreeMap<&'static str, u64>, StoreError> {
-        let mut counts = BTreeMap::new();
-        let mut snaps = BTreeMap::new();
-        for t in Table::ALL {
-            if let Some(b) = batches::state(t, engine, as_of) {
-                let b = b.map_err(|source| StoreError::Arrow { table: t.name(), source })?;
-                // Hidden until the table's old files are gone.
-                let snap = self.dir.join(t.name()).join(format!(".snap-{}.parquet", self.run_id));
-                write_file_atomic(&snap, t, &b)?;
-                *counts.entry(t.name()).or_insert(0) += b.num_rows() as u64;
-                snaps.insert(t, snap);
+    /// The stream position each table (and `epochs`) holds for `app`.
+    pub async fn positions(&self, app: &str) -> Result<BTreeMap<String, i64>, StoreError> {
+        let mut out = BTreeMap::new();
+        for (t, table) in &self.tables {
+            if let Some(v) = txn_version(table, &txn_app(app, t.name())).await? {
+                out.insert(t.name().to_string(), v);
             }
         }
-        for (t, f) in std::mem::take(&mut self.files) {
-            f.writer.close().map_err(|source| StoreError::Parquet { table: t.name(), source })?;
-            let tdir = self.dir.join(t.name());
-            // Earlier runs' files go first, so that a reader sees either the
-            // old table or the new one, never both added up.
-            for entry in fs::read_dir(&tdir).map_err(io(&tdir))? {
-                let p = entry.map_err(io(&tdir))?.path();
-                let is_part = p.extension().is_some_and(|e| e == "parquet");
-                if is_part && p != f.path && Some(&p) != snaps.get(&t) {
-                    fs::remove_file(&p).map_err(io(&p))?;
-                }
-            }
-            fs::rename(&f.tmp, &f.path).map_err(io(&f.path))?;
-            if let Some(hidden) = snaps.get(&t) {
-                let visible = tdir.join(format!("snap-{}.parquet", self.run_id));
-                fs::rename(hidden, &visible).map_err(io(&visible))?;
-            }
-            *counts.entry(t.name()).or_insert(0) += f.rows;
+        if let Some(v) = txn_version(&self.epochs, &txn_app(app, EPOCHS)).await? {
+            out.insert(EPOCHS.to_string(), v);
         }
-        Ok(counts)
+        Ok(out)
     }
 
-    /// Adds to a finished store what happened since (reviews on a replayed
-    /// store): `out`'s rows as new `part-{tag}` files, and the state tables'
-    /// snapshot replaced by the engine's state as of `as_of`.
-    pub fn amend(dir: &Path, tag: &str, out: &Output, engine: &Engine, as_of: DateTime<Utc>) -> Result<(), StoreError> {
-        for t in Table::ALL {
-            let tdir = dir.join(t.name());
-            fs::create_dir_all(&tdir).map_err(io(&tdir))?;
-            let b = batches::rows(t, out).map_err(|source| StoreError::Arrow { table: t.name(), source })?;
-            if b.num_rows() > 0 {
-                write_file_atomic(&tdir.join(format!("part-{tag}.parquet")), t, &b)?;
-            }
-        }
-        replace_snapshot(dir, engine, as_of, &format!("snap-{tag}.parquet"))
-    }
-}
-
-/// Writes the state tables as `name` and removes the older snapshots.
-fn replace_snapshot(dir: &Path, engine: &Engine, as_of: DateTime<Utc>, name: &str) -> Result<(), StoreError> {
-    for t in Table::ALL {
-        let Some(b) = batches::state(t, engine, as_of) else { continue };
-        let b = b.map_err(|source| StoreError::Arrow { table: t.name(), source })?;
-        let tdir = dir.join(t.name());
-        let path = tdir.join(name);
-        write_file_atomic(&path, t, &b)?;
-        for entry in fs::read_dir(&tdir).map_err(io(&tdir))? {
-            let p = entry.map_err(io(&tdir))?.path();
-            let snap = p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("snap-"));
-            if snap && p != path {
-                fs::remove_file(&p).map_err(io(&p))?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Writes `batch` to `path` atomically: a hidden temporary file in the same
-/// directory, synced, then renamed into place.
-fn write_file_atomic(path: &Path, t: Table, batch: &RecordBatch) -> Result<(), StoreError> {
-    let dir = path.parent().expect("table files live in a table directory");
-    let name = path.file_name().expect("a file name").to_string_lossy();
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let file = File::create(&tmp).map_err(io(&tmp))?;
-    let props = WriterProperties::builder().set_compression(Compression::SNAPPY).build();
-    let mut w = ArrowWriter::try_new(file, schema(t), Some(props))
-        .map_err(|source| StoreError::Parquet { table: t.name(), source })?;
-    w.write(batch).map_err(|source| StoreError::Parquet { table: t.name(), source })?;
-    let file = w.into_inner().map_err(|source| StoreError::Parquet { table: t.name(), source })?;
-    file.sync_all().map_err(io(&tmp))?;
-    fs::rename(&tmp, path).map_err(io(path))
-}
-
-/// Parsed name of a streamed file: `part-{first:020}-{last:020}.parquet`
-/// (events first..=last of the stream) or `snap-{last:020}.parquet`.
-fn stream_file_last_seq(name: &str) -> Option<u64> {
-    let stem = name.strip_suffix(".parquet")?;
-    if let Some(rest) = stem.strip_prefix("part-") {
-        return rest.split_once('-')?.1.parse().ok();
-    }
-    stem.strip_prefix("snap-")?.parse().ok()
-}
-
-/// The store as the live service writes it: append tables grow by one file
-/// per flush, named by the stream positions they hold; state tables are
-/// replaced by a snapshot per flush. A flush is committed when the engine
-/// checkpoint that follows it is; [`StreamStore::recover`] removes what a
-/// crash left uncommitted, so that replaying the stream from the checkpoint
-/// writes each row exactly once.
-#[derive(Clone, Debug)]
-pub struct StreamStore {
-    dir: PathBuf,
-}
-
-/// Files at least this large are left alone by compaction.
-const COMPACTED_BYTES: u64 = 64 * 1024 * 1024;
-
-const APPEND_TABLES: [Table; 6] =
-    [Table::Ledger, Table::Clicks, Table::Flags, Table::Rejections, Table::Decisions, Table::Payouts];
-
-impl StreamStore {
-    pub fn open(dir: &Path) -> Result<StreamStore, StoreError> {
-        for t in Table::ALL {
-            let tdir = dir.join(t.name());
-            fs::create_dir_all(&tdir).map_err(io(&tdir))?;
-        }
-        Ok(StreamStore { dir: dir.to_path_buf() })
+    /// The current version of every table, by name.
+    pub fn versions(&self) -> BTreeMap<&'static str, i64> {
+        self.tables.iter().map(|(t, d)| (t.name(), d.version().map_or(-1, |v| v as i64))).collect()
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    /// Writes `w` (every table concurrently), then records the tables'
+    /// versions in `epochs`. With a position, a table that already holds it
+    /// is left as it is.
+    pub async fn write(&mut self, w: Write<'_>) -> Result<Committed, StoreError> {
+        let mut committed = self.write_rows_only(Write { ..w }).await?;
+        fault("store-before-epoch", EPOCHS);
+        committed.version = self.commit_epoch(&w).await?;
+        Ok(committed)
     }
 
-    /// Removes files holding stream positions after `committed` (and
-    /// temporary files): what was written after the last checkpoint; and
-    /// finishes a compaction a crash interrupted. Returns how many files
-    /// were removed.
-    pub fn recover(&self, committed: u64) -> Result<usize, StoreError> {
-        let mut removed = 0;
-        for t in APPEND_TABLES {
-            removed += self.finish_compactions(t)?;
-        }
-        for t in Table::ALL {
-            let tdir = self.dir.join(t.name());
-            for entry in fs::read_dir(&tdir).map_err(io(&tdir))? {
-                let p = entry.map_err(io(&tdir))?.path();
-                let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                let stale = name.starts_with('.') || stream_file_last_seq(&name).is_some_and(|last| last > committed);
-                if stale {
-                    fs::remove_file(&p).map_err(io(&p))?;
-                    removed += 1;
-                }
-            }
-        }
-        Ok(removed)
-    }
-
-    /// Writes the rows of stream positions `first..=last`, one file per table
-    /// that has rows.
-    pub fn append(&self, first: u64, last: u64, out: &Output) -> Result<(), StoreError> {
-        let name = format!("part-{first:020}-{last:020}.parquet");
-        // One thread per table with rows: the encodings and, above all, the
-        // fsyncs overlap (a flush's latency is the slowest table's, not the sum).
-        std::thread::scope(|scope| {
-            let writers: Vec<_> = Table::ALL
-                .into_iter()
-                .map(|t| {
-                    let path = self.dir.join(t.name()).join(&name);
-                    scope.spawn(move || -> Result<(), StoreError> {
-                        let b =
-                            batches::rows(t, out).map_err(|source| StoreError::Arrow { table: t.name(), source })?;
-                        if b.num_rows() > 0 {
-                            write_file_atomic(&path, t, &b)?;
-                        }
-                        Ok(())
-                    })
-                })
-                .collect();
-            writers.into_iter().try_for_each(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-        })
-    }
-
-    /// The committed part files of a table, oldest first, with their ranges.
-    fn parts(&self, t: Table) -> Result<Vec<(u64, u64, PathBuf)>, StoreError> {
-        let tdir = self.dir.join(t.name());
-        let mut parts = Vec::new();
-        for entry in fs::read_dir(&tdir).map_err(io(&tdir))? {
-            let p = entry.map_err(io(&tdir))?.path();
-            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            let range = name
-                .strip_prefix("part-")
-                .and_then(|r| r.strip_suffix(".parquet"))
-                .and_then(|r| r.split_once('-'))
-                .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)));
-            if let Some((first, last)) = range {
-                parts.push((first, last, p));
-            }
-        }
-        parts.sort();
-        Ok(parts)
-    }
-
-    /// Merges the small files of each append table into one when a table
-    /// has more than `max_files`. The merged file is written hidden, the
-    /// small ones removed, then it is renamed into place; a crash in between
-    /// is finished by [`StreamStore::recover`], so no row is ever counted
-    /// twice (a reader may briefly miss the merged rows). Returns files merged.
-    /// Only files a checkpoint holds (up to `committed`) are merged: a
-    /// recovery may remove the later ones.
-    pub fn compact(&self, committed: u64, max_files: usize) -> Result<usize, StoreError> {
-        use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-        let mut merged = 0;
-        for t in APPEND_TABLES {
-            // The newest run of small files: merged files grow no further than
-            // COMPACTED_BYTES, and a merge never spans a file it does not read.
-            let all: Vec<_> = self.parts(t)?.into_iter().filter(|(_, last, _)| *last <= committed).collect();
-            let small = all
-                .iter()
-                .rev()
-                .take_while(|(_, _, p)| fs::metadata(p).map(|m| m.len() < COMPACTED_BYTES).unwrap_or(false))
-                .count();
-            let parts = &all[all.len() - small..];
-            if parts.len() <= max_files.max(2) {
+    /// Writes `w`'s rows like [`Store::write`] but records no commit in
+    /// `epochs`: readers keep reading the last recorded version (a
+    /// recovering writer catching up with what the tables already hold).
+    pub async fn write_rows_only(&mut self, w: Write<'_>) -> Result<Committed, StoreError> {
+        let rows = batches::write_rows(w.output, w.changes)
+            .map_err(|(t, source)| StoreError::Arrow { table: t.name(), source })?;
+        let mut committed = Committed::default();
+        let mut jobs = Vec::new();
+        for (t, batch) in rows {
+            let n = batch.num_rows();
+            if n == 0 && w.mode != Mode::Replace {
                 continue;
             }
-            let (first, last) = (parts[0].0, parts[parts.len() - 1].1);
-            let mut batches = Vec::new();
-            for (_, _, p) in parts {
-                let file = File::open(p).map_err(io(p))?;
-                let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-                    .and_then(|b| b.build())
-                    .map_err(|source| StoreError::Parquet { table: t.name(), source })?;
-                for b in reader {
-                    batches.push(b.map_err(|source| StoreError::Arrow { table: t.name(), source })?);
+            if let Some(p) = &w.position {
+                let held = txn_version(&self.tables[&t], &txn_app(&p.app, t.name())).await?;
+                if held.is_some_and(|v| v >= p.seq) {
+                    committed.skipped.push(t.name());
+                    continue;
                 }
             }
-            let batch = datafusion::arrow::compute::concat_batches(&schema(t), &batches)
-                .map_err(|source| StoreError::Arrow { table: t.name(), source })?;
-            let tdir = self.dir.join(t.name());
-            let done = tdir.join(format!(".part-{first:020}-{last:020}.parquet.compacted"));
-            write_file_atomic(&done, t, &batch)?;
-            merged += parts.len();
-            self.finish_compactions(t)?;
+            committed.rows.insert(t.name(), n);
+            let table = self.tables[&t].clone();
+            let ctx = self.ctx.clone();
+            let position = w.position.cloned();
+            let mode = w.mode;
+            jobs.push(async move {
+                fault("store-before-table", t.name());
+                let table = write_table(table, t, batch, mode, position.as_ref(), &ctx).await?;
+                fault("store-after-table", t.name());
+                Ok::<_, StoreError>((t, table))
+            });
         }
-        Ok(merged)
+        for (t, table) in try_join_all(jobs).await? {
+            self.tables.insert(t, table);
+        }
+        committed.version = self.epochs.version().map_or(-1, |v| v as i64);
+        Ok(committed)
     }
 
-    /// Puts complete merged files in place of the files they replace.
-    fn finish_compactions(&self, t: Table) -> Result<usize, StoreError> {
-        let tdir = self.dir.join(t.name());
-        let mut removed = 0;
-        for entry in fs::read_dir(&tdir).map_err(io(&tdir))? {
-            let p = entry.map_err(io(&tdir))?.path();
-            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            let Some(visible) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".compacted")) else { continue };
-            let Some(last) = stream_file_last_seq(visible) else { continue };
-            let first: u64 =
-                visible.trim_start_matches("part-").split('-').next().and_then(|f| f.parse().ok()).unwrap_or(0);
-            for (a, b, old) in self.parts(t)? {
-                if a >= first && b <= last {
-                    fs::remove_file(&old).map_err(io(&old))?;
-                    removed += 1;
-                }
+    /// Appends the store's commit record: position, writer and every table's version.
+    async fn commit_epoch(&mut self, w: &Write<'_>) -> Result<i64, StoreError> {
+        if let Some(p) = &w.position {
+            let held = txn_version(&self.epochs, &txn_app(&p.app, EPOCHS)).await?;
+            if held.is_some_and(|v| v >= p.seq) {
+                return Ok(self.epochs.version().map_or(-1, |v| v as i64));
             }
-            let target = tdir.join(visible);
-            fs::rename(&p, &target).map_err(io(&target))?;
         }
-        Ok(removed)
+        let versions = self.versions();
+        let now = Utc::now();
+        let batch = batches::epoch_row(w.position.as_ref().map(|p| p.seq), w.writer, now, &versions)
+            .map_err(|source| StoreError::Arrow { table: EPOCHS, source })?;
+        let meta = serde_json::json!({
+            "position": w.position.as_ref().map(|p| p.seq),
+            "writer": w.writer,
+            "committed_at": now.to_rfc3339(),
+            "versions": versions,
+        });
+        let mut props = CommitProperties::default().with_metadata([("afflio".to_string(), meta)]);
+        if let Some(p) = &w.position {
+            props = props.with_application_transaction(Transaction::new(txn_app(&p.app, EPOCHS), p.seq));
+        }
+        let table = self.epochs.clone();
+        self.epochs = table
+            .write(vec![batch])
+            .with_save_mode(SaveMode::Append)
+            .with_writer_properties(writer_properties())
+            .with_commit_properties(props)
+            .await
+            .map_err(delta(EPOCHS))?;
+        Ok(self.epochs.version().map_or(-1, |v| v as i64))
     }
 
-    /// Replaces the state tables (orders, lines as of `as_of`) with the
-    /// engine's state at stream position `last`.
-    pub fn snapshot(&self, engine: &Engine, as_of: DateTime<Utc>, last: u64) -> Result<(), StoreError> {
-        replace_snapshot(&self.dir, engine, as_of, &format!("snap-{last:020}.parquet"))
+    pub(crate) fn table(&self, t: Table) -> &DeltaTable {
+        &self.tables[&t]
+    }
+
+    pub(crate) fn set_table(&mut self, t: Table, table: DeltaTable) {
+        self.tables.insert(t, table);
+    }
+
+    pub(crate) fn epochs_table(&self) -> &DeltaTable {
+        &self.epochs
+    }
+
+    pub(crate) fn set_epochs_table(&mut self, table: DeltaTable) {
+        self.epochs = table;
+    }
+
+    /// Reloads every table from disk (after another process wrote it).
+    pub async fn refresh(&mut self) -> Result<(), StoreError> {
+        for (t, table) in &mut self.tables {
+            table.update_state().await.map_err(delta(t.name()))?;
+        }
+        self.epochs.update_state().await.map_err(delta(EPOCHS))
     }
 }
 
-impl Drop for ParquetStore {
-    fn drop(&mut self) {
-        // An unfinished run leaves no files behind.
-        for f in self.files.values() {
-            let _ = fs::remove_file(&f.tmp);
+/// A fault point for the crash tests: with `FAILPOINTS=<name>=return(<table>)`
+/// in the environment (or `return` for any table) the process dies here as
+/// under `kill -9`. Inert otherwise.
+fn fault(name: &str, table: &str) {
+    if let Some(arg) = fail::eval(name, |arg| arg) {
+        if arg.as_deref().is_none_or(|a| a == table) {
+            eprintln!("afflio: fault point {name} ({table}): aborting");
+            std::process::abort();
         }
     }
+}
+
+async fn txn_version(table: &DeltaTable, app: &str) -> Result<Option<i64>, StoreError> {
+    let Ok(snapshot) = table.snapshot() else { return Ok(None) };
+    snapshot.transaction_version(table.log_store().as_ref(), app).await.map_err(delta(app))
+}
+
+/// One table's write: append, replace or upsert, with the position's transaction.
+async fn write_table(
+    table: DeltaTable,
+    t: Table,
+    batch: RecordBatch,
+    mode: Mode,
+    position: Option<&Position>,
+    ctx: &SessionContext,
+) -> Result<DeltaTable, StoreError> {
+    let mut props = CommitProperties::default();
+    if let Some(p) = position {
+        props = props.with_application_transaction(Transaction::new(txn_app(&p.app, t.name()), p.seq));
+    }
+    let upsert = mode == Mode::Upsert && !t.key().is_empty();
+    if !upsert {
+        let save = if mode == Mode::Replace { SaveMode::Overwrite } else { SaveMode::Append };
+        return table
+            .write(vec![batch])
+            .with_save_mode(save)
+            .with_writer_properties(writer_properties())
+            .with_commit_properties(props)
+            .await
+            .map_err(delta(t.name()));
+    }
+    // MERGE by key; a concurrent maintenance commit (OPTIMIZE) that removed a
+    // file the MERGE read is a conflict: the MERGE is planned again on the
+    // table as it now is (nothing of it was committed).
+    let mut table = table;
+    let mut attempt = 0;
+    loop {
+        let source = ctx.read_batch(batch.clone()).map_err(|e| delta(t.name())(e.into()))?;
+        let on: Vec<String> = t.key().iter().map(|k| format!("t.{k} = s.{k}")).collect();
+        let cols: Vec<String> = schema(t).fields().iter().map(|f| f.name().clone()).collect();
+        let keys = t.key();
+        let merge = table
+            .clone()
+            .merge(source, on.join(" AND "))
+            .with_source_alias("s")
+            .with_target_alias("t")
+            .with_writer_properties(writer_properties())
+            .with_commit_properties(props.clone())
+            .when_matched_update(|u| {
+                cols.iter()
+                    .filter(|c| !keys.contains(&c.as_str()))
+                    .fold(u, |u, c| u.update(c.as_str(), format!("s.{c}")))
+            })
+            .and_then(|m| {
+                m.when_not_matched_insert(|i| cols.iter().fold(i, |i, c| i.set(c.as_str(), format!("s.{c}"))))
+            })
+            .map_err(delta(t.name()))?;
+        match merge.await {
+            Ok((t2, _metrics)) => return Ok(t2),
+            Err(e) if attempt < 5 && is_conflict(&e) => {
+                attempt += 1;
+                table.update_state().await.map_err(delta(t.name()))?;
+            }
+            Err(e) => return Err(delta(t.name())(e)),
+        }
+    }
+}
+
+fn is_conflict(e: &DeltaTableError) -> bool {
+    matches!(e, DeltaTableError::Transaction { .. }) || e.to_string().to_lowercase().contains("conflict")
+}
+
+/// The versions of every table at the store version a reader asked for.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Snapshot {
+    /// The store version (`epochs` table version); `None` for a store
+    /// without commit records.
+    pub version: Option<i64>,
+    pub committed_at: Option<DateTime<Utc>>,
+    pub position: Option<i64>,
+    pub tables: BTreeMap<String, i64>,
+}
+
+/// Which store version to read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum At {
+    Latest,
+    /// A store version (the `epochs` table's version).
+    Version(i64),
+    /// The latest store version committed at or before this time.
+    Time(DateTime<Utc>),
+}
+
+/// The table versions of store version `at`.
+pub async fn snapshot(root: &Path, at: At) -> Result<Snapshot, StoreError> {
+    let dir = root.join(EPOCHS);
+    if !dir.join("_delta_log").is_dir() {
+        return Err(StoreError::Invalid(format!(
+            "no Afflio store at {}: expected Delta tables such as {}/ledger (run `afflio replay` first)",
+            root.display(),
+            root.display()
+        )));
+    }
+    let mut table = DeltaTable::try_from_url(url_of(&dir)?).await.map_err(delta(EPOCHS))?;
+    match at {
+        At::Latest => {}
+        At::Version(v) => {
+            let latest = table.version().map_or(-1, |v| v as i64);
+            if v < 1 || v > latest {
+                return Err(StoreError::Invalid(format!(
+                    "store version {v} does not exist: versions run from 1 to {latest}"
+                )));
+            }
+            table.load_version(v as u64).await.map_err(delta(EPOCHS))?;
+        }
+        At::Time(t) => {
+            table.load_with_datetime(t).await.map_err(|e| {
+                StoreError::Invalid(format!("no store version was committed at or before {}: {e}", t.to_rfc3339()))
+            })?;
+        }
+    }
+    let version = table.version().map(|v| v as i64);
+    let meta = match version {
+        Some(v) => commit_record(&dir, v)?,
+        None => None,
+    };
+    let Some(meta) = meta else {
+        return Err(StoreError::Invalid(format!(
+            "store version {} holds no commit record (an empty store: nothing was written yet)",
+            version.unwrap_or(0)
+        )));
+    };
+    let tables = meta["versions"]
+        .as_object()
+        .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_i64()?))).collect())
+        .unwrap_or_default();
+    Ok(Snapshot {
+        version,
+        committed_at: meta["committed_at"]
+            .as_str()
+            .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+            .map(|t| t.to_utc()),
+        position: meta["position"].as_i64(),
+        tables,
+    })
+}
+
+/// The Afflio commit record of version `v` of the `epochs` table at `dir`:
+/// the `afflio` entry of that commit's `commitInfo`.
+fn commit_record(dir: &Path, v: i64) -> Result<Option<serde_json::Value>, StoreError> {
+    let path = dir.join("_delta_log").join(format!("{v:020}.json"));
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(StoreError::Invalid(format!(
+                "store version {v} is older than the log kept ({} was cleaned up)",
+                path.display()
+            )))
+        }
+        Err(source) => return Err(StoreError::Io { path, source }),
+    };
+    for line in text.lines() {
+        let Ok(action) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        if let Some(meta) = action.get("commitInfo").and_then(|c| c.get("afflio")) {
+            return Ok(Some(meta.clone()));
+        }
+    }
+    Ok(None)
+}
+
+/// Opens `table` of the store at `root` at `version`.
+pub(crate) async fn open_table_at(root: &Path, table: &str, version: i64) -> Result<DeltaTable, StoreError> {
+    let dir = root.join(table);
+    let mut t = DeltaTable::try_from_url(url_of(&dir)?).await.map_err(delta(table))?;
+    if version >= 0 && t.version() != Some(version as u64) {
+        t.load_version(version as u64).await.map_err(delta(table))?;
+    }
+    Ok(t)
 }

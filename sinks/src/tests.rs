@@ -1,11 +1,13 @@
 use std::sync::Arc;
 
 use afflio_engine::rules::Rules;
-use afflio_engine::{Arrival, Body, Capture, Engine, Event};
+use afflio_engine::{Arrival, Body, Capture, Engine, Event, Refund};
 use chrono::{DateTime, Utc};
 use datafusion::arrow::datatypes::{DataType, TimeUnit};
 
-use crate::{query, schema, OutputFormat, ParquetStore, StreamStore, Table};
+use crate::{
+    query, query_at, schema, state_changes_of, At, Maintenance, Mode, OutputFormat, Position, Store, Table, Write,
+};
 
 struct Origin;
 impl std::fmt::Display for Origin {
@@ -14,21 +16,27 @@ impl std::fmt::Display for Origin {
     }
 }
 
-fn engine_with_one_order() -> Engine {
+fn ts(s: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+}
+
+fn engine() -> Engine {
     let rules = Rules::parse(
         "t.toml",
         "[[programs]]\nid='p'\ncurrency='JPY'\nrate='7%'\n[[partners]]\nid='k'\nprogram_id='p'\n[[codes]]\ncode='K'\npartner_id='k'\n",
     )
     .unwrap();
-    let mut e = Engine::new(Arc::new(rules));
-    let ts = DateTime::parse_from_rfc3339("2026-11-10T10:00:00Z").unwrap().with_timezone(&Utc);
+    Engine::new(Arc::new(rules))
+}
+
+fn capture(e: &mut Engine, id: &str, order: &str, at: &str, amount: &str) {
     let ev = Event {
-        event_id: "c1".into(),
-        ts,
+        event_id: id.to_string().into(),
+        ts: ts(at),
         program_id: "p".into(),
         body: Body::Capture(Capture {
-            order_id: "o1".into(),
-            amount: "1999".parse().unwrap(),
+            order_id: order.to_string().into(),
+            amount: amount.parse().unwrap(),
             currency: "JPY".into(),
             visitor_id: None,
             codes: vec!["k".into()],
@@ -37,16 +45,42 @@ fn engine_with_one_order() -> Engine {
             items: None,
         }),
     };
-    e.apply(&ev, "{}", Arrival { ts, origin: &Origin });
-    e
+    e.apply(&ev, "{}", Arrival { ts: ts(at), origin: &Origin });
 }
 
-/// The names of the files in `dir`, sorted.
-fn file_names(dir: &std::path::Path) -> Vec<String> {
-    let mut v: Vec<String> =
-        std::fs::read_dir(dir).unwrap().map(|f| f.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    v.sort();
-    v
+fn refund(e: &mut Engine, id: &str, order: &str, at: &str, amount: &str) {
+    let ev = Event {
+        event_id: id.to_string().into(),
+        ts: ts(at),
+        program_id: "p".into(),
+        body: Body::Refund(Refund {
+            order_id: order.to_string().into(),
+            amount: amount.parse().unwrap(),
+            currency: "JPY".into(),
+            items: None,
+            chargeback: false,
+        }),
+    };
+    e.apply(&ev, "{}", Arrival { ts: ts(at), origin: &Origin });
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+fn csv(dir: &std::path::Path, sql: &str) -> String {
+    rt().block_on(query(dir, sql, OutputFormat::Csv)).unwrap()
+}
+
+/// Writes what the engine produced since the last write, with its state changes.
+async fn write(store: &mut Store, e: &mut Engine, mode: Mode, position: Option<i64>) -> crate::Committed {
+    let out = e.take_output();
+    let changes = e.take_state_changes(ts("2026-12-31T00:00:00Z"));
+    let position = position.map(|seq| Position { app: "afflio:test".into(), seq });
+    store
+        .write(Write { output: &out, changes: Some(&changes), mode, position: position.as_ref(), writer: "test" })
+        .await
+        .unwrap()
 }
 
 #[test]
@@ -69,121 +103,178 @@ fn money_and_time_columns_have_the_contract_types() {
                 );
             }
         }
+        for k in t.key() {
+            assert!(s.field_with_name(k).is_ok(), "{}: key column {k}", t.name());
+        }
     }
 }
 
 #[test]
-fn an_unfinished_store_leaves_no_files_and_a_finished_one_replaces_the_last() {
+fn the_store_reads_back_with_its_types_and_upserts_state_rows_by_key() {
     let dir = tempfile::tempdir().unwrap();
-    let e = engine_with_one_order();
-    {
-        let mut s = ParquetStore::create(dir.path(), "run1").unwrap();
-        s.append(&e.pending_output().clone()).unwrap();
-        // Dropped without finish: a crash mid-run.
-    }
-    for t in Table::ALL {
-        assert_eq!(std::fs::read_dir(dir.path().join(t.name())).unwrap().count(), 0, "{}", t.name());
-    }
-    let mut s = ParquetStore::create(dir.path(), "run2").unwrap();
-    s.append(&e.pending_output().clone()).unwrap();
-    let counts = s.finish(&e, Utc::now()).unwrap();
-    assert_eq!(counts["ledger"], 1);
-    assert_eq!(counts["orders"], 1);
-    let s = ParquetStore::create(dir.path(), "run3").unwrap();
-    s.finish(&e, Utc::now()).unwrap();
-    let files: Vec<_> = std::fs::read_dir(dir.path().join("ledger")).unwrap().map(|f| f.unwrap().file_name()).collect();
-    assert_eq!(files, [std::ffi::OsString::from("part-run3.parquet")]);
-}
-
-#[test]
-fn queries_render_as_table_csv_and_json() {
-    let dir = tempfile::tempdir().unwrap();
-    let e = engine_with_one_order();
-    let mut s = ParquetStore::create(dir.path(), "r").unwrap();
-    s.append(&e.pending_output().clone()).unwrap();
-    s.finish(&e, Utc::now()).unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-    let q = |sql: &str, f| rt.block_on(query(dir.path(), sql, f)).unwrap();
-    // JPY 1999 x 7% = 139.93 -> 140.
-    assert_eq!(q("SELECT entry_id, amount FROM ledger", OutputFormat::Csv), "entry_id,amount\nc1:0,140.0000\n");
-    assert_eq!(q("SELECT entry_id FROM ledger", OutputFormat::Json), "[{\"entry_id\":\"c1:0\"}]\n");
-    assert_eq!(q("SELECT entry_id FROM ledger WHERE false", OutputFormat::Json), "[]\n");
-    assert_eq!(q("SELECT entry_id FROM ledger WHERE false", OutputFormat::Csv), "entry_id\n");
-    assert!(q("SELECT order_id FROM orders", OutputFormat::Table).contains("| o1       |"));
-    // CSV has no lists: nested columns are written as text.
+    let rt = rt();
+    let mut e = engine();
+    capture(&mut e, "c1", "o1", "2026-11-10T10:00:00Z", "1999");
+    capture(&mut e, "c2", "o2", "2026-11-10T11:30:00Z", "500");
+    rt.block_on(async {
+        let mut s = Store::open(dir.path()).await.unwrap();
+        let c = write(&mut s, &mut e, Mode::Upsert, None).await;
+        assert_eq!(c.rows.get("ledger"), Some(&2));
+        // A refund changes o1 only: one row of orders and lines is rewritten.
+        refund(&mut e, "r1", "o1", "2026-11-11T10:00:00Z", "999");
+        let c = write(&mut s, &mut e, Mode::Upsert, None).await;
+        assert_eq!(c.rows.get("orders"), Some(&1));
+    });
     assert_eq!(
-        q("SELECT order_id, codes, code_issues FROM orders", OutputFormat::Csv),
-        "order_id,codes,code_issues\no1,[K],[]\n"
+        csv(dir.path(), "SELECT order_id, captured, refunded, order_hour FROM orders ORDER BY order_id"),
+        "order_id,captured,refunded,order_hour\no1,1999.0000,999.0000,2026-11-10T10\no2,500.0000,0.0000,2026-11-10T11\n"
     );
-    assert!(q("SELECT * FROM orders", OutputFormat::Csv).starts_with("program_id,order_id,"));
-    let err = rt.block_on(query(&dir.path().join("missing"), "SELECT 1", OutputFormat::Csv)).unwrap_err();
-    assert!(err.to_string().contains("no Afflio data"), "{err}");
+    assert_eq!(
+        csv(dir.path(), "SELECT order_id, net_amount, status FROM lines ORDER BY order_id"),
+        "order_id,net_amount,status\no1,70.0000,pending\no2,35.0000,pending\n"
+    );
+    // The ledger's sum per line equals the line's net.
+    assert_eq!(
+        csv(
+            dir.path(),
+            "SELECT count(*) AS off FROM lines l JOIN (SELECT order_id, sum(amount) AS s FROM ledger GROUP BY order_id) g \
+             ON l.order_id = g.order_id WHERE l.net_amount <> g.s"
+        ),
+        "off\n0\n"
+    );
+    let types = csv(dir.path(), "SELECT arrow_typeof(amount) AS a, arrow_typeof(ts) AS t FROM ledger LIMIT 1");
+    assert_eq!(types, "a,t\n\"Decimal128(18, 4)\",\"Timestamp(µs, \"\"UTC\"\")\"\n");
 }
 
 #[test]
-fn stream_files_after_the_committed_position_are_removed_on_recovery() {
+fn a_write_at_a_position_a_table_already_holds_is_skipped_for_that_table() {
     let dir = tempfile::tempdir().unwrap();
-    let mut e = engine_with_one_order();
+    let rt = rt();
+    let mut e = engine();
+    capture(&mut e, "c1", "o1", "2026-11-10T10:00:00Z", "1000");
     let out = e.take_output();
-    let s = StreamStore::open(dir.path()).unwrap();
-    s.append(1, 10, &out).unwrap();
-    s.snapshot(&e, Utc::now(), 10).unwrap();
-    s.append(11, 20, &out).unwrap();
-    s.snapshot(&e, Utc::now(), 20).unwrap();
-    std::fs::write(dir.path().join("ledger/.part-x.parquet.tmp"), b"partial").unwrap();
-    let names = |t: &str| file_names(&dir.path().join(t));
-    assert_eq!(names("ledger").len(), 3);
-    assert_eq!(names("orders"), ["snap-00000000000000000020.parquet"]);
-    // The checkpoint says 10: the second flush never happened.
-    // ledger part 11-20, the temporary file, the orders, lines and balances snapshots.
-    assert_eq!(s.recover(10).unwrap(), 5);
-    assert_eq!(names("ledger"), ["part-00000000000000000001-00000000000000000010.parquet"]);
-    assert!(names("orders").is_empty(), "a snapshot newer than the checkpoint is removed");
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-    let csv = rt.block_on(query(dir.path(), "SELECT count(*) AS n FROM ledger", OutputFormat::Csv)).unwrap();
-    assert_eq!(csv, "n\n1\n");
+    let changes = e.take_state_changes(ts("2026-11-20T00:00:00Z"));
+    rt.block_on(async {
+        let mut s = Store::open(dir.path()).await.unwrap();
+        let p = Position { app: "afflio:test".into(), seq: 7 };
+        let w = Write { output: &out, changes: Some(&changes), mode: Mode::Upsert, position: Some(&p), writer: "test" };
+        let first = s.write(w).await.unwrap();
+        assert!(first.skipped.is_empty());
+        // The same rows again (a crash after the commit, before the checkpoint).
+        let again = s.write(w).await.unwrap();
+        assert!(again.rows.is_empty(), "{again:?}");
+        assert!(again.skipped.contains(&"ledger") && again.skipped.contains(&"orders"), "{again:?}");
+        let positions = s.positions("afflio:test").await.unwrap();
+        assert_eq!(positions.get("ledger"), Some(&7));
+        assert_eq!(positions.get("epochs"), Some(&7));
+        // A reopened store knows the positions too.
+        let reopened = Store::open(dir.path()).await.unwrap();
+        assert_eq!(reopened.positions("afflio:test").await.unwrap().get("orders"), Some(&7));
+    });
+    assert_eq!(csv(dir.path(), "SELECT count(*) AS n FROM ledger"), "n\n1\n");
+    assert_eq!(csv(dir.path(), "SELECT count(*) AS n FROM orders"), "n\n1\n");
 }
 
 #[test]
-fn compaction_merges_small_files_without_counting_a_row_twice() {
+fn every_store_version_stays_readable_and_consistent() {
     let dir = tempfile::tempdir().unwrap();
-    let mut e = engine_with_one_order();
-    let out = e.take_output();
-    let s = StreamStore::open(dir.path()).unwrap();
-    for i in 0..5u64 {
-        s.append(i * 10 + 1, i * 10 + 10, &out).unwrap();
-    }
-    let count = || {
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        rt.block_on(query(dir.path(), "SELECT count(*) AS n FROM ledger", OutputFormat::Csv)).unwrap()
-    };
-    assert_eq!(count(), "n\n5\n");
-    assert_eq!(s.compact(40, 3).unwrap(), 4, "only what a checkpoint holds is merged");
+    let rt = rt();
+    let mut e = engine();
+    let v1 = rt.block_on(async {
+        let mut s = Store::open(dir.path()).await.unwrap();
+        capture(&mut e, "c1", "o1", "2026-11-10T10:00:00Z", "1000");
+        let v1 = write(&mut s, &mut e, Mode::Upsert, Some(1)).await.version;
+        capture(&mut e, "c2", "o2", "2026-11-10T10:05:00Z", "2000");
+        refund(&mut e, "r1", "o1", "2026-11-10T10:06:00Z", "1000");
+        write(&mut s, &mut e, Mode::Upsert, Some(2)).await;
+        v1
+    });
+    let q = "SELECT (SELECT count(*) FROM ledger) AS entries, (SELECT sum(net_amount) FROM lines) AS net";
     assert_eq!(
-        file_names(&dir.path().join("ledger")),
-        [
-            "part-00000000000000000001-00000000000000000040.parquet",
-            "part-00000000000000000041-00000000000000000050.parquet"
-        ]
+        rt.block_on(query_at(dir.path(), q, OutputFormat::Csv, At::Version(v1))).unwrap(),
+        "entries,net\n1,70.0000\n"
     );
-    assert_eq!(count(), "n\n5\n");
-    // A crash after the merged file was written but before the small ones
-    // were removed: recovery finishes the job.
-    for i in 5..9u64 {
-        s.append(i * 10 + 1, i * 10 + 10, &out).unwrap();
-    }
-    let merged = dir.path().join("ledger/.part-00000000000000000051-00000000000000000070.parquet.compacted");
-    std::fs::copy(dir.path().join("ledger/part-00000000000000000051-00000000000000000060.parquet"), &merged).unwrap();
-    // (A stand-in holding one of the two merged files' rows is enough to see the files swap.)
-    s.recover(90).unwrap();
+    assert_eq!(csv(dir.path(), q), "entries,net\n3,140.0000\n");
+    let e = rt.block_on(query_at(dir.path(), "SELECT 1", OutputFormat::Csv, At::Version(99))).unwrap_err();
+    assert!(e.to_string().contains("store version 99 does not exist"), "{e}");
     assert_eq!(
-        file_names(&dir.path().join("ledger")),
-        [
-            "part-00000000000000000001-00000000000000000040.parquet",
-            "part-00000000000000000041-00000000000000000050.parquet",
-            "part-00000000000000000051-00000000000000000070.parquet",
-            "part-00000000000000000071-00000000000000000080.parquet",
-            "part-00000000000000000081-00000000000000000090.parquet",
-        ]
+        csv(dir.path(), "SELECT position, writer FROM epochs ORDER BY position"),
+        "position,writer\n1,test\n2,test\n"
     );
+}
+
+#[test]
+fn replace_empties_tables_without_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let mut e = engine();
+    capture(&mut e, "c1", "o1", "2026-11-10T10:00:00Z", "1000");
+    rt.block_on(async {
+        let mut s = Store::open(dir.path()).await.unwrap();
+        write(&mut s, &mut e, Mode::Replace, None).await;
+        let mut fresh = engine();
+        let out = fresh.take_output();
+        s.write(Write { output: &out, changes: None, mode: Mode::Replace, position: None, writer: "test" })
+            .await
+            .unwrap();
+    });
+    assert_eq!(csv(dir.path(), "SELECT count(*) AS n FROM ledger"), "n\n0\n");
+    assert_eq!(csv(dir.path(), "SELECT count(*) AS n FROM orders"), "n\n0\n");
+}
+
+#[test]
+fn optimize_and_vacuum_keep_every_row_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let mut e = engine();
+    rt.block_on(async {
+        let mut s = Store::open(dir.path()).await.unwrap();
+        for i in 0..6 {
+            capture(&mut e, &format!("c{i}"), &format!("o{i}"), "2026-11-10T10:00:00Z", "100");
+            write(&mut s, &mut e, Mode::Upsert, Some(i)).await;
+        }
+        assert_eq!(s.files("ledger"), 6);
+        let m = Maintenance { min_files: 4, vacuum_retention: chrono::Duration::zero(), ..Maintenance::default() };
+        let r = s.optimize("ledger", &m, false).await.unwrap();
+        assert_eq!((r.files_removed, r.files_added), (6, 1), "{r}");
+        assert_eq!(s.files("ledger"), 1);
+        s.record_maintenance().await.unwrap();
+        let v = s.vacuum("ledger", &m).await.unwrap();
+        assert_eq!(v.files_vacuumed, 6, "{v}");
+    });
+    assert_eq!(csv(dir.path(), "SELECT count(*) AS n, count(DISTINCT entry_id) AS d FROM ledger"), "n,d\n6,6\n");
+}
+
+#[test]
+fn sql_is_read_only_and_escapes_control_characters_in_tables() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let mut e = engine();
+    capture(&mut e, "c\u{1b}[31m1", "o1", "2026-11-10T10:00:00Z", "100");
+    rt.block_on(async {
+        let mut s = Store::open(dir.path()).await.unwrap();
+        write(&mut s, &mut e, Mode::Upsert, None).await;
+    });
+    for bad in [
+        "COPY (SELECT 1) TO '/tmp/afflio-should-not-exist.csv'",
+        "INSERT INTO ledger SELECT * FROM ledger",
+        "CREATE TABLE x AS SELECT 1",
+        "DROP TABLE ledger",
+        "SET datafusion.execution.batch_size = 1",
+    ] {
+        let e = rt.block_on(query(dir.path(), bad, OutputFormat::Csv)).unwrap_err();
+        assert!(matches!(e, crate::SqlError::NotAQuery(_)), "{bad}: {e}");
+    }
+    assert!(!std::path::Path::new("/tmp/afflio-should-not-exist.csv").exists());
+    let table = rt.block_on(query(dir.path(), "SELECT event_id FROM ledger", OutputFormat::Table)).unwrap();
+    assert!(table.contains("c\\u{1b}[31m1") && !table.contains('\u{1b}'), "{table}");
+}
+
+#[test]
+fn state_rows_of_a_replay_hold_every_open_order_and_balance() {
+    let mut e = engine();
+    capture(&mut e, "c1", "o1", "2026-11-10T10:00:00Z", "100");
+    let c = state_changes_of(&e, ts("2026-11-10T11:00:00Z"));
+    assert_eq!(c.orders.len(), 1);
+    assert_eq!(c.balances.len(), 1);
 }

@@ -39,8 +39,11 @@ pub struct LiveResult {
     pub events: u64,
     pub sustained: f64,
     pub http_ms: Quantiles,
-    /// Capture to ledger, microseconds (p50, p99, p99.9 from the service).
-    pub ledger_us: (f64, f64, f64),
+    /// Broker storage to the event applied by the engine, microseconds
+    /// (p50, p99, p99.9 from the service).
+    pub decision_us: (f64, f64, f64),
+    /// Broker storage to the event's rows in a committed store version.
+    pub freshness_us: (f64, f64, f64),
     pub rejected_http: u64,
 }
 
@@ -200,16 +203,17 @@ fn run_rate(opts: &LiveOptions, rate: u64, events: &[String], rules: &Path, dir:
         // The last flush's latency is recorded after it completes.
         tokio::time::sleep(Duration::from_millis(800)).await;
         text = client.get(format!("{base}/metrics")).send().await?.text().await.unwrap_or(text);
-        let q = |p: &str| {
-            metric(&text, &format!("afflio_capture_to_ledger_seconds{{quantile=\"{p}\"}}")).unwrap_or(0.0) * 1e6
-        };
+        let q = |name: &str, p: &str| metric(&text, &format!("{name}{{quantile=\"{p}\"}}")).unwrap_or(0.0) * 1e6;
+        let d = "afflio_decision_latency_seconds";
+        let f = "afflio_freshness_seconds";
         let h = http.lock().map_err(|_| anyhow::anyhow!("internal error: histogram lock"))?;
         Ok(LiveResult {
             offered: rate,
             events: n as u64,
             sustained: n as f64 / elapsed,
             http_ms: Quantiles::of(&h),
-            ledger_us: (q("0.5"), q("0.99"), q("0.999")),
+            decision_us: (q(d, "0.5"), q(d, "0.99"), q(d, "0.999")),
+            freshness_us: (q(f, "0.5"), q(f, "0.99"), q(f, "0.999")),
             rejected_http: refused.load(std::sync::atomic::Ordering::Relaxed),
         })
     })
@@ -235,26 +239,34 @@ pub fn run(opts: &LiveOptions) -> anyhow::Result<String> {
     let mut r = String::new();
     let _ = writeln!(
         r,
-        "== live: HTTP (NDJSON, {} events per request, <= {} in flight) -> JetStream -> engine -> Parquet; serve {}",
+        "== live: HTTP (NDJSON, {} events per request, <= {} in flight) -> JetStream -> engine -> Delta; serve {}",
         opts.batch,
         opts.clients,
         opts.serve_args.join(" ")
     );
     let _ = writeln!(
         r,
-        "  {:>9} {:>9} {:>11} {:>20} {:>32} {:>7}",
-        "offered/s", "events", "sustained/s", "HTTP p50/p99 ms", "capture->ledger p50/p99/p99.9 ms", "refused"
+        "  {:>9} {:>9} {:>11} {:>7} {:>16} {:>26} {:>26}",
+        "offered/s",
+        "events",
+        "sustained/s",
+        "refused",
+        "HTTP p50/p99 ms",
+        "decision p50/p99/p99.9 ms",
+        "freshness p50/p99/p99.9 ms"
     );
     for x in &results {
+        let ms = |t: (f64, f64, f64)| format!("{:.1}/{:.1}/{:.1}", t.0 / 1e3, t.1 / 1e3, t.2 / 1e3);
         let _ = writeln!(
             r,
-            "  {:>9} {:>9} {:>11.0} {:>20} {:>32} {:>7}",
+            "  {:>9} {:>9} {:>11.0} {:>7} {:>16} {:>26} {:>26}",
             x.offered,
             x.events,
             x.sustained,
+            x.rejected_http,
             format!("{}/{}", x.http_ms.p50, x.http_ms.p99),
-            format!("{:.1}/{:.1}/{:.1}", x.ledger_us.0 / 1e3, x.ledger_us.1 / 1e3, x.ledger_us.2 / 1e3),
-            x.rejected_http
+            ms(x.decision_us),
+            ms(x.freshness_us),
         );
     }
     let max = results
@@ -281,9 +293,9 @@ mod tests {
 
     #[test]
     fn metrics_are_read_by_name() {
-        let text = "# HELP x\nafflio_engine_stream_seq 42\nafflio_capture_to_ledger_seconds{quantile=\"0.99\"} 0.015\n";
+        let text = "# HELP x\nafflio_engine_stream_seq 42\nafflio_freshness_seconds{quantile=\"0.99\"} 0.015\n";
         assert_eq!(metric(text, "afflio_engine_stream_seq"), Some(42.0));
-        assert_eq!(metric(text, "afflio_capture_to_ledger_seconds{quantile=\"0.99\"}"), Some(0.015));
+        assert_eq!(metric(text, "afflio_freshness_seconds{quantile=\"0.99\"}"), Some(0.015));
         assert_eq!(metric(text, "afflio_missing"), None);
     }
 }

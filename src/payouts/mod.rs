@@ -19,7 +19,6 @@ use std::time::Duration;
 use afflio_engine::rules::{Payout, PayoutProvider, Rules};
 use afflio_engine::{round_money, Arrival, Engine, Outcome, PayoutItem, PayoutStatus};
 use afflio_ingest::decode_event;
-use afflio_sinks::ParquetStore;
 use anyhow::{bail, Context};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -117,10 +116,7 @@ fn apply(
 }
 
 fn save(data: &Path, engine: &mut Engine, now: DateTime<Utc>, tag: &str) -> anyhow::Result<()> {
-    let out = engine.take_output();
-    let tag = format!("{tag}-{}", Utc::now().format("%Y%m%dT%H%M%S%6fZ"));
-    ParquetStore::amend(data, &tag, &out, engine, now)?;
-    crate::review::save_state(data, engine, now)
+    crate::review::amend(data, engine, now, tag)
 }
 
 /// A planned item, for printing.
@@ -347,7 +343,7 @@ pub async fn send(rules: Rules, data: &Path, program_id: &str, batch_id: Option<
             record(&mut engine, now, item, PayoutStatus::Planned, answer, &mut report)?;
         }
     }
-    save(data, &mut engine, now, "send")?;
+    crate::review::amend_async(data, &mut engine, now, "send").await?;
     Ok(report)
 }
 
@@ -371,7 +367,7 @@ pub async fn sync(rules: Rules, data: &Path, program_id: &str) -> anyhow::Result
         };
         record(&mut engine, now, item, state.state.status, answer, &mut report)?;
     }
-    save(data, &mut engine, now, "sync")?;
+    crate::review::amend_async(data, &mut engine, now, "sync").await?;
     Ok(report)
 }
 

@@ -232,8 +232,14 @@ impl Engine {
     }
 }
 
-#[cfg(test)]
 impl Engine {
+    /// A fingerprint of the whole state, the same for equal states whatever
+    /// their history (maps are read in key order): to check a restore
+    /// against the engine that wrote it. Costs a pass over the state.
+    pub fn state_fingerprint(&self) -> u128 {
+        xxhash_rust::xxh3::xxh3_128(self.canonical().as_bytes())
+    }
+
     /// Every part of the state in a canonical order, for equality checks.
     pub(crate) fn canonical(&self) -> String {
         fn sorted<K: Ord + std::fmt::Debug + Copy, V: std::fmt::Debug>(

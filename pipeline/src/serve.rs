@@ -1,0 +1,191 @@
+//! `afflio serve`: HTTP ingest -> NATS JetStream -> engine -> store, in one
+//! process.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use afflio_engine::rules::Rules;
+use afflio_ingest::http::{router, Ingest, SharedRules};
+use afflio_ingest::metrics::Metrics;
+use afflio_ingest::nats::{self, JetStreamPublisher};
+use afflio_sinks::{Maintenance, Store};
+use tokio::sync::{mpsc, watch};
+
+use crate::committer::{Committer, Upkeep};
+use crate::consumer::{self, Consumer, Cutting};
+use crate::error::PipelineError;
+use crate::state::{FileBackend, StateBackend};
+
+/// What `serve` needs.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    pub config: PathBuf,
+    pub nats: String,
+    pub http: SocketAddr,
+    pub data: PathBuf,
+    pub state: PathBuf,
+    /// Cut an epoch (commit to the store, checkpoint) this often...
+    pub epoch_interval: Duration,
+    /// ...or when it holds this many events.
+    pub max_epoch_events: usize,
+    pub max_body: usize,
+    /// Store maintenance: how often a step runs, how often VACUUM runs, and how.
+    pub maintenance_every: Duration,
+    pub vacuum_every: Duration,
+    pub maintenance: Maintenance,
+}
+
+/// Runs until SIGTERM or SIGINT: then drains HTTP, commits the last epoch,
+/// checkpoints and returns.
+pub async fn run(opts: ServeOptions, rules: Rules) -> Result<(), PipelineError> {
+    std::fs::create_dir_all(&opts.state).map_err(|source| PipelineError::Io {
+        what: "create the state directory",
+        path: opts.state.clone(),
+        source,
+    })?;
+    let metrics = Arc::new(Metrics::default());
+    metrics.rules_version.store(rules.version(), Ordering::Relaxed);
+    let shared: SharedRules = Arc::new(RwLock::new(Arc::new(rules)));
+    let (client, js) = nats::connect(&opts.nats, Duration::from_secs(120)).await?;
+    let publisher = Arc::new(JetStreamPublisher::new(client.clone(), js.clone()));
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let pipeline = tokio::spawn(pipeline(js.clone(), shared.clone(), metrics.clone(), opts.clone(), stop_rx.clone()));
+    let reloader = tokio::spawn(reload_rules(opts.config.clone(), shared.clone(), metrics.clone(), stop_rx));
+
+    let app = router(Ingest { rules: shared, publisher, metrics }, opts.max_body);
+    let listener = tokio::net::TcpListener::bind(opts.http).await.map_err(|source| PipelineError::Io {
+        what: "listen on",
+        path: opts.http.to_string().into(),
+        source,
+    })?;
+    let local = listener.local_addr().map_err(|source| PipelineError::Io {
+        what: "listen on",
+        path: opts.http.to_string().into(),
+        source,
+    })?;
+    eprintln!("afflio: listening on http://{local} (NATS {}, data {})", opts.nats, opts.data.display());
+    let mut pipeline_done = pipeline;
+    let served = tokio::select! {
+        r = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()) => r,
+        r = &mut pipeline_done => {
+            // The pipeline stopped on its own: an error worth exiting for.
+            return r.map_err(|e| PipelineError::Internal(format!("pipeline task: {e}")))?;
+        }
+    };
+    let _ = stop_tx.send(true);
+    pipeline_done.await.map_err(|e| PipelineError::Internal(format!("pipeline task: {e}")))??;
+    reloader.abort();
+    client.flush().await.ok();
+    served.map_err(|source| PipelineError::Io { what: "serve HTTP on", path: local.to_string().into(), source })?;
+    eprintln!("afflio: stopped cleanly");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    eprintln!("afflio: shutting down: draining requests, committing, checkpointing");
+}
+
+/// Restores the engine, opens the store, and runs the consumer and the
+/// committer until `stop`.
+async fn pipeline(
+    js: async_nats::jetstream::Context,
+    shared: SharedRules,
+    metrics: Arc<Metrics>,
+    opts: ServeOptions,
+    stop: watch::Receiver<bool>,
+) -> Result<(), PipelineError> {
+    let rules = shared.read().map(|r| r.clone()).map_err(|_| PipelineError::Internal("rules lock poisoned".into()))?;
+    let mut state = FileBackend::open(&opts.state)?;
+    let restored = tokio::task::block_in_place(|| state.restore(rules))?;
+    metrics.recovery_ms.store(restored.took.as_millis() as u64, Ordering::Relaxed);
+    metrics.state_image_bytes.store(restored.image_bytes, Ordering::Relaxed);
+    metrics.state_delta_bytes.store(restored.delta_bytes, Ordering::Relaxed);
+    metrics.state_deltas.store(restored.deltas as u64, Ordering::Relaxed);
+    let position = restored.position;
+    let store = Store::open(&opts.data).await?;
+    let app = crate::app_id();
+    let held = store.positions(&app).await?;
+    let cut_points = held.values().filter(|v| **v > position as i64).map(|v| *v as u64).collect();
+    eprintln!(
+        "afflio: engine restored at stream position {position} in {:?} (image {} bytes, {} deltas, {} bytes); store at {:?}",
+        restored.took, restored.image_bytes, restored.deltas, restored.delta_bytes, held
+    );
+    metrics.engine_seq.store(position, Ordering::Relaxed);
+    metrics.committed_seq.store(position, Ordering::Relaxed);
+    metrics.engine_events.store(restored.engine.events_read(), Ordering::Relaxed);
+    let messages = consumer::messages(&js, position + 1).await?;
+    let consumer = Consumer::new(restored.engine, metrics.clone(), position, cut_points);
+    let (tx, rx) = mpsc::channel(1);
+    let committer = Committer {
+        store,
+        state: Box::new(state) as Box<dyn StateBackend>,
+        metrics,
+        rules: shared.clone(),
+        app,
+        upkeep: Upkeep {
+            every: opts.maintenance_every,
+            vacuum_every: opts.vacuum_every,
+            maintenance: opts.maintenance.clone(),
+        },
+    };
+    let committing = tokio::spawn(committer.run(rx));
+    let cutting = Cutting { interval: opts.epoch_interval, max_events: opts.max_epoch_events };
+    let consumed = consumer::run(consumer, messages, shared, cutting, tx, stop).await;
+    let committed = committing.await.map_err(|e| PipelineError::Internal(format!("committer task: {e}")))?;
+    consumed?;
+    committed
+}
+
+/// Reloads the rules on SIGHUP or when the file changes; an invalid file
+/// keeps the rules in force and says why.
+async fn reload_rules(path: PathBuf, shared: SharedRules, metrics: Arc<Metrics>, mut stop: watch::Receiver<bool>) {
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut seen: Option<SystemTime> = modified(&path);
+    // What the rules in force were read from: an unchanged file is not reloaded.
+    let mut loaded: Option<Vec<u8>> = std::fs::read(&path).ok();
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {}
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {
+                let now = modified(&path);
+                if now == seen { continue; }
+            }
+            _ = stop.changed() => return,
+        }
+        seen = modified(&path);
+        let text = std::fs::read(&path).ok();
+        if text.is_some() && text == loaded {
+            continue;
+        }
+        let current = shared.read().map(|r| r.version()).unwrap_or(0);
+        match Rules::load(&path) {
+            Ok(new) => {
+                // Versions only go up, so ledger rows tell which rules made them.
+                let new = new.with_version(current + 1);
+                loaded = text;
+                metrics.rules_version.store(new.version(), Ordering::Relaxed);
+                if let Ok(mut w) = shared.write() {
+                    *w = Arc::new(new);
+                }
+                eprintln!("afflio: rules reloaded from {} (version {})", path.display(), current + 1);
+            }
+            Err(e) => {
+                metrics.rules_reload_failures.fetch_add(1, Ordering::Relaxed);
+                eprintln!("afflio: rules reload refused, keeping version {current}: {e}");
+            }
+        }
+    }
+}
