@@ -153,39 +153,16 @@ impl Committer {
         Ok(())
     }
 
-    /// One maintenance step: OPTIMIZE of the next table with many small
-    /// files (and VACUUM of every table when due), then a commit record so
-    /// that readers of the latest version read the merged files.
+    /// One maintenance step, one table at a time so that an epoch waits for
+    /// at most one: OPTIMIZE of the next table with many small files, or,
+    /// when VACUUM is due, VACUUM of the next table; after an OPTIMIZE a
+    /// commit record, so that readers of the latest version read the
+    /// merged files.
     async fn upkeep_step(&mut self, next: &mut usize, vacuum: bool) {
         let names: Vec<&str> = Store::table_names().collect();
         let m = self.upkeep.maintenance.clone();
-        let mut changed = false;
-        for _ in 0..names.len() {
-            let name = names[*next % names.len()];
-            *next += 1;
-            if self.store.files(name) < m.min_files {
-                continue;
-            }
-            match self.store.optimize(name, &m, false).await {
-                Ok(r) => {
-                    self.metrics.maintenance_runs.fetch_add(1, Ordering::Relaxed);
-                    eprintln!("afflio: optimize {r}");
-                    changed = true;
-                }
-                Err(e) => {
-                    self.metrics.maintenance_failures.fetch_add(1, Ordering::Relaxed);
-                    eprintln!("afflio: optimize {name} failed (will try again): {e}");
-                }
-            }
-            break;
-        }
-        if changed {
-            if let Err(e) = self.store.record_maintenance().await {
-                eprintln!("afflio: cannot record the maintenance: {e}");
-            }
-        }
         if vacuum {
-            for name in names {
+            for name in &names {
                 match self.store.vacuum(name, &m).await {
                     Ok(r) if r.files_vacuumed > 0 => {
                         self.metrics.maintenance_runs.fetch_add(1, Ordering::Relaxed);
@@ -198,6 +175,28 @@ impl Committer {
                     }
                 }
             }
+            return;
+        }
+        for _ in 0..names.len() {
+            let name = names[*next % names.len()];
+            *next += 1;
+            if self.store.mergeable_files(name) < m.min_files {
+                continue;
+            }
+            match self.store.optimize(name, &m, false).await {
+                Ok(r) => {
+                    self.metrics.maintenance_runs.fetch_add(1, Ordering::Relaxed);
+                    eprintln!("afflio: optimize {r}");
+                    if let Err(e) = self.store.record_maintenance().await {
+                        eprintln!("afflio: cannot record the maintenance: {e}");
+                    }
+                }
+                Err(e) => {
+                    self.metrics.maintenance_failures.fetch_add(1, Ordering::Relaxed);
+                    eprintln!("afflio: optimize {name} failed (will try again): {e}");
+                }
+            }
+            return;
         }
     }
 }

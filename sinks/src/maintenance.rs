@@ -18,7 +18,8 @@ use crate::store::{writer_properties, Store, StoreError, EPOCHS};
 /// When and how the store is maintained.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Maintenance {
-    /// A table with at least this many files is optimized.
+    /// A table with at least this many files to merge (beyond one per
+    /// partition) is optimized.
     pub min_files: usize,
     /// The size OPTIMIZE aims at for a file.
     pub target_file_bytes: u64,
@@ -74,11 +75,23 @@ impl Store {
 
     /// Active files of a table (`epochs` included by name).
     pub fn files(&self, table: &str) -> usize {
+        self.file_uris(table).len()
+    }
+
+    fn file_uris(&self, table: &str) -> Vec<String> {
         let t = match Table::parse(table) {
             Some(t) => self.table(t),
             None => self.epochs_table(),
         };
-        t.get_file_uris().map(|it| it.count()).unwrap_or(0)
+        t.get_file_uris().map(|it| it.collect()).unwrap_or_default()
+    }
+
+    /// Files OPTIMIZE could merge: beyond one per partition.
+    pub fn mergeable_files(&self, table: &str) -> usize {
+        let uris = self.file_uris(table);
+        let partitions: std::collections::BTreeSet<&str> =
+            uris.iter().map(|u| u.rsplit_once('/').map_or("", |(dir, _)| dir)).collect();
+        uris.len().saturating_sub(partitions.len())
     }
 
     /// The names of every table of the store, `epochs` last.
@@ -97,7 +110,8 @@ impl Store {
         let started = Instant::now();
         let before = self.files(table);
         let mut report = MaintenanceReport { table: table.to_string(), files_before: before, ..Default::default() };
-        if before < 2 || (!force && before < m.min_files) {
+        let mergeable = self.mergeable_files(table);
+        if mergeable == 0 || (!force && mergeable < m.min_files) {
             return Ok(report);
         }
         let delta = match Table::parse(table) {
