@@ -22,13 +22,20 @@ pub struct DemoOptions {
 }
 
 /// One generated partner.
-struct Creator {
-    id: String,
-    program: usize,
-    links: Vec<String>,
-    code: Option<String>,
+pub struct Creator {
+    pub id: String,
+    /// Index into the demo's programs (0: acme, USD; 1: bharat, INR).
+    pub program: usize,
+    pub links: Vec<String>,
+    pub code: Option<String>,
     /// Relative traffic share (a few big creators, many small).
-    weight: f64,
+    pub weight: f64,
+}
+
+/// The demo's rules (TOML) and its creators, from `seed`.
+pub fn rules_and_creators(seed: u64, creators_per_program: usize) -> (String, Vec<Creator>) {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    build_rules(&mut rng, creators_per_program.max(1))
 }
 
 struct ProgramSpec {

@@ -199,6 +199,16 @@ enum BenchCommand {
         #[arg(long)]
         input: Option<PathBuf>,
     },
+    /// The engine's checkpoint (image and a delta of a fixed change) and the
+    /// recovery from disk, at 1M, 4M and 16M tracked sessions (or one size).
+    Checkpoint {
+        /// One size only.
+        #[arg(long)]
+        sessions: Option<u64>,
+        /// Measure in this process (the command runs each size in a child).
+        #[arg(long, hide = true)]
+        here: bool,
+    },
     /// Memory per tracked visitor session: RSS growth over N one-click visitors.
     Sessions {
         #[arg(long, default_value_t = 4_000_000)]
@@ -241,6 +251,9 @@ enum BenchCommand {
         /// Extra arguments for `afflio serve` (e.g. "--epoch-ms 500").
         #[arg(long, allow_hyphen_values = true, default_value = "")]
         serve_args: String,
+        /// Seconds per reported window of a long run.
+        #[arg(long, default_value_t = 60)]
+        window: u64,
     },
 }
 
@@ -805,6 +818,19 @@ fn bench_command(command: BenchCommand) -> anyhow::Result<ExitCode> {
             );
             println!("{}", bench::replay_line(&r));
         }
+        BenchCommand::Checkpoint { sessions, here: true } => {
+            let r = bench::checkpoint::measure(sessions.unwrap_or(1_000_000))?;
+            println!("{}", bench::checkpoint::line(&r));
+        }
+        BenchCommand::Checkpoint { sessions, here: false } => {
+            let sizes = sessions.map_or(vec![1_000_000, 4_000_000, 16_000_000], |s| vec![s]);
+            let mut results = Vec::new();
+            for n in sizes {
+                eprintln!("checkpoint at {n} sessions");
+                results.push(bench::checkpoint::in_child(n)?);
+            }
+            print!("{}", bench::checkpoint::report(&results));
+        }
         BenchCommand::Sessions { sessions } => {
             let r = bench::measure_sessions(sessions)?;
             println!(
@@ -856,7 +882,7 @@ fn bench_command(command: BenchCommand) -> anyhow::Result<ExitCode> {
         BenchCommand::Baseline { events, seed, pg, batch } => {
             print!("{}", bench::pg::side_by_side(seed, events, &pg, batch)?);
         }
-        BenchCommand::Live { rates, seconds, batch, clients, seed, serve_args } => {
+        BenchCommand::Live { rates, seconds, batch, clients, seed, serve_args, window } => {
             let opts = bench::live::LiveOptions {
                 rates,
                 seconds,
@@ -864,6 +890,7 @@ fn bench_command(command: BenchCommand) -> anyhow::Result<ExitCode> {
                 clients,
                 seed,
                 serve_args: serve_args.split_whitespace().map(String::from).collect(),
+                window,
             };
             print!("{}", bench::live::run(&opts)?);
         }

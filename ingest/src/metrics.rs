@@ -109,6 +109,15 @@ fn record(h: &Mutex<Histogram<u64>>, us: u64) {
     }
 }
 
+/// Histogram bucket bounds, microseconds: 0.25 ms to 60 s, about 20% apart
+/// where the targets lie (1 ms to 100 ms).
+pub const BUCKETS_US: [u64; 44] = [
+    250, 500, 750, 1_000, 1_250, 1_500, 2_000, 2_500, 3_000, 4_000, 5_000, 6_000, 7_000, 8_000, 10_000, 12_000, 14_000,
+    16_000, 18_000, 20_000, 25_000, 30_000, 35_000, 40_000, 50_000, 60_000, 80_000, 100_000, 150_000, 200_000, 300_000,
+    400_000, 500_000, 750_000, 1_000_000, 1_250_000, 1_500_000, 2_000_000, 3_000_000, 5_000_000, 10_000_000,
+    20_000_000, 30_000_000, 60_000_000,
+];
+
 fn quantiles(h: &Mutex<Histogram<u64>>) -> (u64, u64, u64, u64, u64) {
     let h = h.lock().expect("metrics lock");
     (h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.value_at_quantile(0.999), h.max(), h.len())

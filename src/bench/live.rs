@@ -1,11 +1,16 @@
 //! The live pipeline under load: a local nats-server (JetStream, file
 //! storage), `afflio serve` as a child process, and a load generator posting
-//! the demo's traffic as NDJSON batches at a fixed offered rate. Each rate
-//! runs against a fresh broker and service, so its latency figures are its
-//! own: sustained events/s (posted until applied by the engine), the HTTP
-//! ingest latency (request until the broker acknowledged every event) seen
-//! by the generator, and the service's capture-to-ledger latency (broker
-//! storage until the ledger row is durable in Parquet).
+//! a streaming load ([`super::load`]) as NDJSON batches at a fixed offered
+//! rate, for as long as asked (a 10-minute run is `--seconds 600`). Each
+//! rate runs against a fresh broker and service, so its figures are its own.
+//!
+//! Every 5 seconds the service's metrics are read; per window (a minute by
+//! default) the report gives the events the engine applied per second, the
+//! decision latency (broker storage to the event applied by the engine) and
+//! the freshness (broker storage to the event's rows in a committed store
+//! version) quantiles of that window alone (from the difference of two
+//! histogram readings), the tracked sessions, open orders and remembered
+//! ids, the checkpoint's size and duration, and the service's resident memory.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -15,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+use super::load::{LoadGen, KEY};
 use super::Quantiles;
 
 /// What to run.
@@ -30,6 +36,25 @@ pub struct LiveOptions {
     pub seed: u64,
     /// Extra arguments for `afflio serve`.
     pub serve_args: Vec<String>,
+    /// Seconds per reported window.
+    pub window: u64,
+}
+
+/// One window of a run.
+#[derive(Clone, Debug, Default)]
+pub struct Window {
+    pub end_secs: f64,
+    pub applied_per_sec: f64,
+    /// Microseconds: p50, p99, p99.9.
+    pub decision_us: (f64, f64, f64),
+    pub freshness_us: (f64, f64, f64),
+    pub sessions: u64,
+    pub orders: u64,
+    pub dedupe_ids: u64,
+    pub state_mb: f64,
+    pub checkpoint_kb: f64,
+    pub checkpoint_ms: u64,
+    pub rss_mb: f64,
 }
 
 /// One rate's result.
@@ -39,12 +64,11 @@ pub struct LiveResult {
     pub events: u64,
     pub sustained: f64,
     pub http_ms: Quantiles,
-    /// Broker storage to the event applied by the engine, microseconds
-    /// (p50, p99, p99.9 from the service).
+    /// Over the whole run, microseconds (p50, p99, p99.9 from the service).
     pub decision_us: (f64, f64, f64),
-    /// Broker storage to the event's rows in a committed store version.
     pub freshness_us: (f64, f64, f64),
     pub rejected_http: u64,
+    pub windows: Vec<Window>,
 }
 
 struct Killed(Child);
@@ -79,25 +103,94 @@ fn wait_port(port: u16) -> anyhow::Result<()> {
     anyhow::bail!("nothing listens on 127.0.0.1:{port} after 5s")
 }
 
-/// The demo's traffic for one program (`acme`), with an API key for it.
-fn input(dir: &Path, seed: u64, events: u64) -> anyhow::Result<(PathBuf, Vec<String>)> {
-    let (rules, all) = super::generate_input(&dir.join("gen"), seed, events * 2 + 1000)?;
-    let text = std::fs::read_to_string(&all)?;
-    let lines: Vec<String> =
-        text.lines().filter(|l| l.contains(r#""program_id":"acme""#)).take(events as usize).map(String::from).collect();
-    let mut r = std::fs::read_to_string(&rules)?;
-    r.push_str("\n[[api_keys]]\nprogram_id = \"acme\"\nkey = \"bench-live-key-0123456789\"\n");
-    let path = dir.join("rules.toml");
-    std::fs::write(&path, r)?;
-    Ok((path, lines))
-}
-
-fn metric(text: &str, name: &str) -> Option<f64> {
+pub(crate) fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
 }
 
+/// The cumulative bucket counts of a histogram metric, by upper bound (seconds).
+fn buckets(text: &str, name: &str) -> Vec<(f64, f64)> {
+    let prefix = format!("{name}_bucket{{le=\"");
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(&prefix)?;
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// Quantile `q` of the values recorded between two readings of a histogram
+/// (linear within the bucket it falls in), microseconds.
+fn window_quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> f64 {
+    let diff: Vec<(f64, f64)> =
+        after.iter().map(|(le, c)| (*le, c - before.iter().find(|(b, _)| b == le).map_or(0.0, |(_, n)| *n))).collect();
+    let total = diff.last().map_or(0.0, |(_, c)| *c);
+    if total <= 0.0 {
+        return 0.0;
+    }
+    let want = q * total;
+    let mut prev = (0.0, 0.0);
+    for &(le, cum) in &diff {
+        if cum >= want {
+            if le.is_infinite() {
+                return prev.0 * 1e6;
+            }
+            let share = if cum > prev.1 { (want - prev.1) / (cum - prev.1) } else { 1.0 };
+            return (prev.0 + (le - prev.0) * share) * 1e6;
+        }
+        prev = (le, cum);
+    }
+    prev.0 * 1e6
+}
+
+/// Resident memory of a process, MB.
+fn rss_mb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// A reading of the service's metrics.
+struct Reading {
+    at: Instant,
+    text: String,
+    rss_mb: f64,
+}
+
+fn window(prev: &Reading, now: &Reading, started: Instant) -> Window {
+    let m = |name: &str| metric(&now.text, name).unwrap_or(0.0);
+    let applied = m("afflio_engine_events_total") - metric(&prev.text, "afflio_engine_events_total").unwrap_or(0.0);
+    let d = "afflio_decision_latency_window_seconds";
+    let f = "afflio_freshness_window_seconds";
+    let (db, da) = (buckets(&prev.text, d), buckets(&now.text, d));
+    let (fb, fa) = (buckets(&prev.text, f), buckets(&now.text, f));
+    let q3 = |b: &[(f64, f64)], a: &[(f64, f64)]| {
+        (window_quantile(b, a, 0.5), window_quantile(b, a, 0.99), window_quantile(b, a, 0.999))
+    };
+    Window {
+        end_secs: (now.at - started).as_secs_f64(),
+        applied_per_sec: applied / (now.at - prev.at).as_secs_f64().max(1e-9),
+        decision_us: q3(&db, &da),
+        freshness_us: q3(&fb, &fa),
+        sessions: m("afflio_tracked_visitors") as u64,
+        orders: m("afflio_tracked_orders") as u64,
+        dedupe_ids: m("afflio_tracked_dedupe_ids") as u64,
+        state_mb: m("afflio_state_memory_bytes") / 1048576.0,
+        checkpoint_kb: m("afflio_checkpoint_bytes") / 1024.0,
+        checkpoint_ms: m("afflio_checkpoint_duration_ms") as u64,
+        rss_mb: now.rss_mb,
+    }
+}
+
 /// Runs one offered rate against a fresh broker and service.
-fn run_rate(opts: &LiveOptions, rate: u64, events: &[String], rules: &Path, dir: &Path) -> anyhow::Result<LiveResult> {
+fn run_rate(opts: &LiveOptions, rate: u64, dir: &Path) -> anyhow::Result<LiveResult> {
+    let (gen, rules) = LoadGen::new(opts.seed);
+    let rules_path = dir.join("rules.toml");
+    std::fs::write(&rules_path, rules)?;
     let nats_port = free_port()?;
     let http_port = free_port()?;
     let _nats = Killed(
@@ -112,11 +205,11 @@ fn run_rate(opts: &LiveOptions, rate: u64, events: &[String], rules: &Path, dir:
     wait_port(nats_port)?;
     let exe = std::env::current_exe()?;
     let log = std::fs::File::create(dir.join("serve.log"))?;
-    let _serve = Killed(
+    let serve = Killed(
         Command::new(exe)
             .arg("serve")
             .arg("--config")
-            .arg(rules)
+            .arg(&rules_path)
             .args(["--nats", &format!("nats://127.0.0.1:{nats_port}"), "--http", &format!("127.0.0.1:{http_port}")])
             .arg("--data")
             .arg(dir.join("data"))
@@ -128,12 +221,36 @@ fn run_rate(opts: &LiveOptions, rate: u64, events: &[String], rules: &Path, dir:
             .spawn()
             .context("cannot start afflio serve")?,
     );
+    let pid = serve.0.id();
     let base = format!("http://127.0.0.1:{http_port}");
+    let n = rate * opts.seconds;
+    let requests = n.div_ceil(opts.batch as u64);
+    // Bodies are generated on a thread of their own, a few ahead of the sender.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<bytes::Bytes>(64);
+    let batch = opts.batch;
+    let generator = std::thread::spawn(move || {
+        let mut gen = gen;
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(batch as u64);
+            let now = chrono::Utc::now();
+            let mut body = String::with_capacity(k as usize * 260);
+            for _ in 0..k {
+                body.push_str(&gen.next_event(now));
+                body.push('\n');
+            }
+            left -= k;
+            if tx.send(bytes::Bytes::from(body)).is_err() {
+                return;
+            }
+        }
+    });
+    let rx = Arc::new(std::sync::Mutex::new(rx));
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
-    rt.block_on(async {
+    let result = rt.block_on(async {
         let client = reqwest::Client::builder().pool_max_idle_per_host(opts.clients).build()?;
         let ready = async {
-            for _ in 0..200 {
+            for _ in 0..600 {
                 if client.get(format!("{base}/readyz")).send().await.is_ok_and(|r| r.status().is_success()) {
                     return true;
                 }
@@ -142,15 +259,14 @@ fn run_rate(opts: &LiveOptions, rate: u64, events: &[String], rules: &Path, dir:
             false
         };
         anyhow::ensure!(ready.await, "afflio serve not ready: see {}", dir.join("serve.log").display());
-        let n = ((rate * opts.seconds) as usize).min(events.len());
-        let bodies: Vec<bytes::Bytes> = events[..n]
-            .chunks(opts.batch)
-            .map(|c| {
-                let mut b = c.join("\n");
-                b.push('\n');
-                bytes::Bytes::from(b)
-            })
-            .collect();
+        let metrics_url = format!("{base}/metrics");
+        let read = |client: reqwest::Client| {
+            let url = metrics_url.clone();
+            async move {
+                let text = client.get(url).send().await?.text().await?;
+                anyhow::Ok(Reading { at: Instant::now(), text, rss_mb: rss_mb(pid) })
+            }
+        };
         let http = Arc::new(std::sync::Mutex::new(
             hdrhistogram::Histogram::<u64>::new_with_bounds(1, 600_000, 3).map_err(|e| anyhow::anyhow!("{e}"))?,
         ));
@@ -158,11 +274,27 @@ fn run_rate(opts: &LiveOptions, rate: u64, events: &[String], rules: &Path, dir:
         let slots = Arc::new(tokio::sync::Semaphore::new(opts.clients));
         let interval = Duration::from_secs_f64(opts.batch as f64 / rate as f64);
         let started = Instant::now();
-        let mut tasks = Vec::with_capacity(bodies.len());
-        for (i, body) in bodies.into_iter().enumerate() {
+        let mut readings = vec![read(client.clone()).await?];
+        let mut windows = Vec::new();
+        let mut last_window = readings[0].at;
+        let window_every = Duration::from_secs(opts.window.max(1));
+        let mut next_reading = started + Duration::from_secs(5);
+        let mut tasks = Vec::new();
+        for i in 0..requests {
             // Open loop: request i leaves at i * interval (or as soon as a slot frees).
             let due = started + interval * i as u32;
             tokio::time::sleep_until(due.into()).await;
+            if Instant::now() >= next_reading {
+                let r = read(client.clone()).await?;
+                if r.at - last_window >= window_every {
+                    let prev = readings.iter().rev().find(|p| p.at <= last_window).unwrap_or(&readings[0]);
+                    windows.push(window(prev, &r, started));
+                    last_window = r.at;
+                }
+                readings.push(r);
+                next_reading += Duration::from_secs(5);
+            }
+            let Some(body) = rx.lock().ok().and_then(|r| r.recv().ok()) else { break };
             let permit = slots.clone().acquire_owned().await?;
             let (client, url, http, refused) =
                 (client.clone(), format!("{base}/v1/events"), http.clone(), refused.clone());
@@ -170,7 +302,7 @@ fn run_rate(opts: &LiveOptions, rate: u64, events: &[String], rules: &Path, dir:
                 let t0 = Instant::now();
                 let ok = client
                     .post(url)
-                    .bearer_auth("bench-live-key-0123456789")
+                    .bearer_auth(KEY)
                     .header("content-type", "application/x-ndjson")
                     .body(body)
                     .send()
@@ -182,60 +314,74 @@ fn run_rate(opts: &LiveOptions, rate: u64, events: &[String], rules: &Path, dir:
                 let _ = http.lock().map(|mut h| h.saturating_record(t0.elapsed().as_millis().max(1) as u64));
                 drop(permit);
             }));
+            tasks.retain(|t| !t.is_finished());
         }
         for t in tasks {
             t.await?;
         }
         // Until the engine applied everything the broker stored.
-        let deadline = Instant::now() + Duration::from_secs(300);
-        let mut text = loop {
-            let text = client.get(format!("{base}/metrics")).send().await?.text().await?;
+        let deadline = Instant::now() + Duration::from_secs(300 + opts.seconds);
+        loop {
+            let r = read(client.clone()).await?;
             // Events, not messages: an envelope carries many.
-            let stored = metric(&text, "afflio_events_accepted_total").unwrap_or(0.0);
-            let done = metric(&text, "afflio_engine_events_total").unwrap_or(0.0);
+            let stored = metric(&r.text, "afflio_events_accepted_total").unwrap_or(0.0);
+            let done = metric(&r.text, "afflio_engine_events_total").unwrap_or(0.0);
             if done >= stored && stored > 0.0 {
-                break text;
+                break;
             }
-            anyhow::ensure!(Instant::now() < deadline, "the engine did not catch up within 300s");
+            anyhow::ensure!(Instant::now() < deadline, "the engine did not catch up in time");
             tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        }
         let elapsed = started.elapsed().as_secs_f64();
-        // The last flush's latency is recorded after it completes.
-        tokio::time::sleep(Duration::from_millis(800)).await;
-        text = client.get(format!("{base}/metrics")).send().await?.text().await.unwrap_or(text);
-        let q = |name: &str, p: &str| metric(&text, &format!("{name}{{quantile=\"{p}\"}}")).unwrap_or(0.0) * 1e6;
+        // The last epoch's freshness is recorded once it is committed.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let last = read(client.clone()).await?;
+        let prev = readings.iter().rev().find(|p| p.at <= last_window).unwrap_or(&readings[0]);
+        if last.at - last_window >= Duration::from_secs(3) {
+            windows.push(window(prev, &last, started));
+        }
+        let q = |name: &str, p: &str| metric(&last.text, &format!("{name}{{quantile=\"{p}\"}}")).unwrap_or(0.0) * 1e6;
         let d = "afflio_decision_latency_seconds";
         let f = "afflio_freshness_seconds";
         let h = http.lock().map_err(|_| anyhow::anyhow!("internal error: histogram lock"))?;
         Ok(LiveResult {
             offered: rate,
-            events: n as u64,
+            events: n,
             sustained: n as f64 / elapsed,
             http_ms: Quantiles::of(&h),
             decision_us: (q(d, "0.5"), q(d, "0.99"), q(d, "0.999")),
             freshness_us: (q(f, "0.5"), q(f, "0.99"), q(f, "0.999")),
             rejected_http: refused.load(std::sync::atomic::Ordering::Relaxed),
+            windows,
         })
-    })
+    });
+    drop(rx);
+    let _ = generator.join();
+    result
 }
 
 /// Runs every rate and reports.
 pub fn run(opts: &LiveOptions) -> anyhow::Result<String> {
     let dir = super::scratch("live")?;
-    let most = opts.rates.iter().max().copied().unwrap_or(0) * opts.seconds;
-    eprintln!("generating {most} events (seed {})", opts.seed);
-    let (rules, events) = input(dir.path(), opts.seed, most)?;
     let mut results = Vec::new();
     for (i, &rate) in opts.rates.iter().enumerate() {
         eprintln!("offering {rate} events/s for {}s", opts.seconds);
         let run_dir = dir.path().join(format!("run{i}"));
         std::fs::create_dir_all(&run_dir)?;
-        let r = run_rate(opts, rate, &events, &rules, &run_dir);
+        let r = run_rate(opts, rate, &run_dir);
         if std::env::var_os("AFFLIO_BENCH_SERVE_LOG").is_some() {
             eprint!("{}", std::fs::read_to_string(run_dir.join("serve.log")).unwrap_or_default());
         }
         results.push(r?);
     }
+    Ok(report(opts, &results))
+}
+
+fn ms(t: (f64, f64, f64)) -> String {
+    format!("{:.1}/{:.1}/{:.1}", t.0 / 1e3, t.1 / 1e3, t.2 / 1e3)
+}
+
+fn report(opts: &LiveOptions, results: &[LiveResult]) -> String {
     let mut r = String::new();
     let _ = writeln!(
         r,
@@ -255,8 +401,7 @@ pub fn run(opts: &LiveOptions) -> anyhow::Result<String> {
         "decision p50/p99/p99.9 ms",
         "freshness p50/p99/p99.9 ms"
     );
-    for x in &results {
-        let ms = |t: (f64, f64, f64)| format!("{:.1}/{:.1}/{:.1}", t.0 / 1e3, t.1 / 1e3, t.2 / 1e3);
+    for x in results {
         let _ = writeln!(
             r,
             "  {:>9} {:>9} {:>11.0} {:>7} {:>16} {:>26} {:>26}",
@@ -268,6 +413,39 @@ pub fn run(opts: &LiveOptions) -> anyhow::Result<String> {
             ms(x.decision_us),
             ms(x.freshness_us),
         );
+    }
+    for x in results.iter().filter(|x| x.windows.len() > 1) {
+        let _ = writeln!(r, "-- {} events/s offered, per {}s window:", x.offered, opts.window);
+        let _ = writeln!(
+            r,
+            "  {:>6} {:>10} {:>24} {:>24} {:>10} {:>9} {:>10} {:>8} {:>12} {:>8}",
+            "end s",
+            "applied/s",
+            "decision p50/99/99.9 ms",
+            "freshness p50/99/99.9 ms",
+            "sessions",
+            "orders",
+            "ids",
+            "state MB",
+            "ckpt KB/ms",
+            "RSS MB"
+        );
+        for w in &x.windows {
+            let _ = writeln!(
+                r,
+                "  {:>6.0} {:>10.0} {:>24} {:>24} {:>10} {:>9} {:>10} {:>8.0} {:>12} {:>8.0}",
+                w.end_secs,
+                w.applied_per_sec,
+                ms(w.decision_us),
+                ms(w.freshness_us),
+                w.sessions,
+                w.orders,
+                w.dedupe_ids,
+                w.state_mb,
+                format!("{:.0}/{}", w.checkpoint_kb, w.checkpoint_ms),
+                w.rss_mb
+            );
+        }
     }
     let max = results
         .iter()
@@ -284,12 +462,12 @@ pub fn run(opts: &LiveOptions) -> anyhow::Result<String> {
     }
     let best = results.iter().map(|x| x.sustained).fold(0.0, f64::max);
     let _ = writeln!(r, "highest sustained throughput: {best:.0} events/s");
-    Ok(r)
+    r
 }
 
 #[cfg(test)]
 mod tests {
-    use super::metric;
+    use super::{buckets, metric, window_quantile};
 
     #[test]
     fn metrics_are_read_by_name() {
@@ -297,5 +475,20 @@ mod tests {
         assert_eq!(metric(text, "afflio_engine_stream_seq"), Some(42.0));
         assert_eq!(metric(text, "afflio_freshness_seconds{quantile=\"0.99\"}"), Some(0.015));
         assert_eq!(metric(text, "afflio_missing"), None);
+    }
+
+    #[test]
+    fn a_window_quantile_is_read_from_the_difference_of_two_readings() {
+        let before = "h_bucket{le=\"0.001\"} 100\nh_bucket{le=\"0.01\"} 100\nh_bucket{le=\"0.1\"} 100\nh_bucket{le=\"+Inf\"} 100\n";
+        // 100 more values: 50 under 1 ms, 49 in (1, 10] ms, 1 in (10, 100] ms.
+        let after = "h_bucket{le=\"0.001\"} 150\nh_bucket{le=\"0.01\"} 199\nh_bucket{le=\"0.1\"} 200\nh_bucket{le=\"+Inf\"} 200\n";
+        let (b, a) = (buckets(before, "h"), buckets(after, "h"));
+        assert_eq!(a.len(), 4);
+        assert!((window_quantile(&b, &a, 0.5) - 1_000.0).abs() < 1e-6, "{}", window_quantile(&b, &a, 0.5));
+        let p99 = window_quantile(&b, &a, 0.99);
+        assert!((p99 - 10_000.0).abs() < 1e-6, "{p99}");
+        let p999 = window_quantile(&b, &a, 0.999);
+        assert!(p999 > 10_000.0 && p999 <= 100_000.0, "{p999}");
+        assert_eq!(window_quantile(&a, &a, 0.5), 0.0, "an empty window");
     }
 }

@@ -6,10 +6,15 @@
 //! - `scaling`: replay and sessions at three sizes;
 //! - `baseline`: the same workload through a PostgreSQL attribution pipeline
 //!   and through Afflio, ledgers compared, ratios printed ([`pg`]);
-//! - `live`: a load generator against `afflio serve` over HTTP and JetStream
-//!   at fixed offered rates ([`live`]).
+//! - `live`: a streaming load ([`load`]) against `afflio serve` over HTTP and
+//!   JetStream at fixed offered rates, for minutes if asked, reported per
+//!   window ([`live`]);
+//! - `checkpoint`: the engine's checkpoint (delta and image) and recovery at
+//!   growing state sizes ([`checkpoint`]).
 
+pub mod checkpoint;
 pub mod live;
+pub mod load;
 pub mod pg;
 
 use std::fs::File;
@@ -149,7 +154,7 @@ pub fn replay_in_child(dir: &Path) -> anyhow::Result<ReplayResult> {
 }
 
 /// Runs `afflio <args>` and returns its stdout line starting with `prefix`.
-fn run_child(args: &[&str], prefix: &str) -> anyhow::Result<String> {
+pub(crate) fn run_child(args: &[&str], prefix: &str) -> anyhow::Result<String> {
     let exe = std::env::current_exe().context("cannot find the afflio executable")?;
     let out = std::process::Command::new(exe).args(args).output().context("cannot run the bench child")?;
     if !out.status.success() {
@@ -161,7 +166,7 @@ fn run_child(args: &[&str], prefix: &str) -> anyhow::Result<String> {
 }
 
 /// The number after `key=` in a result line.
-fn field(line: &str, key: &str) -> anyhow::Result<f64> {
+pub(crate) fn field(line: &str, key: &str) -> anyhow::Result<f64> {
     line.split_whitespace()
         .find_map(|kv| kv.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
         .and_then(|v| v.parse().ok())
@@ -189,7 +194,7 @@ fn parse_replay_line(line: &str) -> anyhow::Result<ReplayResult> {
 
 /// Rules for the sessions measurement: one link, a 30-day window, ids
 /// remembered for a minute (so the measure is the sessions' alone).
-fn sessions_rules(max_visitors: u64) -> String {
+pub(crate) fn sessions_rules(max_visitors: u64) -> String {
     format!(
         "[engine]\ndedupe_retention = \"1m\"\nmax_tracked_visitors = {max_visitors}\n\n\
          [[programs]]\nid = \"shop\"\ncurrency = \"USD\"\nrate = \"10%\"\n[programs.attribution]\nwindow = \"30d\"\n\n\
@@ -207,7 +212,7 @@ pub struct SessionsResult {
     pub clicks_per_sec: f64,
 }
 
-struct NoOrigin;
+pub(crate) struct NoOrigin;
 impl std::fmt::Display for NoOrigin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("bench")
@@ -220,6 +225,9 @@ pub fn measure_sessions(n: u64) -> anyhow::Result<SessionsResult> {
     anyhow::ensure!(n >= 1000, "--sessions must be at least 1000, not {n}");
     let rules = Arc::new(Rules::parse("bench-sessions.toml", &sessions_rules(n + 1))?);
     let mut engine = Engine::new(rules);
+    // The sessions alone: no change set (the live service clears its own at
+    // every epoch, so it holds at most an epoch's changes).
+    engine.set_tracking(false);
     let start = chrono::DateTime::parse_from_rfc3339("2026-11-01T00:00:00Z")?.timestamp_millis();
     let arrival = Arrival { ts: chrono::Utc::now(), origin: &NoOrigin };
     let mut line = String::with_capacity(256);
