@@ -486,7 +486,7 @@ fn run_engine(rules: &str, events: &[String]) -> anyhow::Result<(Vec<Flag>, usiz
     let started = Instant::now();
     for (i, text) in events.iter().enumerate() {
         let ev = decode_event(text).map_err(|e| anyhow::anyhow!("generated event {i} does not decode: {e}"))?;
-        engine.apply(&ev, text, Arrival { ts: now, origin: &"generated" });
+        engine.apply(&ev, text, Arrival { ts: now, origin: &"generated", clock: None });
         if engine.pending_output().len() >= 65_536 {
             flags.extend(engine.take_output().flags);
         }

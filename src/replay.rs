@@ -60,6 +60,8 @@ impl Tally {
 pub struct Summary {
     pub stats: Stats,
     pub as_of: Option<DateTime<Utc>>,
+    /// "Now" was each program's newest event time (no --as-of).
+    pub per_program_now: bool,
     /// Net commission per (currency, status).
     pub commission: BTreeMap<(String, LineStatus), Decimal>,
     pub flags_by_rule: BTreeMap<&'static str, u64>,
@@ -114,9 +116,10 @@ impl fmt::Display for Summary {
         for (rule, n) in &self.flags_by_rule {
             writeln!(f, "  {:<24}{:>8}", rule, n)?;
         }
-        match self.as_of {
-            Some(t) => writeln!(f, "commission by status as of {}:", t.to_rfc3339())?,
-            None => writeln!(f, "commission by status: no events applied")?,
+        match (self.as_of, self.per_program_now) {
+            (Some(_), true) => writeln!(f, "commission by status as of each program's newest event time:")?,
+            (Some(t), false) => writeln!(f, "commission by status as of {}:", t.to_rfc3339())?,
+            (None, _) => writeln!(f, "commission by status: no events applied")?,
         }
         for ((cur, status), amount) in &self.commission {
             writeln!(f, "  {:<10}{:<4}{:>16}", status.as_str(), cur, amount.to_string())?;
@@ -172,8 +175,6 @@ pub fn replay_with(
     let store = rt.block_on(Store::open(out)).with_context(|| format!("cannot open the store at {}", out.display()))?;
     let mut lines = JsonLines::new(input);
     let mut tally = Tally::default();
-    // "Now" by default: the newest event time read (applied or not).
-    let mut newest: Option<DateTime<Utc>> = None;
     let (mut lines_read, mut bytes) = (0u64, 0u64);
     // The sink (Arrow + Parquet + Delta) runs on its own thread, behind a
     // queue of at most two flushes: the engine goes on while a batch is
@@ -200,7 +201,8 @@ pub fn replay_with(
                 let timed = latency.is_some() && lines_read % every == 0;
                 let t0 = timed.then(Instant::now);
                 let origin = LineOrigin { file: input_name, line: line.number };
-                let arrival = Arrival { ts: arrival_ts, origin: &origin };
+                // With --as-of, events after it (beyond the skew) are refused as future_event.
+                let arrival = Arrival { ts: arrival_ts, origin: &origin, clock: as_of };
                 if let Some(problem) = line.problem {
                     engine.reject_undecodable(
                         line.text,
@@ -213,7 +215,6 @@ pub fn replay_with(
                 } else {
                     match decode_event(line.text) {
                         Ok(event) => {
-                            newest = newest.max(Some(event.ts));
                             engine.apply(&event, line.text, arrival);
                         }
                         Err(e) => {
@@ -255,22 +256,41 @@ pub fn replay_with(
     let (mut store, replaced) = store??;
     read?;
     progress(bytes);
-    let as_of = as_of.or(newest);
-    let at = as_of.unwrap_or(DateTime::UNIX_EPOCH);
-    // The open orders and every balance as of `at`, and the commit record.
-    let state = state_changes_of(&engine, at);
+    // "Now": --as-of, else each program's newest applied event time.
+    let store_now = crate::review::StoreNow { explicit: as_of };
+    // The open orders and every balance of each program as of its "now",
+    // and the commit record with the last.
+    let mut ids: Vec<String> = engine.rules().programs().map(|p| p.id.clone()).collect();
+    ids.sort();
     let last = Output::default();
-    let mode = if replaced { Mode::Append } else { Mode::Replace };
-    rt.block_on(store.write(Write { output: &last, changes: Some(&state), mode, position: None, writer: "replay" }))?;
-    engine.mark_state_written(at);
-    for o in engine.orders() {
-        tally.order(o, &engine.line_statuses(o, at));
+    let mut replaced = replaced;
+    for (i, p) in ids.iter().enumerate() {
+        let at = store_now.of(&engine, p);
+        let state = state_changes_of(&engine, Some(p), at);
+        let mode = if replaced { Mode::Append } else { Mode::Replace };
+        let w = Write { output: &last, changes: Some(&state), mode, position: None, writer: "replay" };
+        if i + 1 == ids.len() {
+            rt.block_on(store.write(w))?;
+        } else {
+            rt.block_on(store.write_rows_only(w))?;
+        }
+        replaced = true;
+        for o in engine.orders().filter(|o| *o.program_id == **p) {
+            tally.order(o, &engine.line_statuses(o, at));
+        }
     }
+    if ids.is_empty() {
+        let mode = if replaced { Mode::Append } else { Mode::Replace };
+        rt.block_on(store.write(Write { output: &last, changes: None, mode, position: None, writer: "replay" }))?;
+    }
+    let at = as_of.or_else(|| engine.newest_applied()).unwrap_or(DateTime::UNIX_EPOCH);
+    engine.mark_state_written(at);
     let elapsed = started.elapsed();
-    crate::review::save_state(&data_dir, &engine, at, Some(&run_id))?;
+    crate::review::save_state(&data_dir, &engine, store_now, Some(&run_id))?;
     Ok(Summary {
         stats: engine.stats(),
-        as_of,
+        as_of: as_of.or_else(|| engine.newest_applied()),
+        per_program_now: as_of.is_none(),
         commission: tally.commission,
         flags_by_rule: tally.flags_by_rule,
         lines_read,

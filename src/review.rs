@@ -21,13 +21,31 @@ fn state_dir(data: &Path) -> PathBuf {
     data.join(".state")
 }
 
+/// "Now" for a replayed store's lifecycle: the replay's `--as-of` when it
+/// was given, else each program's newest applied event time (one program's
+/// clock never decides another's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreNow {
+    pub explicit: Option<DateTime<Utc>>,
+}
+
+impl StoreNow {
+    pub fn of(&self, engine: &Engine, program_id: &str) -> DateTime<Utc> {
+        self.explicit.or_else(|| engine.watermark(program_id)).unwrap_or(DateTime::UNIX_EPOCH)
+    }
+
+    fn text(&self) -> String {
+        self.explicit.map_or_else(|| "per-program".to_string(), |t| t.to_rfc3339())
+    }
+}
+
 /// Saves the engine and the store's "now" next to the tables; a replay
 /// also names its run (the store's writes after it are identified by it).
-pub fn save_state(data: &Path, engine: &Engine, as_of: DateTime<Utc>, run_id: Option<&str>) -> anyhow::Result<()> {
+pub fn save_state(data: &Path, engine: &Engine, now: StoreNow, run_id: Option<&str>) -> anyhow::Result<()> {
     let dir = state_dir(data);
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let bytes = engine.checkpoint().context("internal error: engine checkpoint with output pending")?;
-    let mut files = vec![("engine.ckpt", bytes), ("as_of", as_of.to_rfc3339().into_bytes())];
+    let mut files = vec![("engine.ckpt", bytes), ("as_of", now.text().into_bytes())];
     if let Some(r) = run_id {
         files.push(("run_id", r.as_bytes().to_vec()));
     }
@@ -44,13 +62,25 @@ pub fn save_state(data: &Path, engine: &Engine, as_of: DateTime<Utc>, run_id: Op
 /// then saves its state. The write carries the engine's event count as its
 /// position: run again after a crash between the two, it is recognised and
 /// not written twice.
-pub fn amend(data: &Path, engine: &mut Engine, now: DateTime<Utc>, writer: &str) -> anyhow::Result<()> {
+pub fn amend(
+    data: &Path,
+    engine: &mut Engine,
+    now: DateTime<Utc>,
+    store_now: StoreNow,
+    writer: &str,
+) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    rt.block_on(amend_async(data, engine, now, writer))
+    rt.block_on(amend_async(data, engine, now, store_now, writer))
 }
 
 /// [`amend`] from async code.
-pub async fn amend_async(data: &Path, engine: &mut Engine, now: DateTime<Utc>, writer: &str) -> anyhow::Result<()> {
+pub async fn amend_async(
+    data: &Path,
+    engine: &mut Engine,
+    now: DateTime<Utc>,
+    store_now: StoreNow,
+    writer: &str,
+) -> anyhow::Result<()> {
     let out = engine.take_output();
     let changes = engine.take_state_changes(now);
     let run = fs::read_to_string(state_dir(data).join("run_id")).unwrap_or_else(|_| "store".into());
@@ -60,11 +90,11 @@ pub async fn amend_async(data: &Path, engine: &mut Engine, now: DateTime<Utc>, w
         .write(Write { output: &out, changes: Some(&changes), mode: Mode::Upsert, position: Some(&position), writer })
         .await
         .with_context(|| format!("cannot write the store at {}", data.display()))?;
-    save_state(data, engine, now, None)
+    save_state(data, engine, store_now, None)
 }
 
 /// The engine and "now" of a replayed store.
-pub fn load_state(data: &Path, rules: Rules) -> anyhow::Result<(Engine, DateTime<Utc>)> {
+pub fn load_state(data: &Path, rules: Rules) -> anyhow::Result<(Engine, StoreNow)> {
     let dir = state_dir(data);
     let ckpt = dir.join("engine.ckpt");
     let bytes = fs::read(&ckpt).with_context(|| {
@@ -79,10 +109,15 @@ pub fn load_state(data: &Path, rules: Rules) -> anyhow::Result<(Engine, DateTime
         Engine::restore(Arc::new(rules), &bytes).with_context(|| format!("cannot restore {}", ckpt.display()))?;
     let text = fs::read_to_string(dir.join("as_of"))
         .with_context(|| format!("cannot read {}", dir.join("as_of").display()))?;
-    let as_of = DateTime::parse_from_rfc3339(text.trim())
-        .with_context(|| format!("{} is not a time: {text:?}", dir.join("as_of").display()))?
-        .with_timezone(&Utc);
-    Ok((engine, as_of))
+    let explicit = match text.trim() {
+        "per-program" => None,
+        t => Some(
+            DateTime::parse_from_rfc3339(t)
+                .with_context(|| format!("{} is not a time: {text:?}", dir.join("as_of").display()))?
+                .with_timezone(&Utc),
+        ),
+    };
+    Ok((engine, StoreNow { explicit }))
 }
 
 /// `program`, or the config's only program when none is named.
@@ -126,7 +161,8 @@ pub enum ReviewResult {
 pub fn review(rules: Rules, data: &Path, req: &ReviewRequest) -> anyhow::Result<ReviewResult> {
     let program_id = program_or_only(&rules, req.program_id.clone())?;
     let (mut engine, store_now) = load_state(data, rules)?;
-    let ts = req.at.unwrap_or(store_now);
+    let program_now = store_now.of(&engine, &program_id);
+    let ts = req.at.unwrap_or(program_now);
     let mut ev = json!({
         "type": "review",
         "ts": ts.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
@@ -149,12 +185,12 @@ pub fn review(rules: Rules, data: &Path, req: &ReviewRequest) -> anyhow::Result<
     ev["event_id"] = json!(event_id);
     let text = ev.to_string();
     let event = decode_event(&text).map_err(|e| anyhow::anyhow!("invalid review: {e}"))?;
-    let arrival = Arrival { ts: Utc::now(), origin: &"afflio review" };
+    let arrival = Arrival { ts: Utc::now(), origin: &"afflio review", clock: None };
     let outcome = engine.apply(&event, &text, arrival);
     let decisions = engine.pending_output().decisions.clone();
     let rejection = engine.pending_output().rejections.first().cloned();
-    let now = store_now.max(ts);
-    amend(data, &mut engine, now, "review")?;
+    let now = program_now.max(ts);
+    amend(data, &mut engine, now, store_now, "review")?;
     Ok(match outcome {
         Outcome::Applied => ReviewResult::Applied(decisions),
         Outcome::Duplicate => ReviewResult::Duplicate,

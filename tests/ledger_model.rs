@@ -150,7 +150,7 @@ fn engine() -> Engine {
 }
 
 fn arrival() -> Arrival<'static> {
-    Arrival { ts: t0(), origin: &Origin }
+    Arrival { ts: t0(), origin: &Origin, clock: None }
 }
 
 fn to_cents(d: Decimal) -> i128 {

@@ -83,7 +83,7 @@ fn apply(e: &mut Engine, n: &mut usize, mut json: serde_json::Value) -> Outcome 
     }
     let text = json.to_string();
     let ev = decode_event(&text).unwrap();
-    e.apply(&ev, &text, Arrival { ts: t0(), origin: &"model" })
+    e.apply(&ev, &text, Arrival { ts: t0(), origin: &"model", clock: None })
 }
 
 fn approved_net(e: &Engine, partner: &str, at: DateTime<Utc>) -> Decimal {

@@ -45,14 +45,14 @@ fn apply_lines(c: &mut Criterion, name: &str, setup_lines: Vec<String>, lines: V
             || {
                 let mut e = Engine::new(rules.clone());
                 for (ev, raw) in setup.iter().zip(&setup_lines) {
-                    e.apply(ev, raw, Arrival { ts: now, origin: &Origin });
+                    e.apply(ev, raw, Arrival { ts: now, origin: &Origin, clock: None });
                 }
                 e.take_output();
                 e
             },
             |mut e| {
                 for (ev, raw) in events.iter().zip(&lines) {
-                    e.apply(ev, raw, Arrival { ts: now, origin: &Origin });
+                    e.apply(ev, raw, Arrival { ts: now, origin: &Origin, clock: None });
                 }
                 e.take_output()
             },
@@ -85,7 +85,7 @@ fn apply(c: &mut Criterion) {
             |mut e| {
                 for raw in &lines {
                     let ev = decode_event(raw).unwrap();
-                    e.apply(&ev, raw, Arrival { ts: now, origin: &Origin });
+                    e.apply(&ev, raw, Arrival { ts: now, origin: &Origin, clock: None });
                 }
                 e.take_output()
             },
@@ -121,7 +121,7 @@ fn mixed_output(n: u64) -> afflio_engine::Output {
     let now = Utc::now();
     for raw in mixed_lines(n) {
         let ev = decode_event(&raw).unwrap();
-        e.apply(&ev, &raw, Arrival { ts: now, origin: &Origin });
+        e.apply(&ev, &raw, Arrival { ts: now, origin: &Origin, clock: None });
     }
     e.take_output()
 }
@@ -162,7 +162,7 @@ fn store(c: &mut Criterion) {
                 n % 60
             );
             let ev = decode_event(&raw).unwrap();
-            e.apply(&ev, &raw, Arrival { ts: now, origin: &Origin });
+            e.apply(&ev, &raw, Arrival { ts: now, origin: &Origin, clock: None });
         }
         for r in 0..refunds {
             let o = 1 + (r * 97) % n.max(1);
@@ -170,7 +170,7 @@ fn store(c: &mut Criterion) {
                 r#"{{"type":"refund","event_id":"r{n}-{r}","ts":"2026-11-11T00:00:00Z","program_id":"acme","order_id":"o{o}","amount":"1.00","currency":"USD"}}"#
             );
             let ev = decode_event(&raw).unwrap();
-            e.apply(&ev, &raw, Arrival { ts: now, origin: &Origin });
+            e.apply(&ev, &raw, Arrival { ts: now, origin: &Origin, clock: None });
         }
         (e.take_output(), e.take_state_changes(now))
     };
@@ -204,7 +204,7 @@ fn checkpoint(c: &mut Criterion) {
     let now = Utc::now();
     for raw in mixed_lines(200_000) {
         let ev = decode_event(&raw).unwrap();
-        e.apply(&ev, &raw, Arrival { ts: now, origin: &Origin });
+        e.apply(&ev, &raw, Arrival { ts: now, origin: &Origin, clock: None });
     }
     let _ = e.take_output();
     let _ = e.checkpoint_delta().unwrap();
@@ -217,7 +217,7 @@ fn checkpoint(c: &mut Criterion) {
                 let mut twin = e.clone();
                 for raw in &more {
                     let ev = decode_event(raw).unwrap();
-                    twin.apply(&ev, raw, Arrival { ts: now, origin: &Origin });
+                    twin.apply(&ev, raw, Arrival { ts: now, origin: &Origin, clock: None });
                 }
                 let _ = twin.take_output();
                 twin

@@ -243,13 +243,19 @@ pub struct Refund<'a> {
 /// `"10.0"` vs `"10.00"` and time-zone spelling of the same instant do not
 /// matter), different otherwise. Stable across processes and versions, since
 /// it is kept in checkpoints.
+///
+/// The time of a review or a payout state change is the server's (the
+/// service stamps it on arrival): it is not part of their content, so a
+/// client's retry of the same decision is a duplicate.
 pub fn fingerprint(e: &Event<'_>) -> u128 {
     let mut h = Fp::new();
     h.str(1, &e.event_id);
     h.str(2, e.event_type().as_str());
     h.str(3, &e.program_id);
-    h.int(4, e.ts.timestamp());
-    h.int(5, i64::from(e.ts.timestamp_subsec_nanos()));
+    if !matches!(e.body, Body::Review(_) | Body::Payout(_)) {
+        h.int(4, e.ts.timestamp());
+        h.int(5, i64::from(e.ts.timestamp_subsec_nanos()));
+    }
     match &e.body {
         Body::Click(c) => {
             h.str(10, &c.link_id);

@@ -34,10 +34,12 @@ pub enum Reason {
     /// A payout item that cannot apply: more than the available balance,
     /// unknown item, a transition its status does not allow.
     InvalidPayout,
+    /// `ts` more than `max_future_skew` ahead of the arrival clock.
+    FutureEvent,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 12] = [
+    pub const ALL: [Reason; 13] = [
         Reason::Malformed,
         Reason::UnknownProgram,
         Reason::UnknownLink,
@@ -50,6 +52,7 @@ impl Reason {
         Reason::LateEvent,
         Reason::InvalidReview,
         Reason::InvalidPayout,
+        Reason::FutureEvent,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -66,6 +69,7 @@ impl Reason {
             Reason::LateEvent => "late_event",
             Reason::InvalidReview => "invalid_review",
             Reason::InvalidPayout => "invalid_payout",
+            Reason::FutureEvent => "future_event",
         }
     }
 }
@@ -93,11 +97,17 @@ pub struct Rejection {
     pub origin: String,
 }
 
-/// How the event arrived, for rejection rows.
+/// How the event arrived: for rejection rows, and the clock its `ts` is
+/// checked against.
 #[derive(Clone, Copy)]
 pub struct Arrival<'a> {
+    /// When it arrived (kept in rejection rows).
     pub ts: DateTime<Utc>,
     pub origin: &'a dyn fmt::Display,
+    /// The clock an event may not be ahead of by more than
+    /// `max_future_skew` (`future_event`): the broker's storage time in the
+    /// live service, `--as-of` in a replay; `None`: not checked.
+    pub clock: Option<DateTime<Utc>>,
 }
 
 /// What happened to one event.

@@ -86,7 +86,7 @@ fn engine() -> Engine {
 }
 
 fn apply(e: &mut Engine, ev: &Event<'_>) -> Outcome {
-    e.apply(ev, "{}", Arrival { ts: at(0), origin: &Origin })
+    e.apply(ev, "{}", Arrival { ts: at(0), origin: &Origin, clock: None })
 }
 
 #[test]
@@ -507,4 +507,40 @@ fn clicks_at_the_same_instant_go_to_the_later_applied_under_both_models() {
         let expect = if model == "last_click" { "bob" } else { "alice" };
         assert_eq!(credited.as_deref(), Some(expect), "{model}");
     }
+}
+
+#[test]
+fn a_far_future_event_is_refused_not_remembered_and_moves_no_clock() {
+    let mut e = engine();
+    let arrival_clock = at(0);
+    let with_clock = |e: &mut Engine, ev: &Event<'_>| {
+        e.apply(ev, "{}", Arrival { ts: arrival_clock, origin: &Origin, clock: Some(arrival_clock) })
+    };
+    // An attacker's click dated 9999 on another program.
+    let mut attack = click("k-attack", 0, "o1", "v", "other");
+    attack.ts = DateTime::parse_from_rfc3339("9999-12-31T00:00:00Z").unwrap().with_timezone(&Utc);
+    assert_eq!(with_clock(&mut e, &attack), Outcome::Rejected(Reason::FutureEvent));
+    assert_eq!(e.take_output().rejections[0].field.as_deref(), Some("ts"));
+    assert_eq!(e.watermark("other"), None, "the program's clock did not move");
+    // Within the skew (5 minutes by default) is fine.
+    assert_eq!(with_clock(&mut e, &click("k1", 4, "a1", "v", "acme")), Outcome::Applied);
+    assert_eq!(with_clock(&mut e, &click("k2", 6, "a1", "v", "acme")), Outcome::Rejected(Reason::FutureEvent));
+    // Not remembered: sent again once the clock has caught up, it applies.
+    let later = at(10);
+    let again =
+        e.apply(&click("k2", 6, "a1", "v", "acme"), "{}", Arrival { ts: later, origin: &Origin, clock: Some(later) });
+    assert_eq!(again, Outcome::Applied);
+}
+
+#[test]
+fn one_programs_clock_never_makes_anothers_events_late() {
+    let text = RULES.replace("max_clicks_per_visitor = 2", "dedupe_retention = \"1d\"");
+    let mut e = Engine::new(Arc::new(Rules::parse("t.toml", &text).unwrap()));
+    // Program "other" runs a year ahead (its own clock).
+    assert_eq!(apply(&mut e, &click("o-1", 60 * 24 * 365, "o1", "v", "other")), Outcome::Applied);
+    // Acme's events are judged against acme's clock only.
+    assert_eq!(apply(&mut e, &click("a-1", 0, "a1", "v", "acme")), Outcome::Applied);
+    assert_eq!(apply(&mut e, &capture("c1", 5, "o1", "10", Some("v"), &[])), Outcome::Applied);
+    // And an id used by one program is free in another.
+    assert_eq!(apply(&mut e, &click("o-1", 6, "a1", "w", "acme")), Outcome::Applied);
 }

@@ -138,14 +138,19 @@ impl Consumer {
                 Ok(texts) => {
                     for (i, text) in texts.into_iter().enumerate() {
                         let origin = MsgOrigin(seq, Some(i));
-                        apply_text(&mut self.engine, &self.metrics, text, Arrival { ts: arrival_ts, origin: &origin });
+                        apply_text(
+                            &mut self.engine,
+                            &self.metrics,
+                            text,
+                            Arrival { ts: arrival_ts, origin: &origin, clock: Some(arrival_ts) },
+                        );
                     }
                 }
                 Err(detail) => {
                     // Kept whole as a rejection: nothing is dropped silently.
                     let text = String::from_utf8_lossy(payload);
                     let origin = MsgOrigin(seq, None);
-                    let arrival = Arrival { ts: arrival_ts, origin: &origin };
+                    let arrival = Arrival { ts: arrival_ts, origin: &origin, clock: Some(arrival_ts) };
                     self.engine.reject_undecodable(
                         &text,
                         None,
@@ -160,7 +165,12 @@ impl Consumer {
         } else {
             let text = String::from_utf8_lossy(payload);
             let origin = MsgOrigin(seq, None);
-            apply_text(&mut self.engine, &self.metrics, &text, Arrival { ts: arrival_ts, origin: &origin });
+            apply_text(
+                &mut self.engine,
+                &self.metrics,
+                &text,
+                Arrival { ts: arrival_ts, origin: &origin, clock: Some(arrival_ts) },
+            );
         }
         let n = self.engine.events_read() - before;
         let decided = Utc::now().timestamp_micros();

@@ -35,7 +35,8 @@ pub(crate) struct RawApiKey {
     pub(crate) key: Option<S<String>>,
     /// The environment variable that holds the key.
     pub(crate) key_env: Option<S<String>>,
-    /// `ingest` (checkout events, the default) or `review` (review events only).
+    /// `ingest` (checkout events, the default), `review` (review events
+    /// only) or `finance` (payout events and the payouts API only).
     pub(crate) role: Option<S<String>>,
 }
 
@@ -51,6 +52,8 @@ pub(crate) struct RawEngine {
     /// How long after its last capture, refund or chargeback an order is
     /// kept in memory; later refunds of it are `unknown_order`.
     pub(crate) order_retention: Option<S<String>>,
+    /// How far ahead of the arrival clock an event's `ts` may be.
+    pub(crate) max_future_skew: Option<S<String>>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]

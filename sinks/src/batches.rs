@@ -472,11 +472,13 @@ pub(crate) fn write_rows(
         .collect()
 }
 
-/// The state tables' rows of the engine's open orders and every balance as
-/// of `as_of` (a replay's final write).
-pub fn state_changes_of(engine: &Engine, as_of: DateTime<Utc>) -> StateChanges {
-    let orders = engine.orders().map(|o| (o.clone(), engine.line_statuses(o, as_of))).collect();
-    let mut ids: Vec<&str> = engine.rules().programs().map(|p| p.id.as_str()).collect();
+/// The state tables' rows of the engine's open orders and balances as of
+/// `as_of` (a replay's final write): of one program, or of every one.
+pub fn state_changes_of(engine: &Engine, program: Option<&str>, as_of: DateTime<Utc>) -> StateChanges {
+    let of = |p: &str| program.is_none_or(|want| want == p);
+    let orders =
+        engine.orders().filter(|o| of(&o.program_id)).map(|o| (o.clone(), engine.line_statuses(o, as_of))).collect();
+    let mut ids: Vec<&str> = engine.rules().programs().map(|p| p.id.as_str()).filter(|p| of(p)).collect();
     ids.sort_unstable();
     let balances = ids.into_iter().flat_map(|p| engine.balances(p, as_of)).collect();
     StateChanges { as_of, orders, balances }

@@ -45,7 +45,7 @@ fn capture(e: &mut Engine, id: &str, order: &str, at: &str, amount: &str) {
             items: None,
         }),
     };
-    e.apply(&ev, "{}", Arrival { ts: ts(at), origin: &Origin });
+    e.apply(&ev, "{}", Arrival { ts: ts(at), origin: &Origin, clock: None });
 }
 
 fn refund(e: &mut Engine, id: &str, order: &str, at: &str, amount: &str) {
@@ -61,7 +61,7 @@ fn refund(e: &mut Engine, id: &str, order: &str, at: &str, amount: &str) {
             chargeback: false,
         }),
     };
-    e.apply(&ev, "{}", Arrival { ts: ts(at), origin: &Origin });
+    e.apply(&ev, "{}", Arrival { ts: ts(at), origin: &Origin, clock: None });
 }
 
 fn rt() -> tokio::runtime::Runtime {
@@ -274,7 +274,7 @@ fn sql_is_read_only_and_escapes_control_characters_in_tables() {
 fn state_rows_of_a_replay_hold_every_open_order_and_balance() {
     let mut e = engine();
     capture(&mut e, "c1", "o1", "2026-11-10T10:00:00Z", "100");
-    let c = state_changes_of(&e, ts("2026-11-10T11:00:00Z"));
+    let c = state_changes_of(&e, None, ts("2026-11-10T11:00:00Z"));
     assert_eq!(c.orders.len(), 1);
     assert_eq!(c.balances.len(), 1);
 }

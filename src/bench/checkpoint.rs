@@ -40,7 +40,7 @@ fn clicks(
     start_ms: i64,
     returning: bool,
 ) -> anyhow::Result<()> {
-    let arrival = Arrival { ts: chrono::Utc::now(), origin: &NoOrigin };
+    let arrival = Arrival { ts: chrono::Utc::now(), origin: &NoOrigin, clock: None };
     for i in from..from + n {
         line.clear();
         let ts = chrono::DateTime::from_timestamp_millis(start_ms + i as i64 * 100).context("time")?;

@@ -141,7 +141,7 @@ mod tests {
             let text = g.next_event(now);
             let ev = afflio_ingest::decode_event(&text).unwrap();
             assert!(ids.insert(ev.event_id.to_string()), "unique ids");
-            let o = engine.apply(&ev, &text, afflio_engine::Arrival { ts: now, origin: &"gen" });
+            let o = engine.apply(&ev, &text, afflio_engine::Arrival { ts: now, origin: &"gen", clock: None });
             assert!(matches!(o, afflio_engine::Outcome::Applied), "{text}: {o:?}");
         }
         let s = engine.stats();

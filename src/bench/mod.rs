@@ -229,7 +229,7 @@ pub fn measure_sessions(n: u64) -> anyhow::Result<SessionsResult> {
     // every epoch, so it holds at most an epoch's changes).
     engine.set_tracking(false);
     let start = chrono::DateTime::parse_from_rfc3339("2026-11-01T00:00:00Z")?.timestamp_millis();
-    let arrival = Arrival { ts: chrono::Utc::now(), origin: &NoOrigin };
+    let arrival = Arrival { ts: chrono::Utc::now(), origin: &NoOrigin, clock: None };
     let mut line = String::with_capacity(256);
     let tenth = n / 10;
     let mut rss_tenth = 0;

@@ -542,7 +542,7 @@ mod tests {
         }
         for line in &w.events {
             let e = decode_event(line).unwrap();
-            engine.apply(&e, line, afflio_engine::Arrival { ts: Utc::now(), origin: &O });
+            engine.apply(&e, line, afflio_engine::Arrival { ts: Utc::now(), origin: &O, clock: None });
         }
         let ours: BTreeMap<String, Decimal> =
             engine.take_output().ledger.into_iter().map(|l| (l.entry_id, l.amount.normalize())).collect();

@@ -105,7 +105,7 @@ fn apply(
     let text = ev.to_string();
     let event =
         decode_event(&text).map_err(|e| anyhow::anyhow!("internal error: payout event does not decode: {e}"))?;
-    match engine.apply(&event, &text, Arrival { ts: Utc::now(), origin: &"afflio payouts" }) {
+    match engine.apply(&event, &text, Arrival { ts: Utc::now(), origin: &"afflio payouts", clock: None }) {
         Outcome::Applied => Ok(true),
         Outcome::Duplicate => Ok(false),
         Outcome::Rejected(r) => {
@@ -115,8 +115,14 @@ fn apply(
     }
 }
 
-fn save(data: &Path, engine: &mut Engine, now: DateTime<Utc>, tag: &str) -> anyhow::Result<()> {
-    crate::review::amend(data, engine, now, tag)
+fn save(
+    data: &Path,
+    engine: &mut Engine,
+    now: DateTime<Utc>,
+    store_now: crate::review::StoreNow,
+    tag: &str,
+) -> anyhow::Result<()> {
+    crate::review::amend(data, engine, now, store_now, tag)
 }
 
 /// A planned item, for printing.
@@ -147,7 +153,8 @@ pub fn plan(rules: Rules, data: &Path, program_id: &str, at: Option<DateTime<Utc
     let partners: BTreeMap<String, Option<Payout>> =
         rules.partners().filter(|p| p.program_id == program_id).map(|p| (p.id.clone(), p.payout.clone())).collect();
     let tds_rate = rules.payouts().razorpayx.as_ref().map(|r| r.tds.fraction()).unwrap_or(Decimal::ZERO);
-    let (mut engine, now) = crate::review::load_state(data, rules)?;
+    let (mut engine, store_now) = crate::review::load_state(data, rules)?;
+    let now = store_now.of(&engine, program_id);
     let at = at.unwrap_or(now);
     let batch_id = format!("{program_id}-{}", at.format("%Y%m%dT%H%M%SZ"));
     let mut plan = Plan { batch_id: batch_id.clone(), items: Vec::new(), skipped: Vec::new() };
@@ -192,7 +199,7 @@ pub fn plan(rules: Rules, data: &Path, program_id: &str, at: Option<DateTime<Utc
             plan.items.push(PlannedItem { partner_id: item.partner_id, provider, amount: item.amount, tds });
         }
     }
-    save(data, &mut engine, now.max(at), "plan")?;
+    save(data, &mut engine, now.max(at), store_now, "plan")?;
     Ok(plan)
 }
 
@@ -320,7 +327,8 @@ fn record(
 /// providers. Safe to run again after a crash or a timeout.
 pub async fn send(rules: Rules, data: &Path, program_id: &str, batch_id: Option<&str>) -> anyhow::Result<Report> {
     let providers = Providers::from_rules(&rules)?;
-    let (mut engine, now) = crate::review::load_state(data, rules.clone())?;
+    let (mut engine, store_now) = crate::review::load_state(data, rules.clone())?;
+    let now = store_now.of(&engine, program_id);
     let items = send_items(&rules, &engine, program_id, batch_id, &[PayoutStatus::Planned])?;
     let mut report = Report::default();
     let (rx, pp): (Vec<_>, Vec<_>) =
@@ -343,14 +351,15 @@ pub async fn send(rules: Rules, data: &Path, program_id: &str, batch_id: Option<
             record(&mut engine, now, item, PayoutStatus::Planned, answer, &mut report)?;
         }
     }
-    crate::review::amend_async(data, &mut engine, now, "send").await?;
+    crate::review::amend_async(data, &mut engine, now, store_now, "send").await?;
     Ok(report)
 }
 
 /// Asks the providers where sent (and paid, for reversals) items stand.
 pub async fn sync(rules: Rules, data: &Path, program_id: &str) -> anyhow::Result<Report> {
     let providers = Providers::from_rules(&rules)?;
-    let (mut engine, now) = crate::review::load_state(data, rules.clone())?;
+    let (mut engine, store_now) = crate::review::load_state(data, rules.clone())?;
+    let now = store_now.of(&engine, program_id);
     let items = send_items(&rules, &engine, program_id, None, &[PayoutStatus::Sent, PayoutStatus::Paid])?;
     let mut report = Report::default();
     for (item, state) in &items {
@@ -367,7 +376,7 @@ pub async fn sync(rules: Rules, data: &Path, program_id: &str) -> anyhow::Result
         };
         record(&mut engine, now, item, state.state.status, answer, &mut report)?;
     }
-    crate::review::amend_async(data, &mut engine, now, "sync").await?;
+    crate::review::amend_async(data, &mut engine, now, store_now, "sync").await?;
     Ok(report)
 }
 
@@ -411,13 +420,15 @@ pub fn apply_webhook(
 }
 
 fn apply_verified_webhook(rules: Rules, data: &Path, provider: &str, body: &[u8]) -> anyhow::Result<Report> {
-    let (mut engine, now) = crate::review::load_state(data, rules.clone())?;
+    let (mut engine, store_now) = crate::review::load_state(data, rules.clone())?;
     let mut report = Report::default();
     let updates = match provider {
         "razorpayx" => razorpayx::webhook_updates(body)?,
         other => bail!("webhooks from {other:?} are not supported (razorpayx)"),
     };
+    let mut now = DateTime::UNIX_EPOCH;
     for (program_id, batch_id, partner_id, answer) in updates {
+        now = now.max(store_now.of(&engine, &program_id));
         let found = send_items(&rules, &engine, &program_id, Some(&batch_id), &ALL_STATUSES)?
             .into_iter()
             .find(|(i, _)| i.partner_id == partner_id);
@@ -426,6 +437,6 @@ fn apply_verified_webhook(rules: Rules, data: &Path, provider: &str, body: &[u8]
         };
         record(&mut engine, now, &item, state.state.status, answer, &mut report)?;
     }
-    save(data, &mut engine, now, "webhook")?;
+    save(data, &mut engine, now, store_now, "webhook")?;
     Ok(report)
 }

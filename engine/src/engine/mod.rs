@@ -247,7 +247,7 @@ impl Engine {
     /// Applies one event. `raw` is its text as received, kept if it is rejected.
     pub fn apply(&mut self, e: &Event<'_>, raw: &str, arrival: Arrival<'_>) -> Outcome {
         self.meta.stats.events += 1;
-        match self.validate_and_apply(e) {
+        match self.validate_and_apply(e, arrival.clock) {
             Ok(Outcome::Duplicate) => {
                 self.meta.stats.duplicates += 1;
                 Outcome::Duplicate
@@ -266,11 +266,28 @@ impl Engine {
         }
     }
 
-    fn validate_and_apply(&mut self, e: &Event<'_>) -> Result<Outcome, Reject> {
+    fn validate_and_apply(&mut self, e: &Event<'_>, clock: Option<DateTime<Utc>>) -> Result<Outcome, Reject> {
         let rules = Arc::clone(&self.rules);
         // The program first: nothing about another program (its links, its
         // ids) is ever looked at for an event of an unknown one.
         let program = validate::check_program(&rules, e)?;
+        // An event from the future would move its program's clock: refused,
+        // and not remembered (sent again in time, it applies).
+        if let Some(clock) = clock {
+            let skew = rules.engine().max_future_skew;
+            if e.ts > clock + skew {
+                return Err(reject(
+                    Reason::FutureEvent,
+                    "ts",
+                    format!(
+                        "ts {} is more than max_future_skew ({}) ahead of the arrival clock {}",
+                        e.ts.to_rfc3339(),
+                        afflio_rules::format_duration(skew),
+                        clock.to_rfc3339()
+                    ),
+                ));
+            }
+        }
         let prog = self.names.intern(&program.id);
         let fp = fingerprint(e);
         // Idempotency is per program: one program cannot take another's ids.

@@ -198,8 +198,24 @@ fn required<'a>(v: Option<Cow<'a, str>>, field: &str, ty: EventType) -> Result<C
     match v {
         None => Err(malformed(field, format!("missing field `{field}` (required for {ty} events)"))),
         Some(s) if s.trim().is_empty() => Err(malformed(field, format!("field `{field}` is empty"))),
-        Some(s) => bounded(s, field),
+        Some(s) => no_controls(bounded(s, field)?, field),
     }
+}
+
+/// Ids and codes carry no control character (a CR or LF could not travel in
+/// a header, an escape sequence would reach a terminal).
+fn no_controls<'a>(s: Cow<'a, str>, field: &str) -> Result<Cow<'a, str>, DecodeError> {
+    match s.char_indices().find(|(_, c)| c.is_control()) {
+        None => Ok(s),
+        Some((at, c)) => Err(malformed(
+            field,
+            format!("field `{field}` contains the control character U+{:04X} at byte {at}", c as u32),
+        )),
+    }
+}
+
+fn optional_id<'a>(v: Option<Cow<'a, str>>, field: &str) -> Result<Option<Cow<'a, str>>, DecodeError> {
+    v.map(|s| no_controls(bounded(s, field)?, field)).transpose()
 }
 
 fn bounded<'a>(s: Cow<'a, str>, field: &str) -> Result<Cow<'a, str>, DecodeError> {
@@ -276,7 +292,11 @@ fn items(v: Option<Vec<WireItem<'_>>>) -> Result<Option<Vec<Item<'_>>>, DecodeEr
                 None => return Err(malformed(&f, format!("missing field `{f}`"))),
                 Some(a) => parse_money(a.get(), &f)?,
             };
-            Ok(Item { sku: optional(it.sku, "items.sku")?, category: optional(it.category, "items.category")?, amount })
+            Ok(Item {
+                sku: optional_id(it.sku, "items.sku")?,
+                category: optional_id(it.category, "items.category")?,
+                amount,
+            })
         })
         .collect::<Result<Vec<_>, _>>()
         .map(Some)
@@ -291,6 +311,7 @@ fn convert(w: Wire<'_>) -> Result<Event<'_>, DecodeError> {
     if event_id.is_empty() || event_id.len() > LIMITS.event_id_bytes {
         return Err(malformed("event_id", format!("event_id must be 1 to 128 bytes, got {} bytes", event_id.len())));
     }
+    let event_id = no_controls(event_id, "event_id")?;
     let ts_text = w.ts.ok_or_else(|| malformed("ts", "missing field `ts`"))?;
     let ts: DateTime<Utc> = DateTime::parse_from_rfc3339(&ts_text)
         .map_err(|e| malformed("ts", format!("ts {ts_text:?} is not an RFC 3339 time with offset: {e}")))?
@@ -300,7 +321,7 @@ fn convert(w: Wire<'_>) -> Result<Event<'_>, DecodeError> {
         EventType::Click => Body::Click(Click {
             link_id: required(w.link_id, "link_id", ty)?,
             visitor_id: required(w.visitor_id, "visitor_id", ty)?,
-            ip: optional(w.ip, "ip")?,
+            ip: optional_id(w.ip, "ip")?,
             user_agent: optional(w.user_agent, "user_agent")?,
             landing_url: optional(w.landing_url, "landing_url")?,
             sub_id: optional(w.sub_id, "sub_id")?,
@@ -310,22 +331,23 @@ fn convert(w: Wire<'_>) -> Result<Event<'_>, DecodeError> {
             if codes.len() > LIMITS.codes {
                 return Err(malformed("codes", format!("{} codes, over the limit of {}", codes.len(), LIMITS.codes)));
             }
-            let codes = codes.into_iter().map(|c| bounded(c, "codes")).collect::<Result<Vec<_>, _>>()?;
+            let codes =
+                codes.into_iter().map(|c| no_controls(bounded(c, "codes")?, "codes")).collect::<Result<Vec<_>, _>>()?;
             let customer = match w.customer {
                 None => None,
                 Some(c) => Some(Customer {
-                    id: optional(c.id, "customer.id")?,
-                    email_sha256: optional(c.email_sha256, "customer.email_sha256")?,
+                    id: optional_id(c.id, "customer.id")?,
+                    email_sha256: optional_id(c.email_sha256, "customer.email_sha256")?,
                 }),
             };
             Body::Capture(Capture {
                 order_id: required(w.order_id, "order_id", ty)?,
                 amount: money(w.amount, "amount", ty)?,
                 currency: required(w.currency, "currency", ty)?,
-                visitor_id: optional(w.visitor_id, "visitor_id")?.filter(|v| !v.is_empty()),
+                visitor_id: optional_id(w.visitor_id, "visitor_id")?.filter(|v| !v.is_empty()),
                 codes,
                 customer,
-                ip: optional(w.ip, "ip")?,
+                ip: optional_id(w.ip, "ip")?,
                 items: items(w.items)?,
             })
         }
@@ -351,8 +373,8 @@ fn convert(w: Wire<'_>) -> Result<Event<'_>, DecodeError> {
                     Some(t) => parse_money(t.get(), "tds")?,
                 },
                 status,
-                provider: optional(w.provider, "provider")?,
-                provider_ref: optional(w.provider_ref, "provider_ref")?,
+                provider: optional_id(w.provider, "provider")?,
+                provider_ref: optional_id(w.provider_ref, "provider_ref")?,
                 detail: optional(w.detail, "detail")?,
             })
         }
@@ -366,8 +388,8 @@ fn convert(w: Wire<'_>) -> Result<Event<'_>, DecodeError> {
                 return Err(malformed("reason", "a reject decision needs a `reason`"));
             }
             Body::Review(ReviewEvent {
-                order_id: optional(w.order_id, "order_id")?.filter(|o| !o.is_empty()),
-                partner_id: optional(w.partner_id, "partner_id")?.filter(|p| !p.is_empty()),
+                order_id: optional_id(w.order_id, "order_id")?.filter(|o| !o.is_empty()),
+                partner_id: optional_id(w.partner_id, "partner_id")?.filter(|p| !p.is_empty()),
                 tier: w.tier,
                 decision,
                 reason,

@@ -111,3 +111,25 @@ fn strings_borrow_from_the_input() {
     let text = r#"{"type":"click","event_id":"e\u0031","ts":"2026-11-01T10:00:00Z","program_id":"p","link_id":"l","visitor_id":"v"}"#;
     assert_eq!(decode_event(text).unwrap().event_id, "e1");
 }
+
+#[test]
+fn ids_with_control_characters_are_refused_with_the_field_named() {
+    check(
+        r#"{"type":"click","event_id":"c1\r\nX-Evil: 1","ts":"2026-11-01T10:00:00Z","program_id":"acme","link_id":"l","visitor_id":"v"}"#,
+        Err((Reason::Malformed, "event_id")),
+    );
+    check(
+        r#"{"type":"click","event_id":"c1","ts":"2026-11-01T10:00:00Z","program_id":"acme","link_id":"l\u001b[31m","visitor_id":"v"}"#,
+        Err((Reason::Malformed, "link_id")),
+    );
+    check(&format!(r#"{{{CAP},"amount":"1","codes":["A\nB"]}}"#), Err((Reason::Malformed, "codes")));
+    check(&format!(r#"{{{CAP},"amount":"1","customer":{{"id":"c\u0000"}}}}"#), Err((Reason::Malformed, "customer.id")));
+    let e = decode_event(r#"{"type":"click","event_id":"c\n","ts":"2026-11-01T10:00:00Z","program_id":"acme","link_id":"l","visitor_id":"v"}"#)
+        .unwrap_err();
+    assert!(e.detail.contains("U+000A at byte 1"), "{}", e.detail);
+    // Free text may hold them (it is escaped wherever it is shown).
+    check(
+        r#"{"type":"click","event_id":"c1","ts":"2026-11-01T10:00:00Z","program_id":"acme","link_id":"l","visitor_id":"v","user_agent":"a\tb"}"#,
+        Ok(r#"user_agent: Some("a\tb")"#),
+    );
+}

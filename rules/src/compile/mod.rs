@@ -35,6 +35,9 @@ pub struct EngineSettings {
     /// Orders are closed (written out and forgotten) this long after their
     /// last capture, refund or chargeback.
     pub order_retention: TimeDelta,
+    /// An event whose `ts` is more than this ahead of the arrival clock is
+    /// refused (`future_event`).
+    pub max_future_skew: TimeDelta,
 }
 
 impl Default for EngineSettings {
@@ -45,6 +48,7 @@ impl Default for EngineSettings {
             max_clicks_per_visitor: 64,
             max_tracked_visitors: 5_000_000,
             order_retention: TimeDelta::days(400),
+            max_future_skew: TimeDelta::minutes(5),
         }
     }
 }
@@ -375,13 +379,25 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-/// What a key may send.
+/// What a key may send. Every key has exactly one role.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KeyRole {
     /// Checkout events: clicks, captures, refunds, chargebacks.
     Ingest,
     /// Reviewer decisions (`review` events) only.
     Review,
+    /// Payout state changes (`payout` events) and the payouts API only.
+    Finance,
+}
+
+impl KeyRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyRole::Ingest => "ingest",
+            KeyRole::Review => "review",
+            KeyRole::Finance => "finance",
+        }
+    }
 }
 
 /// An API key and the program it may send events for.
@@ -841,12 +857,18 @@ fn compile(file: &str, text: &str, raw: RawConfig, version: u64) -> Result<Rules
             let role = match rk.role.as_ref().map(|r| r.get_ref().as_str()) {
                 None | Some("ingest") => KeyRole::Ingest,
                 Some("review") => KeyRole::Review,
+                Some("finance") => KeyRole::Finance,
                 Some(other) => {
                     let span = rk.role.as_ref().map(|r| r.span()).unwrap_or(0..0);
-                    cx.err(span, f("role"), format!("{other:?} is not \"ingest\" or \"review\""));
+                    cx.err(span, f("role"), format!("{other:?} is not \"ingest\", \"review\" or \"finance\""));
                     KeyRole::Ingest
                 }
             };
+            // One key, one program and one role: a key given twice would be
+            // ambiguous (never quote the key itself).
+            if let Some(j) = api_keys.iter().position(|k: &ApiKey| k.key.expose() == key) {
+                cx.err(k.span(), f("key"), format!("the same key as api_keys[{j}]: every key must be different"));
+            }
             api_keys.push(ApiKey { program_id: rk.program_id.get_ref().clone(), key: Secret(key), role });
         }
     }
@@ -890,6 +912,7 @@ fn compile_engine(cx: &mut Ctx<'_>, raw: &RawConfig) -> EngineSettings {
         out_of_order: cx.duration(e.out_of_order.as_ref(), d.out_of_order, "engine.out_of_order"),
         max_clicks_per_visitor,
         max_tracked_visitors,
+        max_future_skew: cx.duration(e.max_future_skew.as_ref(), d.max_future_skew, "engine.max_future_skew"),
         order_retention: {
             let r = cx.duration(e.order_retention.as_ref(), d.order_retention, "engine.order_retention");
             if r < TimeDelta::days(1) {

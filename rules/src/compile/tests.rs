@@ -314,3 +314,33 @@ fn share_based_fraud_rules_validate_their_thresholds() {
         ],
     );
 }
+
+#[test]
+fn roles_are_one_per_key_and_a_key_is_never_given_twice() {
+    let base = "[[programs]]\nid = 'p'\ncurrency = 'USD'\nrate = '1%'\n";
+    let ok = format!(
+        "{base}[[api_keys]]\nprogram_id = 'p'\nkey = 'ingest-key-0123456789'\n\
+         [[api_keys]]\nprogram_id = 'p'\nkey = 'review-key-0123456789'\nrole = 'review'\n\
+         [[api_keys]]\nprogram_id = 'p'\nkey = 'finance-key-0123456789'\nrole = 'finance'\n"
+    );
+    let r = Rules::parse("k.toml", &ok).unwrap();
+    let roles: Vec<KeyRole> = r.api_keys().iter().map(|k| k.role).collect();
+    assert_eq!(roles, [KeyRole::Ingest, KeyRole::Review, KeyRole::Finance]);
+    let twice = format!(
+        "{base}[[api_keys]]\nprogram_id = 'p'\nkey = 'same-key-0123456789'\n\
+         [[api_keys]]\nprogram_id = 'p'\nkey = 'same-key-0123456789'\nrole = 'review'\n"
+    );
+    let e = Rules::parse("k.toml", &twice).unwrap_err().to_string();
+    assert!(e.contains("api_keys[1].key") && e.contains("the same key as api_keys[0]"), "{e}");
+    assert!(!e.contains("same-key-0123456789"), "the key is never quoted: {e}");
+    let bad_role = format!("{base}[[api_keys]]\nprogram_id = 'p'\nkey = 'x-key-0123456789ab'\nrole = 'admin'\n");
+    let e = Rules::parse("k.toml", &bad_role).unwrap_err().to_string();
+    assert!(e.contains("api_keys[0].role") && e.contains("\"admin\""), "{e}");
+}
+
+#[test]
+fn the_future_skew_is_configured() {
+    let r = Rules::parse("k.toml", "[engine]\nmax_future_skew = '2m'\n").unwrap();
+    assert_eq!(r.engine().max_future_skew, chrono::TimeDelta::minutes(2));
+    assert_eq!(Rules::parse("k.toml", "").unwrap().engine().max_future_skew, chrono::TimeDelta::minutes(5));
+}

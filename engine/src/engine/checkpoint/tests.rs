@@ -260,7 +260,7 @@ impl Gen {
 }
 
 fn apply(e: &mut Engine, ev: &Event<'_>) {
-    e.apply(ev, "{}", Arrival { ts: t0(), origin: &Origin });
+    e.apply(ev, "{}", Arrival { ts: t0(), origin: &Origin, clock: None });
 }
 
 fn run(ops: &[Op]) -> Result<(), TestCaseError> {

@@ -33,7 +33,7 @@ fn clicks(e: &mut Engine, from: u32, n: u32) {
                 ..Click::default()
             }),
         };
-        e.apply(&ev, "{}", Arrival { ts: t0, origin: &Origin });
+        e.apply(&ev, "{}", Arrival { ts: t0, origin: &Origin, clock: None });
     }
     let _ = e.take_output();
 }
