@@ -70,45 +70,8 @@ enum Command {
         command: StoreCommand,
     },
     /// The live service: HTTP ingest and tracking redirects, NATS JetStream,
-    /// the engine, streaming Parquet sinks. Stops cleanly on SIGTERM.
-    Serve {
-        /// The rules file (TOML); reloaded on SIGHUP or when it changes.
-        #[arg(long)]
-        config: PathBuf,
-        /// NATS server with JetStream.
-        #[arg(long, default_value = "nats://127.0.0.1:4222", env = "AFFLIO_NATS_URL")]
-        nats: String,
-        /// Address for the HTTP API.
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        http: std::net::SocketAddr,
-        /// The store directory (one subdirectory per table).
-        #[arg(long)]
-        data: PathBuf,
-        /// Where the engine keeps its checkpoints (default: DATA/../state).
-        #[arg(long)]
-        state: Option<PathBuf>,
-        /// Commit an epoch to the store (and checkpoint) this often, ms...
-        #[arg(long, default_value_t = 1000)]
-        epoch_ms: u64,
-        /// ...or when it holds this many events.
-        #[arg(long, default_value_t = 200_000)]
-        max_epoch_events: usize,
-        /// Largest accepted request body, bytes.
-        #[arg(long, default_value_t = 4 * 1024 * 1024)]
-        max_body: usize,
-        /// Store maintenance (OPTIMIZE of a table with many small files) this often, seconds.
-        #[arg(long, default_value_t = 60)]
-        maintenance_secs: u64,
-        /// OPTIMIZE a table once it has this many files.
-        #[arg(long, default_value_t = 64)]
-        optimize_min_files: usize,
-        /// VACUUM this often, seconds.
-        #[arg(long, default_value_t = 3600)]
-        vacuum_secs: u64,
-        /// Files older versions no longer need are deleted after this long (e.g. 7d, 1h).
-        #[arg(long, default_value = "7d", value_parser = parse_duration)]
-        vacuum_retention: chrono::TimeDelta,
-    },
+    /// the engine, the Delta Lake store. Stops cleanly on SIGTERM.
+    Serve(Box<ServeArgs>),
     /// Generates labelled traffic: normal shopping with daily seasonality and
     /// injected attacks of every fraud kind; writes rules.toml, events.jsonl
     /// and labels.csv (the attacked orders).
@@ -183,6 +146,145 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// The rules file (TOML); reloaded on SIGHUP or when it changes.
+    #[arg(long)]
+    config: PathBuf,
+    /// NATS server with JetStream (credentials: AFFLIO_NATS_INGEST_* and AFFLIO_NATS_ENGINE_*).
+    #[arg(long, default_value = "nats://127.0.0.1:4222", env = "AFFLIO_NATS_URL")]
+    nats: String,
+    /// Address for the HTTP API.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: std::net::SocketAddr,
+    /// The store directory (one Delta table per subdirectory).
+    #[arg(long)]
+    data: PathBuf,
+    /// Where the engine keeps its checkpoints (default: DATA/../state).
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// Commit an epoch to the store (and checkpoint) this often, ms...
+    #[arg(long, default_value_t = 1000)]
+    epoch_ms: u64,
+    /// ...or when it holds this many events.
+    #[arg(long, default_value_t = 200_000)]
+    max_epoch_events: usize,
+    /// Largest accepted request body, bytes.
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    max_body: usize,
+    /// A request (its body included) must be answered within this, seconds (408).
+    #[arg(long, default_value_t = 30)]
+    request_timeout_secs: u64,
+    /// A client must send its request headers within this, seconds.
+    #[arg(long, default_value_t = 10)]
+    header_timeout_secs: u64,
+    /// Connections open at once, at most.
+    #[arg(long, default_value_t = 10_000)]
+    max_connections: usize,
+    /// Requests handled at once; beyond, 503 with Retry-After.
+    #[arg(long, default_value_t = 512)]
+    max_in_flight: usize,
+    /// On SIGTERM, requests in flight may finish within this, seconds.
+    #[arg(long, default_value_t = 10)]
+    drain_secs: u64,
+    /// Requests per second per API key (429 beyond), and the burst.
+    #[arg(long, default_value_t = 2_000)]
+    key_rate: u64,
+    #[arg(long, default_value_t = 4_000)]
+    key_burst: u32,
+    /// Requests per second per client address (429 beyond), and the burst.
+    #[arg(long, default_value_t = 500)]
+    ip_rate: u64,
+    #[arg(long, default_value_t = 1_000)]
+    ip_burst: u32,
+    /// A proxy (address or CIDR) whose X-Forwarded-For is believed; repeatable.
+    #[arg(long = "trusted-proxy", value_parser = parse_net)]
+    trusted_proxies: Vec<ipnet::IpNet>,
+    /// A user-agent pattern (regular expression) of bots not counted as clicks,
+    /// on top of the maintained list; repeatable.
+    #[arg(long = "bot-pattern")]
+    bot_patterns: Vec<String>,
+    /// The same visitor on the same link within this counts once, seconds.
+    #[arg(long, default_value_t = 30)]
+    click_dedupe_secs: u64,
+    /// Set the visitor cookie's Secure attribute (served over HTTPS).
+    #[arg(long)]
+    cookie_secure: bool,
+    /// The visitor cookie's Domain (default: the host only).
+    #[arg(long)]
+    cookie_domain: Option<String>,
+    /// The stream keeps events this long (at least [engine] dedupe_retention).
+    #[arg(long, default_value = "45d", value_parser = parse_duration)]
+    stream_max_age: chrono::TimeDelta,
+    /// The stream's size bound, GiB (oldest events deleted first; the broker
+    /// must have that much storage; 0: no bound but max_age).
+    #[arg(long, default_value_t = 4)]
+    stream_max_gib: u64,
+    /// The broker drops a repeated message id within this window, seconds.
+    #[arg(long, default_value_t = 120)]
+    duplicate_window_secs: u64,
+    /// Store maintenance (OPTIMIZE of a table with many small files) this often, seconds.
+    #[arg(long, default_value_t = 60)]
+    maintenance_secs: u64,
+    /// OPTIMIZE a table once it has this many files to merge.
+    #[arg(long, default_value_t = 64)]
+    optimize_min_files: usize,
+    /// VACUUM this often, seconds.
+    #[arg(long, default_value_t = 3600)]
+    vacuum_secs: u64,
+    /// Files older versions no longer need are deleted after this long (e.g. 7d, 1h).
+    #[arg(long, default_value = "7d", value_parser = parse_duration)]
+    vacuum_retention: chrono::TimeDelta,
+}
+
+impl ServeArgs {
+    fn options(self) -> afflio_pipeline::ServeOptions {
+        use std::time::Duration;
+        let state = self.state.unwrap_or_else(|| self.data.parent().unwrap_or(Path::new(".")).join("state"));
+        afflio_pipeline::ServeOptions {
+            config: self.config,
+            nats: self.nats,
+            http: self.http,
+            data: self.data,
+            state,
+            epoch_interval: Duration::from_millis(self.epoch_ms.max(10)),
+            max_epoch_events: self.max_epoch_events.max(1),
+            http_config: afflio_ingest::http::HttpConfig {
+                max_body: self.max_body,
+                request_timeout: Duration::from_secs(self.request_timeout_secs.max(1)),
+                max_in_flight: self.max_in_flight.max(1),
+                key_rate: (self.key_rate.max(1), self.key_burst.max(1)),
+                ip_rate: (self.ip_rate.max(1), self.ip_burst.max(1)),
+                trusted_proxies: self.trusted_proxies,
+                redirect: afflio_ingest::http::RedirectConfig {
+                    bot_patterns: self.bot_patterns,
+                    dedupe_interval: Duration::from_secs(self.click_dedupe_secs),
+                    cookie_secure: self.cookie_secure,
+                    cookie_domain: self.cookie_domain,
+                    ..Default::default()
+                },
+            },
+            server: afflio_ingest::server::ServerLimits {
+                header_timeout: Duration::from_secs(self.header_timeout_secs.max(1)),
+                max_connections: self.max_connections.max(1),
+                drain: Duration::from_secs(self.drain_secs),
+            },
+            stream: afflio_ingest::nats::StreamLimits {
+                duplicate_window: Duration::from_secs(self.duplicate_window_secs.max(1)),
+                max_age: self.stream_max_age.to_std().unwrap_or(Duration::from_secs(45 * 86_400)),
+                max_bytes: if self.stream_max_gib == 0 { -1 } else { (self.stream_max_gib << 30) as i64 },
+            },
+            maintenance_every: Duration::from_secs(self.maintenance_secs.max(1)),
+            vacuum_every: Duration::from_secs(self.vacuum_secs.max(1)),
+            maintenance: afflio_sinks::Maintenance {
+                vacuum_retention: self.vacuum_retention,
+                min_files: self.optimize_min_files.max(2),
+                ..afflio_sinks::Maintenance::default()
+            },
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -406,6 +508,12 @@ enum Format {
     Table,
     Csv,
     Json,
+}
+
+fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{s:?} is not an address or a CIDR network (e.g. 10.0.0.0/8)"))
 }
 
 fn parse_duration(s: &str) -> Result<chrono::TimeDelta, String> {
@@ -638,44 +746,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             sql(&data, &query, format, at)
         }
         Command::Store { command } => store_command(command),
-        Command::Serve {
-            config,
-            nats,
-            http,
-            data,
-            state,
-            epoch_ms,
-            max_epoch_events,
-            max_body,
-            maintenance_secs,
-            optimize_min_files,
-            vacuum_secs,
-            vacuum_retention,
-        } => {
-            let rules = match load_rules(&config) {
+        Command::Serve(args) => {
+            let rules = match load_rules(&args.config) {
                 Ok(r) => r,
                 Err(code) => return Ok(code),
             };
-            let state = state.unwrap_or_else(|| data.parent().unwrap_or(Path::new(".")).join("state"));
-            let opts = afflio_pipeline::ServeOptions {
-                config,
-                nats,
-                http,
-                data,
-                state,
-                epoch_interval: std::time::Duration::from_millis(epoch_ms.max(10)),
-                max_epoch_events: max_epoch_events.max(1),
-                max_body,
-                maintenance_every: std::time::Duration::from_secs(maintenance_secs.max(1)),
-                vacuum_every: std::time::Duration::from_secs(vacuum_secs.max(1)),
-                maintenance: afflio_sinks::Maintenance {
-                    vacuum_retention,
-                    min_files: optimize_min_files.max(2),
-                    ..afflio_sinks::Maintenance::default()
-                },
-            };
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            rt.block_on(afflio_pipeline::run(opts, rules))?;
+            rt.block_on(afflio_pipeline::run(args.options(), rules))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Gen { seed, days, orders_per_day, creators, no_fraud, out } => {

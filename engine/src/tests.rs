@@ -544,3 +544,18 @@ fn one_programs_clock_never_makes_anothers_events_late() {
     // And an id used by one program is free in another.
     assert_eq!(apply(&mut e, &click("o-1", 6, "a1", "w", "acme")), Outcome::Applied);
 }
+
+#[test]
+fn captures_that_would_overflow_the_store_are_refused_before_anything_changes() {
+    let mut e = engine();
+    let big = "99999999999999.9999";
+    assert_eq!(apply(&mut e, &capture("c1", 0, "o1", big, None, &["alice"])), Outcome::Applied);
+    let before = e.order("acme", "o1").unwrap().clone();
+    for i in 2..12 {
+        let o = apply(&mut e, &capture(&format!("c{i}"), 1, "o1", big, None, &[]));
+        assert_eq!(o, Outcome::Rejected(Reason::InvalidAmount), "capture {i}");
+    }
+    assert_eq!(e.order("acme", "o1").unwrap(), &before, "the order is as it was");
+    let rej = e.take_output().rejections;
+    assert!(rej[0].detail.contains("captured total"), "{}", rej[0].detail);
+}

@@ -13,10 +13,8 @@ pub mod http;
 mod jsonl;
 pub mod metrics;
 pub mod nats;
+pub mod server;
 pub mod webhooks;
-
-#[cfg(test)]
-mod http_tests;
 
 pub use decode::{decode_event, parse_money, DecodeError, LIMITS};
 pub use jsonl::{JsonLines, Line};

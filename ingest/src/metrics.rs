@@ -15,6 +15,15 @@ pub struct Metrics {
     pub publish_failures: AtomicU64,
     pub redirects: AtomicU64,
     pub clicks_lost: AtomicU64,
+    /// Redirects not counted as clicks: known bots, a visitor again on the same link.
+    pub clicks_bots: AtomicU64,
+    pub clicks_repeated: AtomicU64,
+    /// Clicks kept with a parameter cut to its limit.
+    pub params_truncated: AtomicU64,
+    /// Requests answered 429, 503 (overloaded) and 500 (a handler panicked).
+    pub rate_limited: AtomicU64,
+    pub overloaded: AtomicU64,
+    pub http_panics: AtomicU64,
     rejected: [AtomicU64; Reason::ALL.len()],
     pub engine_applied: AtomicU64,
     pub engine_duplicates: AtomicU64,
@@ -69,6 +78,12 @@ impl Default for Metrics {
             publish_failures: AtomicU64::new(0),
             redirects: AtomicU64::new(0),
             clicks_lost: AtomicU64::new(0),
+            clicks_bots: AtomicU64::new(0),
+            clicks_repeated: AtomicU64::new(0),
+            params_truncated: AtomicU64::new(0),
+            rate_limited: AtomicU64::new(0),
+            overloaded: AtomicU64::new(0),
+            http_panics: AtomicU64::new(0),
             rejected: std::array::from_fn(|_| AtomicU64::new(0)),
             engine_applied: AtomicU64::new(0),
             engine_duplicates: AtomicU64::new(0),
@@ -179,6 +194,37 @@ impl Metrics {
         );
         c(&mut s, "afflio_redirects_total", "Tracking link redirects served.", get(&self.redirects));
         c(&mut s, "afflio_clicks_lost_total", "Redirect clicks the broker did not store.", get(&self.clicks_lost));
+        c(
+            &mut s,
+            "afflio_redirect_bots_total",
+            "Redirects of known bots (not counted as clicks).",
+            get(&self.clicks_bots),
+        );
+        c(
+            &mut s,
+            "afflio_redirect_repeats_total",
+            "Redirects of a visitor again on a link within the interval (not counted).",
+            get(&self.clicks_repeated),
+        );
+        c(
+            &mut s,
+            "afflio_redirect_params_truncated_total",
+            "Clicks kept with a parameter cut to its limit.",
+            get(&self.params_truncated),
+        );
+        c(&mut s, "afflio_http_rate_limited_total", "Requests answered 429.", get(&self.rate_limited));
+        c(
+            &mut s,
+            "afflio_http_overloaded_total",
+            "Requests shed (503) beyond the bound in flight.",
+            get(&self.overloaded),
+        );
+        c(
+            &mut s,
+            "afflio_http_panics_total",
+            "Requests whose handler panicked (answered 500).",
+            get(&self.http_panics),
+        );
         let _ = writeln!(s, "# HELP afflio_events_rejected_total Events refused at ingest, by reason.\n# TYPE afflio_events_rejected_total counter");
         for (i, r) in Reason::ALL.iter().enumerate() {
             let _ = writeln!(s, "afflio_events_rejected_total{{reason=\"{}\"}} {}", r.as_str(), get(&self.rejected[i]));

@@ -7,6 +7,12 @@ use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
 use sha2::Sha256;
 
+/// The id of a payout item's state change: in the service's own namespace
+/// (a client cannot send an event with it), the same for a redelivery.
+pub fn payout_event_id(batch: &str, partner: &str, status: &str) -> String {
+    format!("{}payout:{batch}:{partner}:{status}", crate::http::RESERVED_ID_PREFIX)
+}
+
 /// Checks `X-Razorpay-Signature`: hex HMAC-SHA256 of the raw body with the
 /// webhook secret, compared in constant time.
 pub fn verify_razorpayx_signature(body: &[u8], signature: &str, secret: &str) -> bool {
@@ -37,7 +43,7 @@ pub fn razorpayx_payout_event(body: &[u8], ts: &str) -> Result<Option<String>, S
     let detail = p["status_details"]["description"].as_str().or(p["failure_reason"].as_str());
     let mut ev = json!({
         "type": "payout",
-        "event_id": format!("payout:{batch}:{partner}:{status}"),
+        "event_id": payout_event_id(&batch, &partner, status),
         "ts": ts,
         "program_id": program,
         "batch_id": batch,

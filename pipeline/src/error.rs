@@ -26,6 +26,9 @@ pub enum PipelineError {
         #[source]
         source: std::io::Error,
     },
+    /// The configuration's.
+    #[error("configuration: {0}")]
+    Config(String),
     /// A bug in the pipeline.
     #[error("internal error: {0}")]
     Internal(String),

@@ -7,10 +7,13 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
+use std::sync::atomic::AtomicBool;
+
 use afflio_engine::rules::Rules;
-use afflio_ingest::http::{router, Ingest, SharedRules};
+use afflio_ingest::http::{router, HttpConfig, Ingest, SharedRules};
 use afflio_ingest::metrics::Metrics;
-use afflio_ingest::nats::{self, JetStreamPublisher};
+use afflio_ingest::nats::{self, JetStreamPublisher, Role, StreamLimits};
+use afflio_ingest::server::{self, ServerLimits};
 use afflio_sinks::{Maintenance, Store};
 use tokio::sync::{mpsc, watch};
 
@@ -31,32 +34,54 @@ pub struct ServeOptions {
     pub epoch_interval: Duration,
     /// ...or when it holds this many events.
     pub max_epoch_events: usize,
-    pub max_body: usize,
+    /// The HTTP ingest's limits, and the server's.
+    pub http_config: HttpConfig,
+    pub server: ServerLimits,
+    /// How the broker's stream keeps events.
+    pub stream: StreamLimits,
     /// Store maintenance: how often a step runs, how often VACUUM runs, and how.
     pub maintenance_every: Duration,
     pub vacuum_every: Duration,
     pub maintenance: Maintenance,
 }
 
-/// Runs until SIGTERM or SIGINT: then drains HTTP, commits the last epoch,
-/// checkpoints and returns.
+/// Runs until SIGTERM or SIGINT: then drains HTTP (for a bounded time),
+/// commits the last epoch, checkpoints and returns. Starts whether or not
+/// the broker is up: `/readyz` says 503 until it is (with the reason), and
+/// events are answered 503 meanwhile.
 pub async fn run(opts: ServeOptions, rules: Rules) -> Result<(), PipelineError> {
     std::fs::create_dir_all(&opts.state).map_err(|source| PipelineError::Io {
         what: "create the state directory",
         path: opts.state.clone(),
         source,
     })?;
+    let retention = rules.engine().dedupe_retention.to_std().unwrap_or_default();
+    if opts.stream.max_age < retention {
+        return Err(PipelineError::Config(format!(
+            "the stream's max_age ({:?}) is shorter than [engine] dedupe_retention ({:?}): a redelivery after it could not be recognised",
+            opts.stream.max_age, retention
+        )));
+    }
     let metrics = Arc::new(Metrics::default());
     metrics.rules_version.store(rules.version(), Ordering::Relaxed);
     let shared: SharedRules = Arc::new(RwLock::new(Arc::new(rules)));
-    let (client, js) = nats::connect(&opts.nats, Duration::from_secs(120)).await?;
-    let publisher = Arc::new(JetStreamPublisher::new(client.clone(), js.clone()));
+    let ingest_client = nats::connect(&opts.nats, Role::Ingest).await?;
+    let engine_client = nats::connect(&opts.nats, Role::Engine).await?;
+    let stream_ready = Arc::new(AtomicBool::new(false));
+    let publisher = Arc::new(JetStreamPublisher::new(ingest_client.clone(), stream_ready.clone()));
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let pipeline = tokio::spawn(pipeline(js.clone(), shared.clone(), metrics.clone(), opts.clone(), stop_rx.clone()));
+    let pipeline = tokio::spawn(pipeline(
+        engine_client.clone(),
+        stream_ready,
+        shared.clone(),
+        metrics.clone(),
+        opts.clone(),
+        stop_rx.clone(),
+    ));
     let reloader = tokio::spawn(reload_rules(opts.config.clone(), shared.clone(), metrics.clone(), stop_rx));
 
-    let app = router(Ingest { rules: shared, publisher, metrics }, opts.max_body);
+    let app = router(Ingest { rules: shared, publisher, metrics }, opts.http_config.clone());
     let listener = tokio::net::TcpListener::bind(opts.http).await.map_err(|source| PipelineError::Io {
         what: "listen on",
         path: opts.http.to_string().into(),
@@ -70,7 +95,7 @@ pub async fn run(opts: ServeOptions, rules: Rules) -> Result<(), PipelineError> 
     eprintln!("afflio: listening on http://{local} (NATS {}, data {})", opts.nats, opts.data.display());
     let mut pipeline_done = pipeline;
     let served = tokio::select! {
-        r = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()) => r,
+        r = server::serve(listener, app, opts.server, shutdown_signal()) => r,
         r = &mut pipeline_done => {
             // The pipeline stopped on its own: an error worth exiting for.
             return r.map_err(|e| PipelineError::Internal(format!("pipeline task: {e}")))?;
@@ -79,7 +104,10 @@ pub async fn run(opts: ServeOptions, rules: Rules) -> Result<(), PipelineError> 
     let _ = stop_tx.send(true);
     pipeline_done.await.map_err(|e| PipelineError::Internal(format!("pipeline task: {e}")))??;
     reloader.abort();
-    client.flush().await.ok();
+    // Whatever the broker does, this ends.
+    for c in [&ingest_client, &engine_client] {
+        let _ = tokio::time::timeout(Duration::from_secs(2), c.flush()).await;
+    }
     served.map_err(|source| PipelineError::Io { what: "serve HTTP on", path: local.to_string().into(), source })?;
     eprintln!("afflio: stopped cleanly");
     Ok(())
@@ -94,15 +122,34 @@ async fn shutdown_signal() {
     eprintln!("afflio: shutting down: draining requests, committing, checkpointing");
 }
 
-/// Restores the engine, opens the store, and runs the consumer and the
-/// committer until `stop`.
+/// Waits for the broker and its stream, restores the engine, opens the
+/// store, and runs the consumer and the committer until `stop`.
 async fn pipeline(
-    js: async_nats::jetstream::Context,
+    client: async_nats::Client,
+    stream_ready: Arc<AtomicBool>,
     shared: SharedRules,
     metrics: Arc<Metrics>,
     opts: ServeOptions,
-    stop: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
 ) -> Result<(), PipelineError> {
+    let js = async_nats::jetstream::new(client);
+    let mut said = std::time::Instant::now() - Duration::from_secs(60);
+    loop {
+        match nats::ensure_stream(&js, &opts.stream).await {
+            Ok(()) => break,
+            Err(e) => {
+                if said.elapsed() >= Duration::from_secs(10) {
+                    eprintln!("afflio: waiting for the broker at {}: {e}", opts.nats);
+                    said = std::time::Instant::now();
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.changed() => return Ok(()),
+        }
+    }
+    stream_ready.store(true, Ordering::Relaxed);
     let rules = shared.read().map(|r| r.clone()).map_err(|_| PipelineError::Internal("rules lock poisoned".into()))?;
     let mut state = FileBackend::open(&opts.state)?;
     let restored = tokio::task::block_in_place(|| state.restore(rules))?;

@@ -85,7 +85,7 @@ fn apply(
 ) -> anyhow::Result<bool> {
     let mut ev = json!({
         "type": "payout",
-        "event_id": format!("payout:{}:{}:{}", item.batch_id, item.partner_id, status.as_str()),
+        "event_id": afflio_ingest::webhooks::payout_event_id(&item.batch_id, &item.partner_id, status.as_str()),
         "ts": ts.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
         "program_id": item.program_id,
         "batch_id": item.batch_id,

@@ -41,14 +41,21 @@ pub struct Nats {
 
 impl Nats {
     pub fn start(dir: &Path) -> Nats {
-        let mut n = Nats { port: free_port(), dir: dir.to_path_buf(), child: None };
+        Nats::start_at(dir, free_port())
+    }
+
+    pub fn start_at(dir: &Path, port: u16) -> Nats {
+        let mut n = Nats { port, dir: dir.to_path_buf(), child: None };
         n.restart();
         n
     }
 
     pub fn restart(&mut self) {
+        std::fs::create_dir_all(&self.dir).unwrap();
+        let conf = self.dir.join("nats.conf");
+        std::fs::write(&conf, nats_config(self.port, &self.dir)).unwrap();
         let child = Command::new(nats_binary())
-            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd", self.dir.to_str().unwrap()])
+            .args(["-c", conf.to_str().unwrap()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -68,6 +75,43 @@ impl Nats {
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
+}
+
+/// The broker's users, as the README sets them up: only the ingest user may
+/// publish events, only the engine user may consume them.
+pub const INGEST_USER: (&str, &str) = ("afflio-ingest", "ingest-secret-0123456789");
+pub const ENGINE_USER: (&str, &str) = ("afflio-engine", "engine-secret-0123456789");
+
+/// A nats-server configuration with JetStream and those two users.
+pub fn nats_config(port: u16, dir: &Path) -> String {
+    format!(
+        r#"listen: "127.0.0.1:{port}"
+jetstream {{ store_dir: "{store}" }}
+authorization {{
+  users = [
+    {{ user: "{iu}", password: "{ip}",
+       permissions: {{ publish: {{ allow: ["afflio.events.>"] }}, subscribe: {{ allow: ["_INBOX.>"] }} }} }}
+    {{ user: "{eu}", password: "{ep}",
+       permissions: {{ publish: {{ allow: ["$JS.API.>", "$JS.ACK.AFFLIO_EVENTS.>"] }}, subscribe: {{ allow: ["_INBOX.>"] }} }} }}
+  ]
+}}
+"#,
+        store = dir.join("store").display(),
+        iu = INGEST_USER.0,
+        ip = INGEST_USER.1,
+        eu = ENGINE_USER.0,
+        ep = ENGINE_USER.1,
+    )
+}
+
+/// The service's broker credentials (environment).
+pub fn nats_env() -> Vec<(String, String)> {
+    vec![
+        ("AFFLIO_NATS_INGEST_USER".into(), INGEST_USER.0.into()),
+        ("AFFLIO_NATS_INGEST_PASSWORD".into(), INGEST_USER.1.into()),
+        ("AFFLIO_NATS_ENGINE_USER".into(), ENGINE_USER.0.into()),
+        ("AFFLIO_NATS_ENGINE_PASSWORD".into(), ENGINE_USER.1.into()),
+    ]
 }
 
 impl Drop for Nats {
@@ -103,6 +147,8 @@ impl Service {
             "100".into(),
             "--max-epoch-events".into(),
             "300".into(),
+            "--stream-max-gib".into(),
+            "1".into(),
         ];
         let mut s = Service { child: None, port, args, env: Vec::new() };
         s.restart();
@@ -113,6 +159,7 @@ impl Service {
         let log = std::env::var_os("AFFLIO_TEST_SERVE_LOG").is_some();
         let child = Command::new(env!("CARGO_BIN_EXE_afflio"))
             .args(&self.args)
+            .envs(nats_env())
             .envs(std::mem::take(&mut self.env))
             .stderr(if log { Stdio::inherit() } else { Stdio::null() })
             .spawn()
