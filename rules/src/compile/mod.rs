@@ -164,7 +164,7 @@ pub struct FraudSettings {
 
 impl Default for FraudSettings {
     fn default() -> Self {
-        // The two deterministic rules hold by default (SPEC §8); the
+        // The two deterministic rules hold by default (docs/CONTRACT.md §7); the
         // statistical ones are enabled per program once tuned.
         FraudSettings {
             self_referral: FraudAction::Hold,
