@@ -271,6 +271,7 @@ impl ServeArgs {
                 max_connections: self.max_connections.max(1),
                 drain: Duration::from_secs(self.drain_secs),
             },
+            payouts_http: afflio::payouts::http_settings(),
             stream: afflio_ingest::nats::StreamLimits {
                 duplicate_window: Duration::from_secs(self.duplicate_window_secs.max(1)),
                 max_age: self.stream_max_age.to_std().unwrap_or(Duration::from_secs(45 * 86_400)),
@@ -381,7 +382,8 @@ enum ReviewCommand {
 
 #[derive(Subcommand)]
 enum PayoutsCommand {
-    /// Builds a batch from the approved balances (nothing is sent).
+    /// Builds a batch from the approved balances and fixes each item's
+    /// identity with its provider (nothing is sent).
     Plan {
         #[command(flatten)]
         store: PayoutStore,
@@ -389,33 +391,59 @@ enum PayoutsCommand {
         #[arg(long, value_parser = parse_ts)]
         at: Option<DateTime<Utc>>,
     },
-    /// Sends a planned batch (all planned items without --batch). Safe to re-run.
+    /// Sends planned items (of one batch with --batch), each batch's request
+    /// groups separately, and resolves items whose outcome is unknown.
+    /// Safe to re-run at any time.
     Send {
         #[command(flatten)]
         store: PayoutStore,
         #[arg(long)]
         batch: Option<String>,
     },
-    /// Asks the providers where sent and paid items stand (paid, failed, reversed).
+    /// Asks the providers where items stand (unknown, sent, recently paid).
     Sync {
         #[command(flatten)]
         store: PayoutStore,
     },
-    /// Runs a local sandbox of the RazorpayX and PayPal payout APIs (no
-    /// accounts needed) until Ctrl-C, then lists the transfers it made.
+    /// Settles an item no provider can answer for, on a person's word
+    /// (what the provider's dashboard shows).
+    Resolve {
+        #[command(flatten)]
+        store: PayoutStore,
+        #[arg(long)]
+        batch: String,
+        #[arg(long)]
+        partner: String,
+        /// paid or failed.
+        #[arg(long)]
+        status: String,
+        /// Who settles it.
+        #[arg(long)]
+        by: String,
+        /// What they saw (kept with the record).
+        #[arg(long)]
+        note: String,
+    },
+    /// Runs local fakes of the RazorpayX and PayPal payout APIs (no accounts
+    /// needed; as strict as the real ones) until Ctrl-C, then lists the
+    /// payouts they made.
     Sandbox {
         #[arg(long, default_value = "127.0.0.1:9099")]
         listen: std::net::SocketAddr,
     },
-    /// Applies a provider webhook (its raw body) after verifying its signature.
+    /// Verifies a provider webhook (its raw body and headers) and applies it.
     Webhook {
         #[command(flatten)]
         store: PayoutStore,
+        /// razorpayx or paypal.
         #[arg(long, default_value = "razorpayx")]
         provider: String,
-        /// The X-Razorpay-Signature header.
+        /// The X-Razorpay-Signature header (RazorpayX).
         #[arg(long)]
-        signature: String,
+        signature: Option<String>,
+        /// A header as `Name: value` (PayPal's PAYPAL-TRANSMISSION-* and the rest); repeatable.
+        #[arg(long = "header")]
+        headers: Vec<String>,
         /// The raw request body.
         #[arg(long)]
         body: PathBuf,
@@ -632,37 +660,58 @@ fn decide(decision: Decision, a: DecisionArgs) -> anyhow::Result<ExitCode> {
 
 fn print_report(r: &afflio::payouts::Report) {
     println!(
-        "sent {}, paid {}, failed {}, reversed {}, to retry {}",
+        "requests {}, sent {}, paid {}, failed {}, reversed {}, unknown {}, needs a person {}",
+        r.requests,
         r.sent,
         r.paid,
         r.failed,
         r.reversed,
-        r.retry.len()
+        r.unknown.len(),
+        r.needs_person.len()
     );
-    for (partner, why) in &r.retry {
-        println!("  retry {partner}: {why}");
+    for (partner, why) in &r.unknown {
+        println!("  unknown {partner}: {why} (looked up on the next send or sync)");
+    }
+    for (partner, why) in &r.needs_person {
+        println!("  needs a person {partner}: {why}");
+    }
+    for (group, why) in &r.skipped {
+        println!("  skipped {group}: {why}");
+    }
+    for n in &r.notices {
+        println!("  notice: {n}");
     }
 }
 
 fn payouts_command(c: PayoutsCommand) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     if let PayoutsCommand::Sandbox { listen } = c {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         return rt.block_on(async move {
-            use afflio::payouts::sandbox;
-            let state: sandbox::Shared = std::sync::Arc::default();
-            state.lock().expect("not poisoned").auto_settle = true;
-            let addr =
-                sandbox::start(state.clone(), listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+            let sandbox = afflio::payouts::sandbox::Sandbox::default();
+            sandbox.razorpayx.lock().expect("not poisoned").auto_settle = true;
+            sandbox.paypal.lock().expect("not poisoned").auto_settle = true;
+            let addr = sandbox.start(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+            use afflio_payouts::{paypal::fake as pp, razorpayx::fake as rz};
             println!("payout sandbox on http://{addr} (RazorpayX and PayPal). In the rules file:");
-            println!("  [payouts.razorpayx] base_url = \"http://{addr}\", account_number = \"{}\"", sandbox::ACCOUNT);
-            println!("  [payouts.paypal]    base_url = \"http://{addr}\"");
+            println!("  [payouts.razorpayx] base_url = \"http://{addr}\", account_number = \"{}\"", rz::ACCOUNT);
+            println!("  [payouts.paypal]    base_url = \"http://{addr}\", webhook_id = \"{}\"", pp::WEBHOOK_ID);
             println!(
-                "and in the environment: the RazorpayX key id rzp_key, secret rzp_secret; PayPal pp_id, pp_secret."
+                "and in the environment: RazorpayX key id {}, secret {}, webhook secret {}; PayPal client id {}, secret {}.",
+                rz::KEY_ID,
+                rz::KEY_SECRET,
+                rz::WEBHOOK_SECRET,
+                pp::CLIENT_ID,
+                pp::CLIENT_SECRET
             );
             println!("Payouts complete when synced. Ctrl-C stops.");
             tokio::signal::ctrl_c().await?;
-            for (to, amount) in &state.lock().expect("not poisoned").transfers {
-                println!("transfer {amount} -> {to}");
+            for p in &sandbox.razorpayx.lock().expect("not poisoned").payouts {
+                println!("razorpayx {} {} paise -> {} ({})", p.id, p.amount_paise, p.to, p.status);
+            }
+            for b in &sandbox.paypal.lock().expect("not poisoned").batches {
+                for i in &b.items {
+                    println!("paypal {} {} {} -> {} ({})", b.id, i.value, i.currency, i.receiver, i.status);
+                }
             }
             Ok(ExitCode::SUCCESS)
         });
@@ -671,6 +720,7 @@ fn payouts_command(c: PayoutsCommand) -> anyhow::Result<ExitCode> {
         PayoutsCommand::Plan { store, .. }
         | PayoutsCommand::Send { store, .. }
         | PayoutsCommand::Sync { store }
+        | PayoutsCommand::Resolve { store, .. }
         | PayoutsCommand::Webhook { store, .. } => store,
         PayoutsCommand::Sandbox { .. } => unreachable!("handled above"),
     };
@@ -680,19 +730,19 @@ fn payouts_command(c: PayoutsCommand) -> anyhow::Result<ExitCode> {
     };
     let program = afflio::review::program_or_only(&rules, store.program.clone())?;
     let data = store.data.clone();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     match c {
         PayoutsCommand::Plan { at, .. } => {
-            let plan = afflio::payouts::plan(rules, &data, &program, at)?;
+            let plan = rt.block_on(afflio::payouts::plan(rules, &data, &program, at))?;
             println!("batch {}: {} item(s)", plan.batch_id, plan.items.len());
             for i in &plan.items {
                 println!(
-                    "  {:<24} {:<10} {:>14}  tds {:>10}  transfer {:>14}",
+                    "  {:<24} {:<10} {:>14}  tds {:>10}  transfer {:>14}  group {}",
                     i.partner_id,
                     i.provider,
                     i.amount,
                     i.tds,
-                    i.amount - i.tds
+                    i.amount - i.tds,
+                    i.group
                 );
             }
             for (p, why) in &plan.skipped {
@@ -703,12 +753,32 @@ fn payouts_command(c: PayoutsCommand) -> anyhow::Result<ExitCode> {
             print_report(&rt.block_on(afflio::payouts::send(rules, &data, &program, batch.as_deref()))?);
         }
         PayoutsCommand::Sync { .. } => print_report(&rt.block_on(afflio::payouts::sync(rules, &data, &program))?),
+        PayoutsCommand::Resolve { batch, partner, status, by, note, .. } => {
+            let status = match status.as_str() {
+                "paid" => afflio_engine::PayoutStatus::Paid,
+                "failed" => afflio_engine::PayoutStatus::Failed,
+                other => anyhow::bail!("--status {other:?}: an item is resolved as paid or failed"),
+            };
+            print_report(
+                &rt.block_on(afflio::payouts::resolve(rules, &data, &program, &batch, &partner, status, &by, &note))?,
+            );
+        }
         PayoutsCommand::Sandbox { .. } => unreachable!("handled above"),
-        PayoutsCommand::Webhook { provider, signature, body, .. } => {
+        PayoutsCommand::Webhook { provider, signature, headers, body, .. } => {
             let bytes = std::fs::read(&body).with_context(|| format!("cannot read {}", body.display()))?;
-            match afflio::payouts::apply_webhook(rules, &data, &provider, &bytes, &signature) {
+            let mut h = http::HeaderMap::new();
+            if let Some(sig) = signature {
+                h.insert("x-razorpay-signature", sig.parse().context("--signature is not a header value")?);
+            }
+            for line in headers {
+                let (k, v) = line.split_once(':').with_context(|| format!("--header {line:?} is not `Name: value`"))?;
+                let name = http::HeaderName::from_bytes(k.trim().as_bytes())
+                    .with_context(|| format!("--header {line:?}: bad name"))?;
+                h.insert(name, v.trim().parse().with_context(|| format!("--header {line:?}: bad value"))?);
+            }
+            match rt.block_on(afflio::payouts::webhook(rules, &data, &provider, h, bytes)) {
                 Ok(r) => print_report(&r),
-                Err(e @ afflio::payouts::WebhookError::BadSignature) => {
+                Err(e @ afflio::payouts::WebhookError::BadSignature(_)) => {
                     eprintln!("error: {e}");
                     return Ok(ExitCode::from(1));
                 }

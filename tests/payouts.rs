@@ -1,20 +1,19 @@
-//! Payouts end to end against local fakes of RazorpayX and PayPal (started
-//! here on free ports) that check auth, required fields, amounts and
-//! idempotency, and inject faults: a timeout after the provider accepted,
-//! a 5xx, a payout reversed after success, duplicate and forged webhooks.
+//! Payouts end to end on a replayed store (the CLI's path), against the
+//! strict fakes of RazorpayX and PayPal started here on a free port: a
+//! lost answer and a 5xx resolved without paying twice, a returned PayPal
+//! payment, a reversal days later by webhook (delivered twice, and a forged
+//! one refused), and what finance sees in SQL.
 
 use std::path::Path;
-use std::sync::Arc;
 
-use afflio::payouts::sandbox::{start, Shared, ACCOUNT};
-use afflio::payouts::{self, WebhookError};
+use afflio::payouts;
 use afflio::review::{review, ReviewRequest};
 use afflio_engine::rules::Rules;
 use afflio_engine::Decision;
+use afflio_payouts::paypal::fake as ppf;
+use afflio_payouts::razorpayx::fake::{self as rzf, Fault};
+use afflio_payouts::sandbox::Sandbox;
 use chrono::{DateTime, Utc};
-use hmac::{Hmac, Mac};
-use serde_json::json;
-use sha2::Sha256;
 
 fn rules_text(base: &str) -> String {
     format!(
@@ -24,12 +23,13 @@ base_url = "{base}"
 key_id_env = "AFFLIO_TEST_RZP_KEY"
 key_secret_env = "AFFLIO_TEST_RZP_SECRET"
 webhook_secret_env = "AFFLIO_TEST_RZP_WEBHOOK"
-account_number = "{ACCOUNT}"
+account_number = "{}"
 tds = "10%"
 [payouts.paypal]
 base_url = "{base}"
 client_id_env = "AFFLIO_TEST_PP_ID"
 client_secret_env = "AFFLIO_TEST_PP_SECRET"
+webhook_id = "{}"
 
 [[programs]]
 id = "bharat"
@@ -78,7 +78,9 @@ partner_id = "alice"
 [[codes]]
 code = "BOB"
 partner_id = "bob"
-"#
+"#,
+        rzf::ACCOUNT,
+        ppf::WEBHOOK_ID
     )
 }
 
@@ -99,27 +101,25 @@ fn sql(data: &Path, q: &str) -> String {
     rt.block_on(afflio_sinks::query(data, q, afflio_sinks::OutputFormat::Csv)).unwrap()
 }
 
-fn sign(body: &[u8]) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(b"whsec_test").unwrap();
-    mac.update(body);
-    hex::encode(mac.finalize().into_bytes())
-}
-
-#[test]
-fn approve_plan_send_and_reconcile_through_both_providers_surviving_every_fault() {
+fn env() {
     for (k, v) in [
-        ("AFFLIO_TEST_RZP_KEY", "rzp_key"),
-        ("AFFLIO_TEST_RZP_SECRET", "rzp_secret"),
-        ("AFFLIO_TEST_RZP_WEBHOOK", "whsec_test"),
-        ("AFFLIO_TEST_PP_ID", "pp_id"),
-        ("AFFLIO_TEST_PP_SECRET", "pp_secret"),
+        ("AFFLIO_TEST_RZP_KEY", rzf::KEY_ID),
+        ("AFFLIO_TEST_RZP_SECRET", rzf::KEY_SECRET),
+        ("AFFLIO_TEST_RZP_WEBHOOK", rzf::WEBHOOK_SECRET),
+        ("AFFLIO_TEST_PP_ID", ppf::CLIENT_ID),
+        ("AFFLIO_TEST_PP_SECRET", ppf::CLIENT_SECRET),
         ("AFFLIO_PAYOUT_TIMEOUT_SECS", "1"),
     ] {
         std::env::set_var(k, v);
     }
+}
+
+#[test]
+fn approve_plan_send_and_reconcile_through_both_providers_surviving_every_fault() {
+    env();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let fake: Shared = Arc::default();
-    let addr = rt.block_on(start(fake.clone(), "127.0.0.1:0".parse().unwrap())).unwrap();
+    let sandbox = Sandbox::default();
+    let addr = rt.block_on(sandbox.start("127.0.0.1:0".parse().unwrap())).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let text = rules_text(&format!("http://{addr}"));
     let rules = || Rules::parse("payouts.toml", &text).unwrap();
@@ -142,7 +142,7 @@ fn approve_plan_send_and_reconcile_through_both_providers_surviving_every_fault(
         review(rules(), &data, &req).unwrap();
     }
     // Planning is deterministic and sends nothing; tiny's 50 INR is under the 100 minimum.
-    let plan = payouts::plan(rules(), &data, "bharat", Some(at("2026-11-03T00:00:00Z"))).unwrap();
+    let plan = rt.block_on(payouts::plan(rules(), &data, "bharat", Some(at("2026-11-03T00:00:00Z")))).unwrap();
     assert_eq!(plan.batch_id, "bharat-20261103T000000Z");
     let items: Vec<(String, String, String)> =
         plan.items.iter().map(|i| (i.partner_id.clone(), i.amount.to_string(), i.tds.to_string())).collect();
@@ -151,66 +151,80 @@ fn approve_plan_send_and_reconcile_through_both_providers_surviving_every_fault(
         [("meena".into(), "800.00".into(), "80.00".into()), ("ravi".into(), "1500.00".into(), "150.00".into())]
     );
     assert!(plan.skipped.iter().any(|(p, why)| p == "tiny" && why.contains("under the minimum")), "{:?}", plan.skipped);
-    assert!(fake.lock().unwrap().transfers.is_empty());
+    assert!(sandbox.razorpayx.lock().unwrap().payouts.is_empty());
     // Planning again as of the same time finds nothing left to pay.
-    assert!(payouts::plan(rules(), &data, "bharat", Some(at("2026-11-03T00:00:00Z"))).unwrap().items.is_empty());
+    let again = rt.block_on(payouts::plan(rules(), &data, "bharat", Some(at("2026-11-03T00:00:00Z")))).unwrap();
+    assert!(again.items.is_empty());
 
-    // Faults: meena's payout is accepted but answered too late; ravi's gets a 502.
+    // The first request's payout is made but answered too late; the
+    // second is refused with a 500 before anything is made. meena's bank
+    // reverses her payout days after it was processed.
     {
-        let mut f = fake.lock().unwrap();
-        f.faults.insert("fa_50100123456789".into(), "slow");
-        f.faults.insert("fa_ravi@upi".into(), "5xx");
+        let mut f = sandbox.razorpayx.lock().unwrap();
+        f.faults.extend([Fault::SlowAfter(std::time::Duration::from_millis(2500)), Fault::FailBefore]);
+        f.paths.insert("50100123456789".into(), vec!["processed".into(), "reversed".into()]);
     }
     let r = rt.block_on(payouts::send(rules(), &data, "bharat", None)).unwrap();
-    assert_eq!((r.sent, r.retry.len()), (0, 2), "{r:?}");
-    assert_eq!(fake.lock().unwrap().transfers.len(), 1, "meena's payout was made even though we timed out");
-    // The re-send uses the same idempotency keys: meena is not paid twice.
+    assert_eq!((r.sent, r.unknown.len()), (0, 2), "{r:?}");
+    assert_eq!(sandbox.razorpayx.lock().unwrap().payouts.len(), 1, "one payout was made though the answer was lost");
+    // The next send finds that one by its reference id and sends the other again under the same key.
     let r = rt.block_on(payouts::send(rules(), &data, "bharat", None)).unwrap();
-    assert_eq!((r.sent, r.retry.len()), (2, 0), "{r:?}");
-    let transfers = fake.lock().unwrap().transfers.clone();
-    assert_eq!(
-        transfers,
-        [("fa_50100123456789".to_string(), "72000".to_string()), ("fa_ravi@upi".to_string(), "135000".to_string())],
-        "net of 10% TDS, in paise, once each"
-    );
+    assert_eq!((r.sent, r.unknown.len()), (2, 0), "{r:?}");
+    {
+        let f = sandbox.razorpayx.lock().unwrap();
+        let mut made: Vec<(String, i64)> = f.payouts.iter().map(|p| (p.to.clone(), p.amount_paise)).collect();
+        made.sort();
+        assert_eq!(
+            made,
+            [("50100123456789".to_string(), 72_000), ("ravi@upi".to_string(), 135_000)],
+            "net of 10% TDS, in paise, once each"
+        );
+    }
     // Nothing left to send.
-    assert_eq!(rt.block_on(payouts::send(rules(), &data, "bharat", None)).unwrap(), payouts::Report::default());
+    assert_eq!(rt.block_on(payouts::send(rules(), &data, "bharat", None)).unwrap().requests, 0);
 
-    // PayPal: token, one batch, idempotent by sender_batch_id / PayPal-Request-Id.
-    let plan = payouts::plan(rules(), &data, "acme", Some(at("2026-11-03T00:00:00Z"))).unwrap();
+    // PayPal: one token, one batch; bob has no PayPal account: his payment comes back.
+    sandbox.paypal.lock().unwrap().paths.insert("bob@example.com".into(), vec!["RETURNED".into()]);
+    let plan = rt.block_on(payouts::plan(rules(), &data, "acme", Some(at("2026-11-03T00:00:00Z")))).unwrap();
     assert_eq!(plan.items.len(), 2);
     let r = rt.block_on(payouts::send(rules(), &data, "acme", Some(&plan.batch_id))).unwrap();
-    assert_eq!(r.sent, 2, "{r:?}");
-    let sent_usd: Vec<(String, String)> = fake.lock().unwrap().transfers[2..].to_vec();
-    assert_eq!(
-        sent_usd,
-        [("alice@example.com".to_string(), "10.00".to_string()), ("bob@example.com".to_string(), "20.00".to_string())]
-    );
-
-    // Providers report: both INR payouts processed; alice succeeded, bob's returned.
+    assert_eq!((r.requests, r.sent), (1, 2), "{r:?}");
     {
-        let mut f = fake.lock().unwrap();
-        f.statuses.insert("pout_1".into(), "processed".into());
-        f.statuses.insert("pout_2".into(), "processed".into());
-        f.statuses.insert("PB-3/alice".into(), "SUCCESS".into());
-        f.statuses.insert("PB-3/bob".into(), "RETURNED".into());
+        let f = sandbox.paypal.lock().unwrap();
+        let made: Vec<(String, String)> =
+            f.batches.iter().flat_map(|b| &b.items).map(|i| (i.receiver.clone(), i.value.clone())).collect();
+        assert_eq!(
+            made,
+            [
+                ("alice@example.com".to_string(), "10.00".to_string()),
+                ("bob@example.com".to_string(), "20.00".to_string())
+            ]
+        );
     }
+
+    // The providers move on; a sync reads where everything stands.
+    sandbox.razorpayx.lock().unwrap().step();
+    sandbox.paypal.lock().unwrap().settle();
     let r = rt.block_on(payouts::sync(rules(), &data, "bharat")).unwrap();
     assert_eq!((r.paid, r.failed), (2, 0), "{r:?}");
     let r = rt.block_on(payouts::sync(rules(), &data, "acme")).unwrap();
     assert_eq!((r.paid, r.failed), (1, 1), "{r:?}");
 
-    // A webhook says meena's payout was reversed by her bank; it arrives twice, and a forged one too.
-    let hook = json!({ "event": "payout.reversed", "payload": { "payout": { "entity": {
-        "id": "pout_1", "status": "reversed", "status_details": { "description": "beneficiary account closed" },
-        "notes": { "program_id": "bharat", "batch_id": "bharat-20261103T000000Z", "partner_id": "meena" } } } } })
-    .to_string();
-    let forged = payouts::apply_webhook(rules(), &data, "razorpayx", hook.as_bytes(), &sign(b"something else"));
-    assert!(matches!(forged, Err(WebhookError::BadSignature)), "{forged:?}");
-    let r = payouts::apply_webhook(rules(), &data, "razorpayx", hook.as_bytes(), &sign(hook.as_bytes())).unwrap();
-    assert_eq!(r.reversed, 1);
-    let r = payouts::apply_webhook(rules(), &data, "razorpayx", hook.as_bytes(), &sign(hook.as_bytes())).unwrap();
-    assert_eq!(r, payouts::Report::default(), "a redelivered webhook changes nothing");
+    // meena's reversal arrives by webhook, twice; a forged one is refused.
+    sandbox.razorpayx.lock().unwrap().step();
+    let (body, sig) = sandbox.razorpayx.lock().unwrap().webhooks.last().cloned().unwrap();
+    assert!(String::from_utf8_lossy(&body).contains("payout.reversed"));
+    let headers = |sig: &str| {
+        let mut h = http::HeaderMap::new();
+        h.insert("x-razorpay-signature", sig.parse().unwrap());
+        h
+    };
+    let forged = rt.block_on(payouts::webhook(rules(), &data, "razorpayx", headers("00ff"), body.clone()));
+    assert!(matches!(forged, Err(payouts::WebhookError::BadSignature(_))), "{forged:?}");
+    let r = rt.block_on(payouts::webhook(rules(), &data, "razorpayx", headers(&sig), body.clone())).unwrap();
+    assert_eq!(r.reversed, 1, "{r:?}");
+    let r = rt.block_on(payouts::webhook(rules(), &data, "razorpayx", headers(&sig), body.clone())).unwrap();
+    assert_eq!((r.reversed, r.paid, r.failed), (0, 0, 0), "a redelivered webhook changes nothing: {r:?}");
 
     // What finance sees in SQL.
     let balances = sql(&data, "SELECT program_id, partner_id, pending, approved, in_flight, paid, clawback FROM balances ORDER BY program_id, partner_id");
@@ -229,13 +243,41 @@ fn approve_plan_send_and_reconcile_through_both_providers_surviving_every_fault(
     assert_eq!(lines, "order_id,partner_id,status\nb1,ravi,paid\nb2,ravi,paid\nb3,meena,approved\nb4,tiny,approved\n");
     let rows = sql(
         &data,
-        "SELECT partner_id, status, amount, tds, transfer_amount, provider_ref FROM payouts WHERE program_id = 'bharat' ORDER BY ts, partner_id, event_id",
+        "SELECT partner_id, status, amount, tds, transfer_amount FROM payouts WHERE program_id = 'bharat' AND status IN ('paid', 'reversed') ORDER BY partner_id, status",
     );
-    assert!(rows.contains("meena,reversed,800.0000,80.0000,720.0000,pout_1"), "{rows}");
-    assert!(rows.contains("ravi,paid,1500.0000,150.0000,1350.0000,pout_2"), "{rows}");
+    assert_eq!(
+        rows,
+        "partner_id,status,amount,tds,transfer_amount\n\
+         meena,paid,800.0000,80.0000,720.0000\n\
+         meena,reversed,800.0000,80.0000,720.0000\n\
+         ravi,paid,1500.0000,150.0000,1350.0000\n"
+    );
+    let refs = sql(
+        &data,
+        "SELECT partner_id, count(DISTINCT provider_ref) AS refs FROM payouts WHERE program_id = 'bharat' AND provider_ref IS NOT NULL GROUP BY partner_id ORDER BY partner_id",
+    );
+    assert_eq!(refs, "partner_id,refs\nmeena,1\nravi,1\n", "one RazorpayX payout each");
+    // Each planned item's identity, and the destination masked.
+    let planned = sql(
+        &data,
+        "SELECT partner_id, length(idempotency_key) AS key_len, destination FROM payouts WHERE status = 'planned' AND program_id = 'bharat' ORDER BY partner_id",
+    );
+    assert_eq!(
+        planned,
+        "partner_id,key_len,destination\nmeena,35,bank IMPS HDFC0001234 ****6789\nravi,35,upi r***@upi\n"
+    );
+    let attempts = sql(
+        &data,
+        "SELECT partner_id, count(*) AS attempts FROM payouts WHERE attempted_at IS NOT NULL AND program_id = 'bharat' GROUP BY partner_id ORDER BY partner_id",
+    );
+    assert!(
+        ["partner_id,attempts\nmeena,1\nravi,2\n", "partner_id,attempts\nmeena,2\nravi,1\n"]
+            .contains(&attempts.as_str()),
+        "the lost answer was looked up, the refused request sent again: {attempts}"
+    );
 
     // The next batch pays meena again (a new batch, a new idempotency key); ravi has nothing left.
-    let plan = payouts::plan(rules(), &data, "bharat", Some(at("2026-11-05T00:00:00Z"))).unwrap();
+    let plan = rt.block_on(payouts::plan(rules(), &data, "bharat", Some(at("2026-11-05T00:00:00Z")))).unwrap();
     let again: Vec<&str> = plan.items.iter().map(|i| i.partner_id.as_str()).collect();
     assert_eq!(again, ["meena"]);
     rt.shutdown_background();

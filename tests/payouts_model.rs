@@ -55,7 +55,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (1u16..60).prop_map(|hours| Op::Wait { hours }),
         2 => Just(Op::ApproveAll),
         3 => (any::<bool>(), any::<bool>()).prop_map(|(partner, over)| Op::Plan { partner, over }),
-        3 => (0u8..16, 0u8..3).prop_map(|(item, outcome)| Op::Settle { item, outcome }),
+        3 => (0u8..16, 0u8..5).prop_map(|(item, outcome)| Op::Settle { item, outcome }),
     ]
 }
 
@@ -158,7 +158,8 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                     &mut e,
                     &mut n,
                     serde_json::json!({"type": "payout", "ts": now.to_rfc3339(),
-                    "program_id": "p", "batch_id": batch, "partner_id": p, "currency": "USD", "amount": amount.to_string(), "status": "planned"}),
+                    "program_id": "p", "batch_id": batch, "partner_id": p, "currency": "USD", "amount": amount.to_string(), "status": "planned",
+                    "idempotency_key": format!("k-{batch}-{p}"), "destination": "{\"kind\":\"paypal\",\"email\":\"x@y\"}"}),
                 );
                 if over {
                     prop_assert_eq!(
@@ -177,18 +178,22 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
             Op::Settle { item, outcome } => {
                 let Some(it) = items.get_mut(usize::from(item)) else { continue };
                 let to = match (it.status, outcome) {
-                    ("planned", 0) => "sent",
-                    ("planned" | "sent", 1) => "paid",
-                    ("planned" | "sent", _) => "failed",
+                    ("planned" | "unknown", 0) => "sent",
+                    ("planned" | "unknown", 3) => "unknown",
+                    ("planned" | "sent" | "unknown", 1) => "paid",
+                    ("planned" | "sent" | "unknown", 2) => "failed",
+                    ("sent" | "unknown", 4) => "reversed",
                     ("paid", _) => "reversed",
+                    ("failed", 4) => "reversed",
                     _ => continue,
                 };
-                let out = apply(
-                    &mut e,
-                    &mut n,
-                    serde_json::json!({"type": "payout", "ts": now.to_rfc3339(),
-                    "program_id": "p", "batch_id": it.batch, "partner_id": it.partner, "currency": "USD", "amount": it.amount.to_string(), "status": to}),
-                );
+                let mut ev = serde_json::json!({"type": "payout", "ts": now.to_rfc3339(),
+                    "program_id": "p", "batch_id": it.batch, "partner_id": it.partner, "currency": "USD", "amount": it.amount.to_string(), "status": to});
+                if to == "unknown" {
+                    ev["attempted_at"] = serde_json::json!(now.to_rfc3339());
+                }
+                let from = it.status;
+                let out = apply(&mut e, &mut n, ev);
                 prop_assert_eq!(out, Outcome::Applied, "{} -> {}", it.status, to);
                 match to {
                     "paid" => {
@@ -196,7 +201,10 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                         *model.paid.entry(it.partner).or_default() += it.amount;
                     }
                     "failed" => *model.in_flight.entry(it.partner).or_default() -= it.amount,
-                    "reversed" => *model.paid.entry(it.partner).or_default() -= it.amount,
+                    // Reversed after it was paid: the money came back; while
+                    // sent or unknown: it never left; after a failure: already back.
+                    "reversed" if from == "paid" => *model.paid.entry(it.partner).or_default() -= it.amount,
+                    "reversed" if from != "failed" => *model.in_flight.entry(it.partner).or_default() -= it.amount,
                     _ => {}
                 }
                 it.status = to;
@@ -257,7 +265,7 @@ fn a_refund_after_payout_is_a_clawback_netted_from_the_next_payout() {
     apply(
         &mut e,
         &mut n,
-        j!({"type":"payout","event_id":"p1","ts":ts(25),"program_id":"p","batch_id":"b1","partner_id":"a","currency":"USD","amount":"10.00","status":"planned"}),
+        j!({"type":"payout","event_id":"p1","ts":ts(25),"program_id":"p","batch_id":"b1","partner_id":"a","currency":"USD","amount":"10.00","status":"planned","idempotency_key":"k","destination":"d"}),
     );
     apply(
         &mut e,
@@ -285,13 +293,13 @@ fn a_refund_after_payout_is_a_clawback_netted_from_the_next_payout() {
     let over = apply(
         &mut e,
         &mut n,
-        j!({"type":"payout","event_id":"p3","ts":ts(60),"program_id":"p","batch_id":"b2","partner_id":"a","currency":"USD","amount":"20.00","status":"planned"}),
+        j!({"type":"payout","event_id":"p3","ts":ts(60),"program_id":"p","batch_id":"b2","partner_id":"a","currency":"USD","amount":"20.00","status":"planned","idempotency_key":"k","destination":"d"}),
     );
     assert_eq!(over, Outcome::Rejected(Reason::InvalidPayout));
     let ok = apply(
         &mut e,
         &mut n,
-        j!({"type":"payout","event_id":"p4","ts":ts(60),"program_id":"p","batch_id":"b2","partner_id":"a","currency":"USD","amount":"15.00","status":"planned"}),
+        j!({"type":"payout","event_id":"p4","ts":ts(60),"program_id":"p","batch_id":"b2","partner_id":"a","currency":"USD","amount":"15.00","status":"planned","idempotency_key":"k","destination":"d"}),
     );
     assert_eq!(ok, Outcome::Applied);
 }

@@ -94,6 +94,10 @@ pub enum PayoutStatus {
     Planned,
     /// Accepted by the provider.
     Sent,
+    /// Sent, but whether the provider took it is not known (a timeout, a
+    /// 5xx, "already exists"): the amount stays reserved until the provider
+    /// is asked; it is never sent again blindly.
+    Unknown,
     /// The money arrived: the balance is paid.
     Paid,
     /// Never paid: the amount returns to the approved balance.
@@ -107,6 +111,7 @@ impl PayoutStatus {
         match self {
             PayoutStatus::Planned => "planned",
             PayoutStatus::Sent => "sent",
+            PayoutStatus::Unknown => "unknown",
             PayoutStatus::Paid => "paid",
             PayoutStatus::Failed => "failed",
             PayoutStatus::Reversed => "reversed",
@@ -117,6 +122,7 @@ impl PayoutStatus {
         Some(match s {
             "planned" => PayoutStatus::Planned,
             "sent" => PayoutStatus::Sent,
+            "unknown" => PayoutStatus::Unknown,
             "paid" => PayoutStatus::Paid,
             "failed" => PayoutStatus::Failed,
             "reversed" => PayoutStatus::Reversed,
@@ -139,6 +145,17 @@ pub struct PayoutEvent<'a> {
     pub provider: Option<Cow<'a, str>>,
     pub provider_ref: Option<Cow<'a, str>>,
     pub detail: Option<Cow<'a, str>>,
+    /// Fixed when planned and never recomputed: the provider's idempotency
+    /// key (RazorpayX `X-Payout-Idempotency`, PayPal `sender_item_id`), the
+    /// provider batch the item is sent in (PayPal `sender_batch_id`), and the
+    /// destination the money goes to.
+    pub idempotency_key: Option<Cow<'a, str>>,
+    pub provider_batch: Option<Cow<'a, str>>,
+    pub destination: Option<Cow<'a, str>>,
+    /// Set on the record written just before a request goes to the provider
+    /// (an attempt): the wall-clock time it was sent, which the provider's
+    /// idempotency window is counted from. Not part of the content.
+    pub attempted_at: Option<DateTime<Utc>>,
 }
 
 /// What a reviewer decides.
@@ -298,6 +315,9 @@ pub fn fingerprint(e: &Event<'_>) -> u128 {
             h.opt(66, &p.provider);
             h.opt(67, &p.provider_ref);
             h.opt(68, &p.detail);
+            h.opt(69, &p.idempotency_key);
+            h.opt(70, &p.provider_batch);
+            h.opt(71, &p.destination);
         }
         Body::Review(r) => {
             h.opt(50, &r.order_id);

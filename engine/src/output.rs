@@ -276,6 +276,13 @@ pub struct PayoutRow {
     pub provider: Option<String>,
     pub provider_ref: Option<String>,
     pub detail: Option<String>,
+    pub idempotency_key: Option<String>,
+    pub provider_batch: Option<String>,
+    /// Where the money goes, as planned (the payouts crate's recorded
+    /// destination; the tables show it masked).
+    pub destination: Option<String>,
+    /// On an attempt's record: when the request was sent (wall clock).
+    pub attempted_at: Option<DateTime<Utc>>,
 }
 
 /// A partner's balance in one program (its currency) as of a time.

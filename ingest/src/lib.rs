@@ -14,7 +14,6 @@ mod jsonl;
 pub mod metrics;
 pub mod nats;
 pub mod server;
-pub mod webhooks;
 
 pub use decode::{decode_event, parse_money, DecodeError, LIMITS};
 pub use jsonl::{JsonLines, Line};

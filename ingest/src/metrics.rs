@@ -9,6 +9,12 @@ use hdrhistogram::Histogram;
 
 /// Service metrics, shared by the HTTP ingest and the engine consumer.
 pub struct Metrics {
+    /// Provider webhooks verified and applied (or acknowledged).
+    pub payout_webhooks: AtomicU64,
+    /// Provider webhooks refused (bad signature, malformed).
+    pub payout_webhooks_refused: AtomicU64,
+    /// Provider notices received (RazorpayX downtime).
+    pub payout_notices: AtomicU64,
     pub events_received: AtomicU64,
     pub events_accepted: AtomicU64,
     pub events_duplicate: AtomicU64,
@@ -72,6 +78,9 @@ impl Default for Metrics {
     fn default() -> Self {
         let h = || Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static bounds"));
         Metrics {
+            payout_webhooks: AtomicU64::new(0),
+            payout_webhooks_refused: AtomicU64::new(0),
+            payout_notices: AtomicU64::new(0),
             events_received: AtomicU64::new(0),
             events_accepted: AtomicU64::new(0),
             events_duplicate: AtomicU64::new(0),
@@ -193,6 +202,14 @@ impl Metrics {
             get(&self.publish_failures),
         );
         c(&mut s, "afflio_redirects_total", "Tracking link redirects served.", get(&self.redirects));
+        c(&mut s, "afflio_payout_webhooks_total", "Provider webhooks verified and taken.", get(&self.payout_webhooks));
+        c(
+            &mut s,
+            "afflio_payout_webhooks_refused_total",
+            "Provider webhooks refused (signature, body).",
+            get(&self.payout_webhooks_refused),
+        );
+        c(&mut s, "afflio_payout_notices_total", "Provider notices (RazorpayX downtime).", get(&self.payout_notices));
         c(&mut s, "afflio_clicks_lost_total", "Redirect clicks the broker did not store.", get(&self.clicks_lost));
         c(
             &mut s,

@@ -243,6 +243,7 @@ pub(crate) async fn run(
     shared: SharedRules,
     cutting: Cutting,
     tx: mpsc::Sender<Epoch>,
+    mut queries: mpsc::Receiver<crate::finance::EngineQuery>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), PipelineError> {
     let mut tick = tokio::time::interval(cutting.interval);
@@ -251,6 +252,8 @@ pub(crate) async fn run(
         tokio::select! {
             biased;
             _ = stop.changed() => break,
+            // A question about the engine (the payouts queue), between two events.
+            Some(q) = queries.recv() => q(&c.engine, c.last),
             _ = tick.tick() => {
                 // Cut when the committer is free; otherwise the epoch grows.
                 if c.pending_events() > 0 {

@@ -12,6 +12,7 @@
 mod committer;
 mod consumer;
 mod error;
+mod finance;
 mod serve;
 pub mod state;
 

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use std::sync::atomic::AtomicBool;
 
 use afflio_engine::rules::Rules;
-use afflio_ingest::http::{router, HttpConfig, Ingest, SharedRules};
+use afflio_ingest::http::{router_with, HttpConfig, Ingest, SharedRules};
 use afflio_ingest::metrics::Metrics;
 use afflio_ingest::nats::{self, JetStreamPublisher, Role, StreamLimits};
 use afflio_ingest::server::{self, ServerLimits};
@@ -43,6 +43,8 @@ pub struct ServeOptions {
     pub maintenance_every: Duration,
     pub vacuum_every: Duration,
     pub maintenance: Maintenance,
+    /// How the payout providers are called (time limits, 429 backoff).
+    pub payouts_http: afflio_payouts::HttpSettings,
 }
 
 /// Runs until SIGTERM or SIGINT: then drains HTTP (for a bounded time),
@@ -71,17 +73,27 @@ pub async fn run(opts: ServeOptions, rules: Rules) -> Result<(), PipelineError> 
     let publisher = Arc::new(JetStreamPublisher::new(ingest_client.clone(), stream_ready.clone()));
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (queries_tx, queries_rx) = mpsc::channel(64);
+    let finance = crate::finance::Finance::new(
+        shared.clone(),
+        metrics.clone(),
+        queries_tx,
+        publisher.clone(),
+        async_nats::jetstream::new(ingest_client.clone()),
+        opts.payouts_http.clone(),
+    );
     let pipeline = tokio::spawn(pipeline(
         engine_client.clone(),
         stream_ready,
         shared.clone(),
         metrics.clone(),
         opts.clone(),
+        queries_rx,
         stop_rx.clone(),
     ));
     let reloader = tokio::spawn(reload_rules(opts.config.clone(), shared.clone(), metrics.clone(), stop_rx));
 
-    let app = router(Ingest { rules: shared, publisher, metrics }, opts.http_config.clone());
+    let app = router_with(Ingest { rules: shared, publisher, metrics }, opts.http_config.clone(), finance.routes());
     let listener = tokio::net::TcpListener::bind(opts.http).await.map_err(|source| PipelineError::Io {
         what: "listen on",
         path: opts.http.to_string().into(),
@@ -130,6 +142,7 @@ async fn pipeline(
     shared: SharedRules,
     metrics: Arc<Metrics>,
     opts: ServeOptions,
+    queries: mpsc::Receiver<crate::finance::EngineQuery>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), PipelineError> {
     let js = async_nats::jetstream::new(client);
@@ -186,7 +199,7 @@ async fn pipeline(
     };
     let committing = tokio::spawn(committer.run(rx));
     let cutting = Cutting { interval: opts.epoch_interval, max_events: opts.max_epoch_events };
-    let consumed = consumer::run(consumer, messages, shared, cutting, tx, stop).await;
+    let consumed = consumer::run(consumer, messages, shared, cutting, tx, queries, stop).await;
     let committed = committing.await.map_err(|e| PipelineError::Internal(format!("committer task: {e}")))?;
     consumed?;
     committed

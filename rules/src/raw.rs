@@ -106,6 +106,9 @@ pub(crate) struct RawPaypal {
     pub(crate) base_url: Option<S<String>>,
     pub(crate) client_id_env: S<String>,
     pub(crate) client_secret_env: S<String>,
+    /// The id PayPal gave the webhook subscription (webhooks are verified
+    /// against it through PayPal's verify-webhook-signature call).
+    pub(crate) webhook_id: Option<S<String>>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]

@@ -232,6 +232,10 @@ pub fn schema(t: Table) -> SchemaRef {
             f("provider", Utf8, true),
             f("provider_ref", Utf8, true),
             f("detail", Utf8, true),
+            f("idempotency_key", Utf8, true),
+            f("provider_batch", Utf8, true),
+            f("destination", Utf8, true),
+            f("attempted_at", ts_type(), true),
         ],
         Table::Balances => vec![
             f("program_id", Utf8, false),
@@ -394,6 +398,7 @@ pub(crate) fn decisions(rows: &[DecisionRow]) -> Result<RecordBatch, ArrowError>
 }
 
 pub(crate) fn payouts(rows: &[PayoutRow]) -> Result<RecordBatch, ArrowError> {
+    let masked: Vec<Option<String>> = rows.iter().map(|r| r.destination.as_deref().map(mask_destination)).collect();
     batch(
         Table::Payouts,
         vec![
@@ -410,8 +415,39 @@ pub(crate) fn payouts(rows: &[PayoutRow]) -> Result<RecordBatch, ArrowError> {
             opt_strings(rows.iter().map(|r| r.provider.as_deref())),
             opt_strings(rows.iter().map(|r| r.provider_ref.as_deref())),
             opt_strings(rows.iter().map(|r| r.detail.as_deref())),
+            opt_strings(rows.iter().map(|r| r.idempotency_key.as_deref())),
+            opt_strings(rows.iter().map(|r| r.provider_batch.as_deref())),
+            opt_strings(masked.iter().map(|d| d.as_deref())),
+            opt_times(rows.iter().map(|r| r.attempted_at)),
         ],
     )
+}
+
+/// A payout destination as the tables show it: the kind, the mode and
+/// enough to recognise the account (its last four characters, the email's
+/// domain), never the whole account number or address.
+pub fn mask_destination(recorded: &str) -> String {
+    fn tail(s: &str) -> String {
+        let chars: Vec<char> = s.chars().collect();
+        let keep = chars.len().min(4).min(chars.len() / 2);
+        format!("****{}", chars[chars.len() - keep..].iter().collect::<String>())
+    }
+    fn address(s: &str) -> String {
+        match s.rsplit_once('@') {
+            Some((user, domain)) => format!("{}***@{domain}", user.chars().next().unwrap_or('*')),
+            None => tail(s),
+        }
+    }
+    let Ok(serde_json::Value::Object(m)) = serde_json::from_str::<serde_json::Value>(recorded) else {
+        return tail(recorded);
+    };
+    let get = |k: &str| m.get(k).and_then(|v| v.as_str()).unwrap_or_default();
+    match get("kind") {
+        "bank" => format!("bank {} {} {}", get("mode"), get("ifsc"), tail(get("account_number"))),
+        "upi" => format!("upi {}", address(get("vpa"))),
+        "paypal" => format!("paypal {}", address(get("email"))),
+        other => format!("{other} ****"),
+    }
 }
 
 pub(crate) fn balances(rows: &[Balance], as_of: DateTime<Utc>) -> Result<RecordBatch, ArrowError> {
@@ -597,4 +633,22 @@ pub(crate) fn lines(orders: &[(&Order, Vec<LineStatus>, DateTime<Utc>)]) -> Resu
             strings_owned(rows.iter().map(|(o, _, _, _)| order_hour(o.first_capture_ts))),
         ],
     )
+}
+
+#[cfg(test)]
+mod mask_tests {
+    use super::mask_destination;
+
+    #[test]
+    fn destinations_are_masked() {
+        let check = |recorded: &str, expect: &str| assert_eq!(mask_destination(recorded), expect, "{recorded}");
+        check(
+            r#"{"kind":"bank","account_number":"50100123456789","ifsc":"HDFC0001234","name":"Meena R","mode":"IMPS"}"#,
+            "bank IMPS HDFC0001234 ****6789",
+        );
+        check(r#"{"kind":"upi","vpa":"ravi@upi","name":"ravi"}"#, "upi r***@upi");
+        check(r#"{"kind":"paypal","email":"alice@example.com"}"#, "paypal a***@example.com");
+        check("12345678", "****5678");
+        check("ab", "****b");
+    }
 }

@@ -7,7 +7,7 @@ mod maintenance;
 mod sql;
 mod store;
 
-pub use batches::{order_hour, schema, state_changes_of, Table};
+pub use batches::{mask_destination, order_hour, schema, state_changes_of, Table};
 pub use maintenance::{Maintenance, MaintenanceReport};
 pub use sql::{escape, query, query_at, sql_context, OutputFormat, SqlError};
 pub use store::{is_store, snapshot, At, Committed, Mode, Position, Snapshot, Store, StoreError, Write, EPOCHS};

@@ -32,13 +32,28 @@ pub(crate) struct PartnerBalance {
     pub(crate) items: HashMap<Box<str>, ItemState>,
 }
 
-/// A payout item as the engine knows it.
+/// A payout item as the engine knows it: its identity with the provider
+/// (fixed when planned) and where it stands.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ItemState {
     pub amount: Decimal,
     pub tds: Decimal,
     pub status: PayoutStatus,
     pub provider_ref: Option<Box<str>>,
+    pub provider: Option<Box<str>>,
+    pub idempotency_key: Option<Box<str>>,
+    pub provider_batch: Option<Box<str>>,
+    pub destination: Option<Box<str>>,
+    /// Event time of the last state change.
+    pub updated: DateTime<Utc>,
+    /// Requests sent to the provider so far (records with `attempted_at`).
+    pub attempts: u32,
+    /// When the first request was sent (wall clock): the provider's
+    /// idempotency window counts from it.
+    pub first_attempt: Option<DateTime<Utc>>,
+    /// The last detail recorded (the provider's reason, or why the outcome
+    /// is not known).
+    pub detail: Option<Box<str>>,
 }
 
 /// A payout item with where it belongs.
@@ -125,6 +140,26 @@ impl Engine {
         v
     }
 
+    /// Every payout item of every program that `keep` selects, by program,
+    /// partner and batch (for webhooks, which name an item by its provider
+    /// identity only).
+    pub fn find_payout_items(&self, keep: impl Fn(&ItemState) -> bool) -> Vec<PayoutItem> {
+        let mut v: Vec<PayoutItem> = self
+            .balances
+            .iter()
+            .flat_map(|((prog, partner), pb)| {
+                pb.items.iter().filter(|(_, s)| keep(s)).map(move |(batch, s)| PayoutItem {
+                    program_id: self.names.name(*prog).to_string(),
+                    partner_id: self.names.name(*partner).to_string(),
+                    batch_id: batch.to_string(),
+                    state: s.clone(),
+                })
+            })
+            .collect();
+        v.sort_by(|a, b| (&a.program_id, &a.partner_id, &a.batch_id).cmp(&(&b.program_id, &b.partner_id, &b.batch_id)));
+        v
+    }
+
     /// Adds a closed order's approved lines to its partners' balances.
     pub(super) fn close_into_balances(&mut self, prog: u32, order: &crate::state::Order, statuses: &[LineStatus]) {
         for (l, s) in order.lines.iter().zip(statuses) {
@@ -164,14 +199,15 @@ impl Engine {
             ));
         }
         let partner = self.names.intern(&p.partner_id);
-        let item = self
-            .balances
-            .get(&(prog, partner))
-            .and_then(|b| b.items.get(p.batch_id.as_ref()))
-            .map(|i| (i.amount, i.status));
+        let item = self.balances.get(&(prog, partner)).and_then(|b| b.items.get(p.batch_id.as_ref())).cloned();
         let what = || format!("payout of {} to {} in batch {}", p.amount, p.partner_id, p.batch_id);
-        match (item, p.status) {
+        match (&item, p.status) {
             (None, PayoutStatus::Planned) => {
+                for (field, v) in [("idempotency_key", &p.idempotency_key), ("destination", &p.destination)] {
+                    if v.as_deref().is_none_or(str::is_empty) {
+                        return Err(invalid(field, format!("{} is planned without its {field}", what())));
+                    }
+                }
                 let available = self.partner_balance(prog, program, &p.partner_id, e.ts).available;
                 if p.amount > available {
                     return Err(invalid(
@@ -187,31 +223,60 @@ impl Engine {
             (None, s) => {
                 return Err(invalid("batch_id", format!("{} is {} but was never planned", what(), s.as_str())))
             }
-            (Some((amount, _)), _) if amount != p.amount => {
-                return Err(invalid("amount", format!("{} does not match the planned amount {amount}", what())))
+            (Some(i), _) if i.amount != p.amount => {
+                return Err(invalid("amount", format!("{} does not match the planned amount {}", what(), i.amount)))
             }
-            (Some((_, from)), to) => {
+            (Some(i), to) => {
+                // What was fixed when planned cannot change.
+                let fixed = [
+                    ("idempotency_key", &i.idempotency_key, &p.idempotency_key),
+                    ("provider_batch", &i.provider_batch, &p.provider_batch),
+                    ("destination", &i.destination, &p.destination),
+                ];
+                for (field, was, now) in fixed {
+                    if let Some(now) = now.as_deref() {
+                        if was.as_deref() != Some(now) {
+                            return Err(invalid(field, format!("{} changes its {field}, fixed when planned", what())));
+                        }
+                    }
+                }
                 use PayoutStatus::*;
-                let ok = matches!((from, to), (Planned, Sent) | (Planned | Sent, Paid | Failed) | (Paid, Reversed));
+                let ok = matches!(
+                    (i.status, to),
+                    (Planned, Sent | Unknown | Paid | Failed)
+                        | (Unknown, Sent | Unknown | Paid | Failed | Reversed)
+                        | (Sent, Paid | Failed | Reversed)
+                        | (Paid | Failed, Reversed)
+                );
+                if p.attempted_at.is_some() && to != Unknown {
+                    return Err(invalid(
+                        "attempted_at",
+                        format!("{} records an attempt with status {} (attempts are `unknown`)", what(), to.as_str()),
+                    ));
+                }
                 if !ok {
                     return Err(invalid(
                         "status",
-                        format!("{} cannot go from {} to {}", what(), from.as_str(), to.as_str()),
+                        format!("{} cannot go from {} to {}", what(), i.status.as_str(), to.as_str()),
                     ));
                 }
             }
         }
         // Validated: apply.
+        let from = item.as_ref().map(|i| i.status);
         let pb = self.balances.get_or_default((prog, partner));
-        match p.status {
-            PayoutStatus::Planned => pb.in_flight += p.amount,
-            PayoutStatus::Sent => {}
-            PayoutStatus::Paid => {
+        use PayoutStatus::*;
+        match (from, p.status) {
+            (None, Planned) => pb.in_flight += p.amount,
+            (Some(Planned | Sent | Unknown), Paid) => {
                 pb.in_flight -= p.amount;
                 pb.paid += p.amount;
             }
-            PayoutStatus::Failed => pb.in_flight -= p.amount,
-            PayoutStatus::Reversed => pb.paid -= p.amount,
+            (Some(Planned | Sent | Unknown), Failed) => pb.in_flight -= p.amount,
+            (Some(Paid), Reversed) => pb.paid -= p.amount,
+            (Some(Sent | Unknown), Reversed) => pb.in_flight -= p.amount,
+            // Failed -> reversed: the money had already come back.
+            _ => {}
         }
         assert!(
             pb.in_flight >= Decimal::ZERO && pb.paid >= Decimal::ZERO,
@@ -219,12 +284,32 @@ impl Engine {
             pb.in_flight,
             pb.paid
         );
-        let provider_ref = p
-            .provider_ref
-            .as_deref()
-            .map(Box::from)
-            .or_else(|| pb.items.get(p.batch_id.as_ref()).and_then(|i| i.provider_ref.clone()));
-        let state = ItemState { amount: p.amount, tds: p.tds, status: p.status, provider_ref };
+        let boxed = |v: &Option<std::borrow::Cow<'_, str>>| v.as_deref().map(Box::from);
+        let state = match item {
+            None => ItemState {
+                amount: p.amount,
+                tds: p.tds,
+                status: p.status,
+                provider_ref: boxed(&p.provider_ref),
+                provider: boxed(&p.provider),
+                idempotency_key: boxed(&p.idempotency_key),
+                provider_batch: boxed(&p.provider_batch),
+                destination: boxed(&p.destination),
+                updated: e.ts,
+                attempts: 0,
+                first_attempt: None,
+                detail: boxed(&p.detail),
+            },
+            Some(i) => ItemState {
+                status: p.status,
+                provider_ref: boxed(&p.provider_ref).or(i.provider_ref.clone()),
+                updated: e.ts,
+                attempts: i.attempts + u32::from(p.attempted_at.is_some()),
+                first_attempt: i.first_attempt.or(p.attempted_at),
+                detail: boxed(&p.detail).or(i.detail.clone()),
+                ..i
+            },
+        };
         pb.items.insert(p.batch_id.as_ref().into(), state);
         if matches!(p.status, PayoutStatus::Paid | PayoutStatus::Reversed) {
             self.mark_paid(prog, partner, &p.partner_id, e.ts);
@@ -244,6 +329,10 @@ impl Engine {
             provider: p.provider.as_deref().map(str::to_string),
             provider_ref: p.provider_ref.as_deref().map(str::to_string),
             detail: p.detail.as_deref().map(str::to_string),
+            idempotency_key: p.idempotency_key.as_deref().map(str::to_string),
+            provider_batch: p.provider_batch.as_deref().map(str::to_string),
+            destination: p.destination.as_deref().map(str::to_string),
+            attempted_at: p.attempted_at,
         });
         Ok(())
     }

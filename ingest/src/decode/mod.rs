@@ -90,6 +90,14 @@ struct Wire<'a> {
     provider_ref: Option<Cow<'a, str>>,
     #[serde(borrow, default, deserialize_with = "opt_cow")]
     detail: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "opt_cow")]
+    idempotency_key: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "opt_cow")]
+    provider_batch: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "opt_cow")]
+    destination: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "opt_cow")]
+    attempted_at: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -361,7 +369,10 @@ fn convert(w: Wire<'_>) -> Result<Event<'_>, DecodeError> {
         EventType::Payout => {
             let text = required(w.status, "status", ty)?;
             let status = PayoutStatus::parse(&text).ok_or_else(|| {
-                malformed("status", format!("status {text:?} is not one of planned, sent, paid, failed, reversed"))
+                malformed(
+                    "status",
+                    format!("status {text:?} is not one of planned, sent, unknown, paid, failed, reversed"),
+                )
             })?;
             Body::Payout(PayoutEvent {
                 batch_id: required(w.batch_id, "batch_id", ty)?,
@@ -376,6 +387,17 @@ fn convert(w: Wire<'_>) -> Result<Event<'_>, DecodeError> {
                 provider: optional_id(w.provider, "provider")?,
                 provider_ref: optional_id(w.provider_ref, "provider_ref")?,
                 detail: optional(w.detail, "detail")?,
+                idempotency_key: optional_id(w.idempotency_key, "idempotency_key")?,
+                provider_batch: optional_id(w.provider_batch, "provider_batch")?,
+                destination: optional_id(w.destination, "destination")?,
+                attempted_at: w
+                    .attempted_at
+                    .map(|t| {
+                        DateTime::parse_from_rfc3339(&t).map(|t| t.with_timezone(&Utc)).map_err(|e| {
+                            malformed("attempted_at", format!("attempted_at {t:?} is not an RFC 3339 time: {e}"))
+                        })
+                    })
+                    .transpose()?,
             })
         }
         EventType::Review => {

@@ -1,4 +1,4 @@
-//! `POST /v1/events` and the provider webhooks: events in, checked, stored
+//! `POST /v1/events`: events in, checked, stored
 //! by the broker before they are answered 202.
 
 use std::sync::atomic::Ordering;
@@ -293,61 +293,4 @@ fn pack(events: &[(String, String, std::borrow::Cow<'_, str>)], program: &str) -
         start = end;
     }
     (msgs, spans)
-}
-
-/// RazorpayX payout webhooks: verified against the secret named by
-/// `payouts.razorpayx.webhook_secret_env`, then published as `payout`
-/// events (a redelivery is a duplicate). 401 on a bad signature.
-pub(super) async fn razorpayx_webhook(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    let rules = rules(&st.ingest);
-    let secret = rules
-        .payouts()
-        .razorpayx
-        .as_ref()
-        .and_then(|r| r.webhook_secret_env.as_deref())
-        .and_then(|var| std::env::var(var).ok());
-    let Some(secret) = secret else {
-        return error(
-            StatusCode::NOT_FOUND,
-            "not_configured",
-            None,
-            "no payouts.razorpayx.webhook_secret_env (or it is not set)".into(),
-        );
-    };
-    let signature = headers.get("x-razorpay-signature").and_then(|v| v.to_str().ok()).unwrap_or_default();
-    if !crate::webhooks::verify_razorpayx_signature(&body, signature, &secret) {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "bad_signature",
-            Some("X-Razorpay-Signature"),
-            "the signature does not verify".into(),
-        );
-    }
-    let ts = Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true);
-    let text = match crate::webhooks::razorpayx_payout_event(&body, &ts) {
-        Ok(Some(t)) => t,
-        Ok(None) => return (StatusCode::OK, axum::Json(json!({ "status": "ignored" }))).into_response(),
-        Err(detail) => return error(StatusCode::BAD_REQUEST, Reason::Malformed.as_str(), None, detail),
-    };
-    let ev = match decode_event(&text) {
-        Ok(ev) => ev,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.reason.as_str(), e.field.as_deref(), e.detail),
-    };
-    let subject = crate::nats::subject(&ev.program_id, ev.event_type().as_str());
-    // The id alone (not the content: the receipt time differs on a redelivery).
-    let msg_id = format!("{}:{}", ev.program_id, ev.event_id);
-    let msg = vec![(subject, msg_id, Bytes::copy_from_slice(text.as_bytes()))];
-    match st.ingest.publisher.publish(msg).await.into_iter().next() {
-        Some(Ok(PublishOutcome::Stored)) => {
-            (StatusCode::OK, axum::Json(json!({ "status": "accepted" }))).into_response()
-        }
-        Some(Ok(PublishOutcome::Duplicate)) => {
-            (StatusCode::OK, axum::Json(json!({ "status": "duplicate" }))).into_response()
-        }
-        _ => {
-            let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", None, "retry later".into());
-            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            r
-        }
-    }
 }

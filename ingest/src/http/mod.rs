@@ -137,9 +137,25 @@ pub(crate) struct AppState {
     pub(crate) clicks: Arc<ClickDedupe>,
 }
 
-/// The routes: `POST /v1/events`, `GET /r/{link_id}`, webhooks, `/healthz`,
+/// Routes another component serves on the same listener, under the same
+/// limits: `keyed` ones behind the API key check (the handler finds the
+/// caller's [`Principal`] in the request's extensions) and the per-key rate
+/// limit; `open` ones (provider webhooks, which carry their own signatures)
+/// behind the per-address limit only.
+#[derive(Default)]
+pub struct Extra {
+    pub keyed: Router,
+    pub open: Router,
+}
+
+/// The routes: `POST /v1/events`, `GET /r/{link_id}`, `/healthz`,
 /// `/readyz`, `/metrics`; with the limits of `config`.
 pub fn router(ingest: Ingest, config: HttpConfig) -> Router {
+    router_with(ingest, config, Extra::default())
+}
+
+/// [`router`] with another component's routes.
+pub fn router_with(ingest: Ingest, config: HttpConfig, more: Extra) -> Router {
     let metrics = ingest.metrics.clone();
     let mut bots = isbot::Bots::default();
     let extra: Vec<&str> = config.redirect.bot_patterns.iter().map(String::as_str).collect();
@@ -152,19 +168,21 @@ pub fn router(ingest: Ingest, config: HttpConfig) -> Router {
     };
     let keyed = Router::new()
         .route("/v1/events", post(events::post_events))
+        .with_state(state.clone())
+        .merge(more.keyed)
         .layer(limits::per_key(config.key_rate, &metrics))
         // The key is checked before the body is read.
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), authenticate));
     let open = Router::new()
-        .route("/webhooks/razorpayx", post(events::razorpayx_webhook))
         .route("/r/{link_id}", get(redirect::redirect))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_text));
+        .route("/metrics", get(metrics_text))
+        .with_state(state.clone())
+        .merge(more.open);
     keyed
         .merge(open)
         .layer(DefaultBodyLimit::max(config.max_body))
-        .with_state(state.clone())
         .layer(limits::per_ip(config.ip_rate, &metrics, state.config.trusted_proxies.clone()))
         .layer(
             // Outermost: a panic is answered; then load shedding beyond the
@@ -185,16 +203,17 @@ pub(crate) fn rules(st: &Ingest) -> Arc<Rules> {
     st.rules.read().map(|r| r.clone()).unwrap_or_else(|p| p.into_inner().clone())
 }
 
-pub(crate) fn error(status: StatusCode, reason: &str, field: Option<&str>, detail: String) -> Response {
+/// An error answer: `{"status": "rejected", "reason", "field", "detail"}`.
+pub fn error(status: StatusCode, reason: &str, field: Option<&str>, detail: String) -> Response {
     (status, axum::Json(json!({ "status": "rejected", "reason": reason, "field": field, "detail": detail })))
         .into_response()
 }
 
 /// Who a request's key speaks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Principal {
-    pub(crate) program_id: String,
-    pub(crate) role: KeyRole,
+pub struct Principal {
+    pub program_id: String,
+    pub role: KeyRole,
 }
 
 /// Checks the bearer key (in constant time against every key) before

@@ -96,6 +96,8 @@ pub struct PaypalSettings {
     pub base_url: String,
     pub client_id_env: String,
     pub client_secret_env: String,
+    /// The webhook subscription's id, for verify-webhook-signature.
+    pub webhook_id: Option<String>,
 }
 
 /// The payout providers configured.
@@ -1034,6 +1036,7 @@ fn compile_payouts(cx: &mut Ctx<'_>, raw: &RawConfig) -> PayoutSettings {
             base_url: url(cx, &pp.base_url, "https://api-m.paypal.com", "payouts.paypal.base_url"),
             client_id_env: pp.client_id_env.get_ref().clone(),
             client_secret_env: pp.client_secret_env.get_ref().clone(),
+            webhook_id: pp.webhook_id.as_ref().map(|w| w.get_ref().clone()),
         });
     }
     s

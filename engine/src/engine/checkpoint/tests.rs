@@ -130,7 +130,7 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(p, order, amount, chargeback, dt)| Op::Refund { p, order, amount, chargeback, dt }),
         1 => (0..2usize, proptest::option::of(0..14u8), 0..3u8, 0..60i64)
             .prop_map(|(p, order, decision, dt)| Op::Review { p, order, decision, dt }),
-        1 => (0..2usize, 0..2usize, 0..5u8, 1..300u32, 0..60i64)
+        1 => (0..2usize, 0..2usize, 0..6u8, 1..300u32, 0..60i64)
             .prop_map(|(p, partner, status, amount, dt)| Op::Payout { p, partner, status, amount, dt }),
         1 => (0..400usize).prop_map(Op::Redeliver),
         1 => (1..40i64).prop_map(|hours| Op::Jump { hours }),
@@ -236,13 +236,18 @@ impl Gen {
                     status: [
                         PayoutStatus::Planned,
                         PayoutStatus::Sent,
+                        PayoutStatus::Unknown,
                         PayoutStatus::Paid,
                         PayoutStatus::Failed,
                         PayoutStatus::Reversed,
-                    ][status as usize],
+                    ][status as usize % 6],
                     provider: None,
                     provider_ref: None,
                     detail: None,
+                    idempotency_key: Some(s(format!("k{partner}"))),
+                    provider_batch: None,
+                    destination: Some("d".into()),
+                    attempted_at: (status == 2).then(|| self.clock[p]),
                 }),
             },
             Op::Redeliver(i) => return self.made.get(i % self.made.len().max(1)).cloned(),
@@ -357,7 +362,7 @@ fn a_long_stream_exercises_every_part_and_still_restores_exactly() {
                 Op::Refund { p, order: ((i / 60) % 250) as u8, amount: 5 + i % 300, chargeback: i % 5 == 0, dt: 3 }
             }
             19 => Op::Review { p, order: Some(((i / 60) % 250) as u8), decision: (i % 3) as u8, dt: 1 },
-            20 => Op::Payout { p, partner: (i % 2) as usize, status: (i % 5) as u8, amount: 20, dt: 1 },
+            20 => Op::Payout { p, partner: (i % 2) as usize, status: (i % 6) as u8, amount: 20, dt: 1 },
             21 => {
                 if i % 5 == 0 {
                     Op::Jump { hours: 30 }
