@@ -64,8 +64,30 @@ async fn ask<R: Send + 'static>(
         .map_err(|_| BookError::Unavailable("the engine stopped".into()))
 }
 
+/// Waits until the engine has applied everything the stream holds now (the
+/// queue's own records, and anyone else's; after a restart, the replay of
+/// the stream since the checkpoint).
+async fn caught_up(queries: &mpsc::Sender<EngineQuery>, js: &async_nats::jetstream::Context) -> Result<(), BookError> {
+    let unavailable = |e: String| BookError::Unavailable(format!("stream {}: {e}", nats::STREAM));
+    let mut stream = js.get_stream(nats::STREAM).await.map_err(|e| unavailable(e.to_string()))?;
+    let last = stream.info().await.map_err(|e| unavailable(e.to_string()))?.state.last_sequence;
+    let deadline = tokio::time::Instant::now() + APPLY_WAIT;
+    loop {
+        if ask(queries, |_, seq| seq).await? >= last {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(BookError::Unavailable(format!(
+                "the engine has not applied the stream up to {last} yet: what was recorded is kept and will be applied"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 impl Book for LiveBook {
     async fn read<R: Send + 'static>(&mut self, f: impl FnOnce(&Engine) -> R + Send + 'static) -> Result<R, BookError> {
+        caught_up(&self.queries, &self.js).await?;
         ask(&self.queries, move |e, _| f(e)).await
     }
 
@@ -91,30 +113,7 @@ impl Book for LiveBook {
                 Err(e) => return Err(BookError::Unavailable(format!("the broker did not store a payout record: {e}"))),
             }
         }
-        // Wait until the engine has applied everything the stream holds now.
-        let mut stream = self
-            .js
-            .get_stream(nats::STREAM)
-            .await
-            .map_err(|e| BookError::Unavailable(format!("stream {}: {e}", nats::STREAM)))?;
-        let last = stream
-            .info()
-            .await
-            .map_err(|e| BookError::Unavailable(format!("stream {}: {e}", nats::STREAM)))?
-            .state
-            .last_sequence;
-        let deadline = tokio::time::Instant::now() + APPLY_WAIT;
-        loop {
-            if ask(&self.queries, |_, seq| seq).await? >= last {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(BookError::Unavailable(format!(
-                    "the engine has not applied the stream up to {last} yet: the records are kept and will be applied"
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        caught_up(&self.queries, &self.js).await
     }
 
     async fn event_time(&mut self, _program_id: String) -> Result<DateTime<Utc>, BookError> {
@@ -127,6 +126,7 @@ impl Book for LiveBook {
 pub(crate) struct Finance {
     rules: SharedRules,
     queries: mpsc::Sender<EngineQuery>,
+    js: async_nats::jetstream::Context,
     metrics: Arc<Metrics>,
     book: Arc<tokio::sync::Mutex<LiveBook>>,
     /// The queue for the rules in force (rebuilt when they change, so a
@@ -148,6 +148,7 @@ impl Finance {
             rules,
             metrics,
             queries: queries.clone(),
+            js: js.clone(),
             book: Arc::new(tokio::sync::Mutex::new(LiveBook { queries, publisher, js })),
             queue: Arc::new(Mutex::new(None)),
             http,
@@ -355,7 +356,10 @@ async fn list(
     };
     let program = who.program_id;
     // Read between two events, without waiting for a payout operation.
-    let items = ask(&f.queries, move |e, _| e.payout_items(&program)).await;
+    let items = match caught_up(&f.queries, &f.js).await {
+        Ok(()) => ask(&f.queries, move |e, _| e.payout_items(&program)).await,
+        Err(e) => Err(e),
+    };
     match items {
         Ok(items) => {
             let items: Vec<serde_json::Value> = items

@@ -79,7 +79,7 @@ pub async fn run(opts: ServeOptions, rules: Rules) -> Result<(), PipelineError> 
         metrics.clone(),
         queries_tx,
         publisher.clone(),
-        async_nats::jetstream::new(ingest_client.clone()),
+        async_nats::jetstream::new(engine_client.clone()),
         opts.payouts_http.clone(),
     );
     let pipeline = tokio::spawn(pipeline(
