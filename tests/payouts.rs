@@ -266,6 +266,13 @@ fn approve_plan_send_and_reconcile_through_both_providers_surviving_every_fault(
         planned,
         "partner_id,key_len,destination\nmeena,35,bank IMPS HDFC0001234 ****6789\nravi,35,upi r***@upi\n"
     );
+    // Every row of an item carries its identity (an analyst joins on the key;
+    // RazorpayX has no request group, so provider_batch stays empty there).
+    let keyed = sql(
+        &data,
+        "SELECT count(DISTINCT idempotency_key) AS keys, count(*) FILTER (WHERE idempotency_key IS NULL OR destination IS NULL OR provider IS NULL) AS bare FROM payouts WHERE program_id = 'bharat' AND batch_id = (SELECT min(batch_id) FROM payouts WHERE program_id = 'bharat')",
+    );
+    assert_eq!(keyed, "keys,bare\n2,0\n");
     let attempts = sql(
         &data,
         "SELECT partner_id, count(*) AS attempts FROM payouts WHERE attempted_at IS NOT NULL AND program_id = 'bharat' GROUP BY partner_id ORDER BY partner_id",

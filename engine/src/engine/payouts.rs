@@ -310,6 +310,11 @@ impl Engine {
                 ..i
             },
         };
+        // Every row of the item carries its fixed identity, whatever the event repeated.
+        let text = |v: &Option<Box<str>>| v.as_deref().map(str::to_string);
+        let (provider, provider_ref) = (text(&state.provider), text(&state.provider_ref));
+        let (idempotency_key, provider_batch, destination) =
+            (text(&state.idempotency_key), text(&state.provider_batch), text(&state.destination));
         pb.items.insert(p.batch_id.as_ref().into(), state);
         if matches!(p.status, PayoutStatus::Paid | PayoutStatus::Reversed) {
             self.mark_paid(prog, partner, &p.partner_id, e.ts);
@@ -326,12 +331,12 @@ impl Engine {
             amount: p.amount,
             tds: p.tds,
             status: p.status,
-            provider: p.provider.as_deref().map(str::to_string),
-            provider_ref: p.provider_ref.as_deref().map(str::to_string),
+            provider,
+            provider_ref,
             detail: p.detail.as_deref().map(str::to_string),
-            idempotency_key: p.idempotency_key.as_deref().map(str::to_string),
-            provider_batch: p.provider_batch.as_deref().map(str::to_string),
-            destination: p.destination.as_deref().map(str::to_string),
+            idempotency_key,
+            provider_batch,
+            destination,
             attempted_at: p.attempted_at,
         });
         Ok(())
