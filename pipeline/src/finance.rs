@@ -10,6 +10,8 @@
 //! operation runs at a time; it runs to its end even when the HTTP caller
 //! gives up (its answer is then in `GET /v1/payouts`).
 
+#![allow(clippy::result_large_err)] // handlers' errors are the answers themselves
+
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -30,6 +32,9 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
+
+/// The queue built for one rules version.
+type CachedQueue = (u64, Arc<Queue>);
 
 /// A question for the consumer: run on the engine with the last stream
 /// position applied.
@@ -131,7 +136,7 @@ pub(crate) struct Finance {
     book: Arc<tokio::sync::Mutex<LiveBook>>,
     /// The queue for the rules in force (rebuilt when they change, so a
     /// provider's token is kept between calls).
-    queue: Arc<Mutex<Option<(u64, Arc<Queue>)>>>,
+    queue: Arc<Mutex<Option<CachedQueue>>>,
     http: HttpSettings,
 }
 

@@ -8,6 +8,8 @@
 //! [`State::step`] with webhooks queued for the test to deliver, and the
 //! verify-webhook-signature call that knows which transmissions it sent.
 
+#![allow(clippy::result_large_err)] // handlers' errors are the answers themselves
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,6 +24,9 @@ use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 
 use super::{CURRENCIES, MAX_BATCH_ITEMS, PAGE_SIZE, WHOLE_UNITS};
+
+/// A webhook waiting to be delivered: its body and headers.
+pub type Delivery = (Vec<u8>, Vec<(String, String)>);
 
 pub const CLIENT_ID: &str = "pp_test_client";
 pub const CLIENT_SECRET: &str = "pp_test_secret";
@@ -88,7 +93,7 @@ pub struct State {
     /// New batches are denied.
     pub deny: bool,
     /// Webhooks waiting to be delivered: (body, headers).
-    pub webhooks: Vec<(Vec<u8>, Vec<(String, String)>)>,
+    pub webhooks: Vec<Delivery>,
     transmissions: HashMap<String, (String, Value)>,
     pub auto_settle: bool,
     pub create_requests: usize,

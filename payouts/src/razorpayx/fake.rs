@@ -7,6 +7,8 @@
 //! with signed webhooks queued for the test to deliver (in any order, any
 //! number of times), and faults armed per request.
 
+#![allow(clippy::result_large_err)] // handlers' errors are the answers themselves
+
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

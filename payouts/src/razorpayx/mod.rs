@@ -35,6 +35,7 @@ pub const MIN_PAISE: i64 = 100;
 /// What a mode can carry, in paise: (least, most). Documented limits of
 /// the rails: UPI up to ₹1,00,000; IMPS up to ₹5,00,000; NEFT any amount;
 /// RTGS from ₹2,00,000.
+#[allow(clippy::inconsistent_digit_grouping)] // paise in Indian grouping: lakh and crore
 pub fn mode_limits(mode: &str) -> Option<(i64, Option<i64>)> {
     Some(match mode {
         "UPI" => (MIN_PAISE, Some(1_00_000_00)),
