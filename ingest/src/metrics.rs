@@ -334,6 +334,28 @@ impl Metrics {
             }
             let _ = writeln!(s, "{name}_sum {}\n{name}_count {}", h.mean() * h.len() as f64 / 1e6, h.len());
         }
+        // The same latencies as cumulative buckets, so that a reader can take
+        // quantiles of any interval from the difference of two readings.
+        for (name, help, h) in [
+            (
+                "afflio_decision_latency_histogram_seconds",
+                "Broker storage to the event applied by the engine (buckets).",
+                &self.decision_us,
+            ),
+            (
+                "afflio_freshness_histogram_seconds",
+                "Broker storage to the event's rows in a committed store version (buckets).",
+                &self.freshness_us,
+            ),
+        ] {
+            let h = h.lock().expect("metrics lock");
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} histogram");
+            for le in BUCKETS_US {
+                let _ = writeln!(s, "{name}_bucket{{le=\"{}\"}} {}", le as f64 / 1e6, h.count_between(0, le));
+            }
+            let _ = writeln!(s, "{name}_bucket{{le=\"+Inf\"}} {}", h.len());
+            let _ = writeln!(s, "{name}_sum {}\n{name}_count {}", h.mean() * h.len() as f64 / 1e6, h.len());
+        }
         s
     }
 }

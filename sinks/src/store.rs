@@ -241,7 +241,16 @@ impl Store {
             let mode = w.mode;
             jobs.push(async move {
                 fault("store-before-table", t.name());
+                let started = std::time::Instant::now();
+                let files = table.snapshot().map_or(0, |s| s.log_data().num_files());
                 let table = write_table(table, t, batch, mode, position.as_ref(), &ctx).await?;
+                if log_commits() {
+                    eprintln!(
+                        "afflio: store {}: {n} rows ({mode:?}) into {files} files in {} ms",
+                        t.name(),
+                        started.elapsed().as_millis()
+                    );
+                }
                 fault("store-after-table", t.name());
                 Ok::<_, StoreError>((t, table))
             });
@@ -321,6 +330,12 @@ fn fault(name: &str, table: &str) {
             std::process::abort();
         }
     }
+}
+
+/// `AFFLIO_LOG_COMMITS=1`: each table's write time on stderr (for profiling).
+fn log_commits() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("AFFLIO_LOG_COMMITS").is_some_and(|v| v == "1"))
 }
 
 async fn txn_version(table: &DeltaTable, app: &str) -> Result<Option<i64>, StoreError> {

@@ -154,6 +154,10 @@ fn rss_mb(pid: u32) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// The service's latency histograms (cumulative buckets).
+const DECISION_HIST: &str = "afflio_decision_latency_histogram_seconds";
+const FRESHNESS_HIST: &str = "afflio_freshness_histogram_seconds";
+
 /// A reading of the service's metrics.
 struct Reading {
     at: Instant,
@@ -164,8 +168,7 @@ struct Reading {
 fn window(prev: &Reading, now: &Reading, started: Instant) -> Window {
     let m = |name: &str| metric(&now.text, name).unwrap_or(0.0);
     let applied = m("afflio_engine_events_total") - metric(&prev.text, "afflio_engine_events_total").unwrap_or(0.0);
-    let d = "afflio_decision_latency_window_seconds";
-    let f = "afflio_freshness_window_seconds";
+    let (d, f) = (DECISION_HIST, FRESHNESS_HIST);
     let (db, da) = (buckets(&prev.text, d), buckets(&now.text, d));
     let (fb, fa) = (buckets(&prev.text, f), buckets(&now.text, f));
     let q3 = |b: &[(f64, f64)], a: &[(f64, f64)]| {
@@ -467,7 +470,7 @@ fn report(opts: &LiveOptions, results: &[LiveResult]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{buckets, metric, window_quantile};
+    use super::{buckets, metric, window_quantile, DECISION_HIST, FRESHNESS_HIST};
 
     #[test]
     fn metrics_are_read_by_name() {
@@ -490,5 +493,28 @@ mod tests {
         let p999 = window_quantile(&b, &a, 0.999);
         assert!(p999 > 10_000.0 && p999 <= 100_000.0, "{p999}");
         assert_eq!(window_quantile(&a, &a, 0.5), 0.0, "an empty window");
+    }
+
+    #[test]
+    fn the_service_exports_the_buckets_the_windows_are_read_from() {
+        let m = afflio_ingest::metrics::Metrics::default();
+        let empty = buckets(&m.render(), DECISION_HIST);
+        assert!(empty.len() > 40, "{empty:?}");
+        for _ in 0..998 {
+            m.record_decision_us(2_000);
+        }
+        m.record_decision_us(450_000);
+        m.record_decision_us(450_000);
+        m.record_freshness_us(30_000);
+        let text = m.render();
+        let (d, f) = (buckets(&text, DECISION_HIST), buckets(&text, FRESHNESS_HIST));
+        assert!(d.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1), "cumulative, by bound: {d:?}");
+        assert_eq!(d.last(), Some(&(f64::INFINITY, 1000.0)));
+        let p50 = window_quantile(&empty, &d, 0.5);
+        assert!((1_500.0..=2_000.0).contains(&p50), "{p50}");
+        let p999 = window_quantile(&empty, &d, 0.999);
+        assert!((400_000.0..=500_000.0).contains(&p999), "{p999}");
+        let fp = window_quantile(&buckets("", FRESHNESS_HIST), &f, 0.5);
+        assert!((25_000.0..=30_000.0).contains(&fp), "{fp}");
     }
 }
