@@ -132,6 +132,7 @@ pub(crate) fn writer_properties() -> WriterProperties {
     WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
         .set_max_row_group_row_count(Some(256 * 1024))
+        .set_dictionary_enabled(false)
         .build()
 }
 
