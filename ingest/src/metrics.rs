@@ -314,47 +314,35 @@ impl Metrics {
             get(&self.maintenance_failures),
         );
         g(&mut s, "afflio_epoch_events", "Events in the last epoch committed.", get(&self.epoch_events));
-        for (name, help, h) in [
+        // Each latency as a summary; the engine's two also as cumulative
+        // buckets (`<name minus _seconds>_histogram_seconds`), so that a reader
+        // can take quantiles of any interval from the difference of two readings.
+        for (name, help, h, buckets) in [
+            ("afflio_decision_latency", "Broker storage to the event applied by the engine.", &self.decision_us, true),
             (
-                "afflio_decision_latency_seconds",
-                "Broker storage to the event applied by the engine.",
-                &self.decision_us,
-            ),
-            (
-                "afflio_freshness_seconds",
+                "afflio_freshness",
                 "Broker storage to the event's rows in a committed store version.",
                 &self.freshness_us,
+                true,
             ),
-            ("afflio_store_commit_seconds", "One epoch's commit to the store.", &self.commit_us),
+            ("afflio_store_commit", "One epoch's commit to the store.", &self.commit_us, false),
         ] {
             let h = h.lock().expect("metrics lock");
-            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} summary");
+            let sum_count = format!("_sum {}\n", h.mean() * h.len() as f64 / 1e6);
+            let _ = writeln!(s, "# HELP {name}_seconds {help}\n# TYPE {name}_seconds summary");
             for q in [0.5, 0.9, 0.99, 0.999] {
-                let _ = writeln!(s, "{name}{{quantile=\"{q}\"}} {}", h.value_at_quantile(q) as f64 / 1e6);
+                let _ = writeln!(s, "{name}_seconds{{quantile=\"{q}\"}} {}", h.value_at_quantile(q) as f64 / 1e6);
             }
-            let _ = writeln!(s, "{name}_sum {}\n{name}_count {}", h.mean() * h.len() as f64 / 1e6, h.len());
-        }
-        // The same latencies as cumulative buckets, so that a reader can take
-        // quantiles of any interval from the difference of two readings.
-        for (name, help, h) in [
-            (
-                "afflio_decision_latency_histogram_seconds",
-                "Broker storage to the event applied by the engine (buckets).",
-                &self.decision_us,
-            ),
-            (
-                "afflio_freshness_histogram_seconds",
-                "Broker storage to the event's rows in a committed store version (buckets).",
-                &self.freshness_us,
-            ),
-        ] {
-            let h = h.lock().expect("metrics lock");
-            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} histogram");
-            for le in BUCKETS_US {
-                let _ = writeln!(s, "{name}_bucket{{le=\"{}\"}} {}", le as f64 / 1e6, h.count_between(0, le));
+            let _ = writeln!(s, "{name}_seconds{sum_count}{name}_seconds_count {}", h.len());
+            if buckets {
+                let hist = format!("{name}_histogram_seconds");
+                let _ = writeln!(s, "# HELP {hist} {help} (buckets)\n# TYPE {hist} histogram");
+                for le in BUCKETS_US {
+                    let _ = writeln!(s, "{hist}_bucket{{le=\"{}\"}} {}", le as f64 / 1e6, h.count_between(0, le));
+                }
+                let _ = writeln!(s, "{hist}_bucket{{le=\"+Inf\"}} {}", h.len());
+                let _ = writeln!(s, "{hist}{sum_count}{hist}_count {}", h.len());
             }
-            let _ = writeln!(s, "{name}_bucket{{le=\"+Inf\"}} {}", h.len());
-            let _ = writeln!(s, "{name}_sum {}\n{name}_count {}", h.mean() * h.len() as f64 / 1e6, h.len());
         }
         s
     }
