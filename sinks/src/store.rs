@@ -243,9 +243,10 @@ impl Store {
             jobs.push(async move {
                 fault("store-before-table", t.name());
                 let started = std::time::Instant::now();
-                let files = table.snapshot().map_or(0, |s| s.log_data().num_files());
+                // Counted only when logging: it is not free on a table of many files.
+                let files = log_commits().then(|| table.snapshot().map_or(0, |s| s.log_data().num_files()));
                 let table = write_table(table, t, batch, mode, position.as_ref(), &ctx).await?;
-                if log_commits() {
+                if let Some(files) = files {
                     eprintln!(
                         "afflio: store {}: {n} rows ({mode:?}) into {files} files in {} ms",
                         t.name(),
