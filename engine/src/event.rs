@@ -8,6 +8,8 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
+use crate::registry::RegistryEvent;
+
 /// What happened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum EventType {
@@ -19,6 +21,13 @@ pub enum EventType {
     Review,
     /// A payout item's state change (from the payouts queue or a provider).
     Payout,
+    /// Registry changes (the marketplace): see [`crate::registry`].
+    ProgramPublished,
+    PartnerApplied,
+    ApplicationDecided,
+    LinkCreated,
+    CodeCreated,
+    PartnerUpdated,
 }
 
 impl EventType {
@@ -30,8 +39,30 @@ impl EventType {
             EventType::Chargeback => "chargeback",
             EventType::Review => "review",
             EventType::Payout => "payout",
+            EventType::ProgramPublished => "program_published",
+            EventType::PartnerApplied => "partner_applied",
+            EventType::ApplicationDecided => "application_decided",
+            EventType::LinkCreated => "link_created",
+            EventType::CodeCreated => "code_created",
+            EventType::PartnerUpdated => "partner_updated",
         }
     }
+
+    /// Whether this is a registry event (carried in a `data` object).
+    pub fn is_registry(self) -> bool {
+        matches!(
+            self,
+            EventType::ProgramPublished
+                | EventType::PartnerApplied
+                | EventType::ApplicationDecided
+                | EventType::LinkCreated
+                | EventType::CodeCreated
+                | EventType::PartnerUpdated
+        )
+    }
+
+    /// Every type's name, for messages.
+    pub const NAMES: &'static str = "click, capture, refund, chargeback, review, payout, program_published, partner_applied, application_decided, link_created, code_created, partner_updated";
 
     pub fn parse(s: &str) -> Option<EventType> {
         Some(match s {
@@ -41,6 +72,12 @@ impl EventType {
             "chargeback" => EventType::Chargeback,
             "review" => EventType::Review,
             "payout" => EventType::Payout,
+            "program_published" => EventType::ProgramPublished,
+            "partner_applied" => EventType::PartnerApplied,
+            "application_decided" => EventType::ApplicationDecided,
+            "link_created" => EventType::LinkCreated,
+            "code_created" => EventType::CodeCreated,
+            "partner_updated" => EventType::PartnerUpdated,
             _ => return None,
         })
     }
@@ -72,6 +109,14 @@ impl Event<'_> {
             Body::Refund(_) => EventType::Refund,
             Body::Review(_) => EventType::Review,
             Body::Payout(_) => EventType::Payout,
+            Body::Registry(r) => match **r {
+                RegistryEvent::ProgramPublished(_) => EventType::ProgramPublished,
+                RegistryEvent::PartnerApplied(_) => EventType::PartnerApplied,
+                RegistryEvent::ApplicationDecided(_) => EventType::ApplicationDecided,
+                RegistryEvent::LinkCreated(_) => EventType::LinkCreated,
+                RegistryEvent::CodeCreated(_) => EventType::CodeCreated,
+                RegistryEvent::PartnerUpdated(_) => EventType::PartnerUpdated,
+            },
         }
     }
 }
@@ -85,6 +130,8 @@ pub enum Body<'a> {
     Refund(Refund<'a>),
     Review(ReviewEvent<'a>),
     Payout(PayoutEvent<'a>),
+    /// A registry change (its content in the event's `data` object).
+    Registry(Box<RegistryEvent>),
 }
 
 /// Where a payout item stands.
@@ -261,15 +308,15 @@ pub struct Refund<'a> {
 /// matter), different otherwise. Stable across processes and versions, since
 /// it is kept in checkpoints.
 ///
-/// The time of a review or a payout state change is the server's (the
-/// service stamps it on arrival): it is not part of their content, so a
-/// client's retry of the same decision is a duplicate.
+/// The time of a review, a payout state change or a registry change is the
+/// server's (the service stamps it on arrival): it is not part of their
+/// content, so a client's retry of the same decision is a duplicate.
 pub fn fingerprint(e: &Event<'_>) -> u128 {
     let mut h = Fp::new();
     h.str(1, &e.event_id);
     h.str(2, e.event_type().as_str());
     h.str(3, &e.program_id);
-    if !matches!(e.body, Body::Review(_) | Body::Payout(_)) {
+    if !matches!(e.body, Body::Review(_) | Body::Payout(_) | Body::Registry(_)) {
         h.int(4, e.ts.timestamp());
         h.int(5, i64::from(e.ts.timestamp_subsec_nanos()));
     }
@@ -318,6 +365,9 @@ pub fn fingerprint(e: &Event<'_>) -> u128 {
             h.opt(69, &p.idempotency_key);
             h.opt(70, &p.provider_batch);
             h.opt(71, &p.destination);
+        }
+        Body::Registry(r) => {
+            h.bytes(80, &r.canonical());
         }
         Body::Review(r) => {
             h.opt(50, &r.order_id);
@@ -375,6 +425,12 @@ impl Fp {
         self.update(&[tag]);
         self.update(&(v.len() as u64).to_le_bytes());
         self.update(v.as_bytes());
+    }
+
+    fn bytes(&mut self, tag: u8, v: &[u8]) {
+        self.update(&[tag]);
+        self.update(&(v.len() as u64).to_le_bytes());
+        self.update(v);
     }
 
     fn int(&mut self, tag: u8, v: i64) {

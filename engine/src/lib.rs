@@ -14,11 +14,12 @@ mod event;
 mod fraud;
 mod money;
 mod output;
+pub mod registry;
 mod sessions;
 mod state;
 
 pub use afflio_rules as rules;
-pub use engine::{check_event, CheckpointError, Engine, Invalid, ItemState, MemoryReport, PayoutItem, StateChanges};
+pub use engine::{check_event, email_sha256, ListingView, PartnerView, CheckpointError, Engine, Invalid, ItemState, MemoryReport, PayoutItem, StateChanges};
 pub use event::{
     fingerprint, Body, Capture, Click, Customer, Decision, Event, EventType, Item, PayoutEvent, PayoutStatus, Refund,
     ReviewEvent,

@@ -36,10 +36,21 @@ pub enum Reason {
     InvalidPayout,
     /// `ts` more than `max_future_skew` ahead of the arrival clock.
     FutureEvent,
+    /// A registry event naming an application the program does not have.
+    UnknownApplication,
+    /// An application decided before is decided again.
+    AlreadyDecided,
+    /// A registry event naming a partner the program does not have.
+    UnknownPartner,
+    /// An id (partner, application, link) or code that is taken.
+    DuplicateId,
+    /// A registry event that cannot apply: a program not listed, a bad
+    /// value (payout destination, identity hash), a limit reached.
+    InvalidRegistry,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 18] = [
         Reason::Malformed,
         Reason::UnknownProgram,
         Reason::UnknownLink,
@@ -53,6 +64,11 @@ impl Reason {
         Reason::InvalidReview,
         Reason::InvalidPayout,
         Reason::FutureEvent,
+        Reason::UnknownApplication,
+        Reason::AlreadyDecided,
+        Reason::UnknownPartner,
+        Reason::DuplicateId,
+        Reason::InvalidRegistry,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -70,6 +86,11 @@ impl Reason {
             Reason::InvalidReview => "invalid_review",
             Reason::InvalidPayout => "invalid_payout",
             Reason::FutureEvent => "future_event",
+            Reason::UnknownApplication => "unknown_application",
+            Reason::AlreadyDecided => "already_decided",
+            Reason::UnknownPartner => "unknown_partner",
+            Reason::DuplicateId => "duplicate_id",
+            Reason::InvalidRegistry => "invalid_registry",
         }
     }
 }
@@ -443,6 +464,9 @@ pub struct Stats {
     /// Payout item state changes applied.
     #[serde(default)]
     pub applied_payouts: u64,
+    /// Registry events applied.
+    #[serde(default)]
+    pub applied_registry: u64,
     pub duplicates: u64,
     pub rejected: BTreeMap<Reason, u64>,
     pub orders_by_link: u64,
@@ -469,6 +493,7 @@ impl Stats {
             + self.applied_chargebacks
             + self.applied_reviews
             + self.applied_payouts
+            + self.applied_registry
     }
 
     pub fn rejections(&self) -> u64 {

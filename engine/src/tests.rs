@@ -559,3 +559,89 @@ fn captures_that_would_overflow_the_store_are_refused_before_anything_changes() 
     let rej = e.take_output().rejections;
     assert!(rej[0].detail.contains("captured total"), "{}", rej[0].detail);
 }
+
+fn registry(id: &str, mins: i64, r: crate::registry::RegistryEvent) -> Event<'static> {
+    Event { event_id: id.to_string().into(), ts: at(mins), program_id: "acme".into(), body: Body::Registry(Box::new(r)) }
+}
+
+#[test]
+fn the_registry_survives_images_and_deltas_at_every_cut_and_credits_only_from_its_event_on() {
+    use crate::registry::{Apply, Decide, NewCode, Publish, RegistryEvent as R, UpdatePartner, Verdict};
+    let apply_ev = |id: &str, app: &str, partner: &str| {
+        let a = Apply {
+            application_id: app.into(),
+            partner_id: partner.into(),
+            display_name: partner.into(),
+            email: format!("{partner}@example.com"),
+            ..Apply::default()
+        };
+        registry(id, 1, R::PartnerApplied(a))
+    };
+    let decide = |app: &str, v: Verdict| {
+        R::ApplicationDecided(Decide {
+            application_id: app.into(),
+            decision: v,
+            reason: Some("fits".into()),
+            decided_by: "ana".into(),
+        })
+    };
+    let events: Vec<Event<'static>> = vec![
+        registry("p1", 0, R::ProgramPublished(Publish { name: "Acme".into(), listed: true, ..Publish::default() })),
+        click("k0", 1, "acme-maya", "v0", "acme"),
+        apply_ev("r1", "a1", "maya"),
+        apply_ev("r2", "a2", "noor"),
+        registry("d1", 2, decide("a1", Verdict::Approve)),
+        registry("d2", 3, decide("a2", Verdict::Reject)),
+        click("k1", 4, "acme-maya", "v1", "acme"),
+        capture("c1", 5, "o1", "100", Some("v1"), &[]),
+        capture("c0", 5, "o0", "100", Some("v0"), &[]),
+        registry(
+            "n1",
+            6,
+            R::CodeCreated(NewCode {
+                code: "mayafall".into(),
+                partner_id: "maya".into(),
+                starts_at: None,
+                expires_at: None,
+                max_uses: Some(1),
+            }),
+        ),
+        capture("c2", 7, "o2", "40", None, &["MAYAFALL"]),
+        capture("c3", 8, "o3", "40", None, &["MAYAFALL"]),
+        registry("u1", 9, R::PartnerUpdated(UpdatePartner { partner_id: "maya".into(), active: Some(false), ..UpdatePartner::default() })),
+        click("k2", 10, "acme-maya", "v2", "acme"),
+    ];
+    let mut straight = engine();
+    for ev in &events {
+        apply(&mut straight, ev);
+    }
+    let out = straight.take_output();
+    let credited: Vec<(&str, &str)> = out.ledger.iter().map(|l| (&*l.order_id, &*l.partner_id)).collect();
+    assert_eq!(credited, [("o1", "maya"), ("o2", "maya")], "o0's click came before the link; o3 found the code used up");
+    let rejected: Vec<(&str, Reason)> =
+        out.rejections.iter().map(|r| (r.event_id.as_deref().unwrap(), r.reason)).collect();
+    assert_eq!(rejected, [("k0", Reason::UnknownLink), ("k2", Reason::UnknownLink)]);
+    let view = straight.partner_view("maya").unwrap();
+    assert_eq!(view.links.iter().map(|l| l.id.as_str()).collect::<Vec<_>>(), ["acme-maya"]);
+    assert_eq!(view.codes.iter().map(|(c, n)| (c.normalized.as_str(), *n)).collect::<Vec<_>>(), [("MAYA", 0), ("MAYAFALL", 1)]);
+    assert_eq!(straight.registry_sizes(), [2, 1, 1, 2]);
+    let state = straight.state_fingerprint();
+    // An image after `cut` events, then a delta of the rest: the same state.
+    for cut in 0..=events.len() {
+        let mut first = engine();
+        for ev in &events[..cut] {
+            apply(&mut first, ev);
+        }
+        first.take_output();
+        let image = first.checkpoint().unwrap();
+        first.checkpoint_delta().unwrap();
+        for ev in &events[cut..] {
+            apply(&mut first, ev);
+        }
+        first.take_output();
+        let delta = first.checkpoint_delta().unwrap();
+        let restored = Engine::restore_chain(first.rules().clone(), &image, [&delta[..]]).unwrap();
+        assert_eq!(restored.state_fingerprint(), state, "cut at {cut}");
+        assert_eq!(restored.partner_view("maya"), view.clone().into(), "cut at {cut}");
+    }
+}

@@ -13,8 +13,8 @@ mod raw;
 mod units;
 
 pub use compile::{
-    ApiKey, AttributionModel, Code, EngineSettings, FraudAction, FraudSettings, KeyRole, Link, Partner, Payout,
-    PayoutProvider, PayoutSettings, PaypalSettings, Program, RazorpayxSettings, Rules, Secret,
+    check_payout, ApiKey, AttributionModel, Code, EngineSettings, FraudAction, FraudSettings, KeyRole, Link, Listing,
+    Marketplace, Partner, Payout, PayoutProvider, PayoutSettings, PaypalSettings, Program, RazorpayxSettings, Rules, Secret,
 };
 pub use error::{ConfigError, Problem};
 pub use units::{format_duration, parse_duration, Currency, Rate};

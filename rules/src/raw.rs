@@ -74,6 +74,34 @@ pub(crate) struct RawProgram {
     pub(crate) fraud: Option<S<RawFraud>>,
     /// The smallest payout to a partner (a decimal in the program's currency).
     pub(crate) min_payout: Option<S<String>>,
+    /// The program's marketplace listing and how approved creators are set up.
+    pub(crate) marketplace: Option<S<RawMarketplace>>,
+}
+
+/// `[programs.marketplace]`: the listing seed and the setup of approved creators.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawMarketplace {
+    /// Listed in the marketplace from the start (a `program_published` event can list it later).
+    #[serde(default)]
+    pub(crate) listed: bool,
+    pub(crate) name: Option<S<String>>,
+    pub(crate) description: Option<S<String>>,
+    pub(crate) terms: Option<S<String>>,
+    pub(crate) category: Option<S<String>>,
+    /// Applications are approved as they arrive.
+    #[serde(default)]
+    pub(crate) auto_approve: bool,
+    /// The approved partner's link id, e.g. "{program}-{partner}".
+    pub(crate) link_pattern: Option<S<String>>,
+    /// The approved partner's promo code, e.g. "{PARTNER}10".
+    pub(crate) code_pattern: Option<S<String>>,
+    /// Where the approved partner's link sends shoppers.
+    pub(crate) destination: Option<S<String>>,
+    /// Uses of an approved partner's code before it is exhausted.
+    pub(crate) code_max_uses: Option<S<i64>>,
+    /// How long an approved partner's code is valid from the approval.
+    pub(crate) code_valid_for: Option<S<String>>,
 }
 
 /// Payout providers: where they are and which environment variables hold

@@ -7,7 +7,7 @@ use chrono::TimeDelta;
 use rust_decimal::Decimal;
 
 /// A commission rate written `"12.5%"`, held as the exact fraction (`0.125`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Rate(Decimal);
 
 impl Rate {

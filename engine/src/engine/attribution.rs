@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 
 use super::detect::FlagSpec;
-use super::validate::{check_link, Reject};
+use super::validate::{unknown_link, Reject};
 use super::{micros, Engine};
 use crate::event::{Capture, Click, Event};
 use crate::fraud::Hit;
@@ -29,10 +29,13 @@ impl Engine {
         let target = match cached {
             Some(&(t, _)) => t,
             None => {
-                let link = check_link(rules, program, &c.link_id)?;
-                let (l, p) = (self.names.intern(&link.id), self.names.intern(&link.partner_id));
+                let link = match self.find_link(rules, &c.link_id) {
+                    Some(l) if l.program_id == program.id => (l.id.clone(), l.partner_id.clone()),
+                    _ => return Err(unknown_link(program, &c.link_id)),
+                };
+                let (l, p) = (self.names.intern(&link.0), self.names.intern(&link.1));
                 let t = self.sessions.target(l, p, prog);
-                self.link_targets.insert(link.id.as_str().into(), (t, prog));
+                self.link_targets.insert(link.0.as_str().into(), (t, prog));
                 t
             }
         };
@@ -89,14 +92,15 @@ impl Engine {
         // 1. Promo codes, in typed order.
         let mut codes: Vec<Box<str>> = Vec::with_capacity(c.codes.len());
         let mut issues = Vec::new();
-        let mut valid: Vec<&afflio_rules::Code> = Vec::new();
+        // Owned: a code may live in the registry, a part of the engine changed below.
+        let mut valid: Vec<afflio_rules::Code> = Vec::new();
         for typed in &c.codes {
             let norm = normalize_code(typed);
             if norm.is_empty() || codes.iter().any(|k| **k == *norm) {
                 continue;
             }
             codes.push(norm.clone().into());
-            let issue = match program.codes.get(&norm) {
+            let issue = match self.find_code(program, prog, &norm) {
                 None => Some(CodeIssue::Unknown),
                 Some(code) if code.starts_at.is_some_and(|s| ts < s) => Some(CodeIssue::NotStarted),
                 Some(code) if code.expires_at.is_some_and(|x| ts >= x) => Some(CodeIssue::Expired),
@@ -104,7 +108,7 @@ impl Engine {
                     Some(CodeIssue::Exhausted)
                 }
                 Some(code) => {
-                    valid.push(code);
+                    valid.push(code.clone());
                     None
                 }
             };
@@ -175,6 +179,7 @@ impl Engine {
         // Fraud rules, decided with the attribution.
         let mut hits: Vec<(FraudRule, Hit)> = Vec::new();
         if let Some(cr) = order.credit.clone() {
+            let valid: Vec<&afflio_rules::Code> = valid.iter().collect();
             self.detect(&mut hits, e, c, &cr, &valid, click_ts, rules, program, prog);
         }
         let seq = self.orders.insert(prog, order);

@@ -23,6 +23,7 @@ use crate::fraud::{KeyOrders, LeakWindow, RefundWindow, SpikePartner};
 use crate::sessions::{IdKey, PreHashed, Visitor};
 use crate::state::order::OrdersDelta;
 use crate::state::tracked::Delta;
+use crate::registry::{Application, ListingState, RegPartner, Registry};
 use crate::state::Order;
 
 /// Why a checkpoint could not be taken or restored.
@@ -42,7 +43,7 @@ pub enum CheckpointError {
     Encoding(#[from] postcard::Error),
 }
 
-const MAGIC: &[u8] = b"AFFLIO-ENGINE-CKPT-3\n";
+const MAGIC: &[u8] = b"AFFLIO-ENGINE-CKPT-4\n";
 
 type H = hashbrown::DefaultHashBuilder;
 
@@ -65,6 +66,110 @@ struct ImageOut<'a> {
     spike: Delta<'a, (u32, u32), SpikePartner, H>,
     balances: Delta<'a, (u32, u32), PartnerBalance, H>,
     refunds: Delta<'a, (u32, u32), RefundWindow, H>,
+    registry: RegistryOut<'a>,
+}
+
+#[derive(Serialize)]
+struct RegistryOut<'a> {
+    listings: Delta<'a, u32, ListingState, H>,
+    applications: Delta<'a, (u32, u32), Application, H>,
+    partners: Delta<'a, u32, RegPartner, H>,
+    links: Delta<'a, u32, afflio_rules::Link, H>,
+    codes: Delta<'a, (u32, u32), afflio_rules::Code, H>,
+    claimed: Delta<'a, u32, (u32, u32), H>,
+}
+
+#[derive(Deserialize)]
+struct RegistryIn {
+    listings: Entries<u32, ListingState>,
+    applications: Entries<(u32, u32), Application>,
+    partners: Entries<u32, RegPartner>,
+    links: Entries<u32, afflio_rules::Link>,
+    codes: Entries<(u32, u32), afflio_rules::Code>,
+    claimed: Entries<u32, (u32, u32)>,
+}
+
+impl Registry {
+    fn full(&self) -> RegistryOut<'_> {
+        RegistryOut {
+            listings: self.listings.full(),
+            applications: self.applications.full(),
+            partners: self.partners.full(),
+            links: self.links.full(),
+            codes: self.codes.full(),
+            claimed: self.claimed.full(),
+        }
+    }
+
+    fn take_delta(&mut self) -> RegistryOut<'_> {
+        RegistryOut {
+            listings: self.listings.take_delta(),
+            applications: self.applications.take_delta(),
+            partners: self.partners.take_delta(),
+            links: self.links.take_delta(),
+            codes: self.codes.take_delta(),
+            claimed: self.claimed.take_delta(),
+        }
+    }
+
+    fn apply(&mut self, r: RegistryIn) {
+        self.listings.apply(r.listings);
+        self.applications.apply(r.applications);
+        self.partners.apply(r.partners);
+        self.links.apply(r.links);
+        self.codes.apply(r.codes);
+        self.claimed.apply(r.claimed);
+    }
+
+    fn clear_changes(&mut self) {
+        self.listings.clear_changes();
+        self.applications.clear_changes();
+        self.partners.clear_changes();
+        self.links.clear_changes();
+        self.codes.clear_changes();
+        self.claimed.clear_changes();
+    }
+
+    fn changed(&self) -> usize {
+        self.listings.changed()
+            + self.applications.changed()
+            + self.partners.changed()
+            + self.links.changed()
+            + self.codes.changed()
+            + self.claimed.changed()
+    }
+
+    /// Every entry in key order, sets sorted (their iteration order is a hasher's).
+    fn canonical(&self) -> String {
+        fn sorted<K: Ord + Copy, V>(it: impl Iterator<Item = (K, V)>) -> Vec<(K, V)> {
+            let mut v: Vec<_> = it.collect();
+            v.sort_by_key(|(k, _)| *k);
+            v
+        }
+        let partner = |r: &RegPartner| {
+            let p = &r.partner;
+            let mut emails: Vec<_> = p.email_sha256.iter().collect();
+            emails.sort();
+            let mut ids: Vec<_> = p.customer_ids.iter().collect();
+            ids.sort();
+            let mut cats: Vec<_> = p.category_rates.iter().collect();
+            cats.sort_by(|a, b| a.0.cmp(b.0));
+            format!(
+                "{} {} {:?} {:?} {emails:?} {ids:?} {cats:?} {:?} {} {} {} {} {} {:?} {:?}",
+                p.id, p.program_id, p.parent, p.rate, p.payout, r.display_name, r.email, r.active, r.token_epoch,
+                r.joined_at, r.links, r.codes
+            )
+        };
+        format!(
+            "listings {:?}\napplications {:?}\npartners {:?}\nlinks {:?}\ncodes {:?}\nclaimed {:?}\n",
+            sorted(self.listings.iter().map(|(k, v)| (*k, v))),
+            sorted(self.applications.iter().map(|(k, v)| (*k, v))),
+            sorted(self.partners.iter().map(|(k, v)| (*k, partner(v)))),
+            sorted(self.links.iter().map(|(k, v)| (*k, v))),
+            sorted(self.codes.iter().map(|(k, v)| (*k, v))),
+            sorted(self.claimed.iter().map(|(k, v)| (*k, v))),
+        )
+    }
 }
 
 type Entries<K, V> = Vec<(K, Option<V>)>;
@@ -88,6 +193,7 @@ struct ImageIn {
     spike: Entries<(u32, u32), SpikePartner>,
     balances: Entries<(u32, u32), PartnerBalance>,
     refunds: Entries<(u32, u32), RefundWindow>,
+    registry: RegistryIn,
 }
 
 fn encode(img: &ImageOut<'_>) -> Result<Vec<u8>, CheckpointError> {
@@ -120,6 +226,7 @@ impl Engine {
             spike: self.spike.partners.full(),
             balances: self.balances.full(),
             refunds: self.refunds_by_partner.full(),
+            registry: self.registry.full(),
         })
     }
 
@@ -151,6 +258,7 @@ impl Engine {
             spike: self.spike.partners.take_delta(),
             balances: self.balances.take_delta(),
             refunds: self.refunds_by_partner.take_delta(),
+            registry: self.registry.take_delta(),
         })
     }
 
@@ -163,6 +271,7 @@ impl Engine {
             + self.spike.partners.changed()
             + self.balances.changed()
             + self.refunds_by_partner.changed()
+            + self.registry.changed()
     }
 
     /// An engine in the state of `checkpoint` (an image), with `rules`.
@@ -209,6 +318,7 @@ impl Engine {
         self.spike.partners.apply(img.spike);
         self.balances.apply(img.balances);
         self.refunds_by_partner.apply(img.refunds);
+        self.registry.apply(img.registry);
         Ok(())
     }
 
@@ -226,6 +336,7 @@ impl Engine {
         self.spike.partners.clear_changes();
         self.balances.clear_changes();
         self.refunds_by_partner.clear_changes();
+        self.registry.clear_changes();
         self.names.take_delta();
         self.targets_mark = self.sessions.targets.len();
         self.balance_changes.clear();
@@ -272,6 +383,7 @@ impl Engine {
             .collect();
         let _ = writeln!(s, "balances {balances:?}");
         let _ = writeln!(s, "refunds {:?}", sorted(self.refunds_by_partner.iter().map(|(k, v)| (*k, v))));
+        s.push_str(&self.registry.canonical());
         s
     }
 }

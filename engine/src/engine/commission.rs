@@ -36,12 +36,14 @@ impl Engine {
     }
 
     pub(super) fn accrue(&mut self, seq: u64, e: &Event<'_>, c: &Capture<'_>, rules: &Rules, program: &Program) {
+        let (names, registry) = (&self.names, &self.registry);
         let Some(order) = self.orders.get_mut(seq) else { return };
         let Some(credit) = order.credit.clone() else { return };
         for i in 0..order.lines.len() {
             let line = &mut order.lines[i];
             let (exact, rate) = if line.tier == 0 {
-                tier0_commission(rules, program, &line.partner_id, c.amount, &c.items)
+                let partner = super::registry::lookup_partner(names, registry, rules, &line.partner_id);
+                tier0_commission(partner, program, c.amount, &c.items)
             } else {
                 let r = program.overrides.get(usize::from(line.tier) - 1).map_or(Decimal::ZERO, |r| r.fraction());
                 (c.amount * r, Some(r))
@@ -165,13 +167,12 @@ impl Posting {
 /// the whole amount. First match wins: partner's category rate, partner's
 /// rate, program's category rate, program's rate.
 pub(super) fn tier0_commission(
-    rules: &Rules,
+    partner: Option<&afflio_rules::Partner>,
     program: &Program,
-    partner_id: &str,
     amount: Decimal,
     items: &Option<Vec<Item<'_>>>,
 ) -> (Decimal, Option<Decimal>) {
-    let partner = rules.partner(partner_id).filter(|p| p.program_id == program.id);
+    let partner = partner.filter(|p| p.program_id == program.id);
     let rate_for = |category: Option<&str>| -> Decimal {
         let cat = category.and_then(|c| {
             partner.and_then(|p| p.category_rates.get(c)).or_else(|| {

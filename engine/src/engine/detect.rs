@@ -85,7 +85,7 @@ impl Engine {
         let oid: Arc<str> = Arc::from(&*c.order_id);
         let one = |detail: String| Hit { value: 1.0, threshold: 1.0, score: 1.0, detail, retro: Vec::new() };
         if fraud.self_referral != FraudAction::Off {
-            if let Some(detail) = self_referral(rules, &cr.partner_id, c) {
+            if let Some(detail) = self_referral(self.find_partner(rules, &cr.partner_id), &cr.partner_id, c) {
                 hits.push((FraudRule::SelfReferral, one(detail)));
             }
         }
@@ -264,8 +264,8 @@ pub(super) fn rule_action(f: &afflio_rules::FraudSettings, rule: FraudRule) -> F
     }
 }
 
-fn self_referral(rules: &Rules, partner_id: &str, c: &Capture<'_>) -> Option<String> {
-    let partner = rules.partner(partner_id)?;
+fn self_referral(partner: Option<&afflio_rules::Partner>, partner_id: &str, c: &Capture<'_>) -> Option<String> {
+    let partner = partner?;
     let cu = c.customer.as_ref()?;
     if let Some(h) = cu.email_sha256.as_deref() {
         if partner.email_sha256.contains(&h.trim().to_ascii_lowercase()) {

@@ -29,12 +29,14 @@ mod commission;
 mod detect;
 mod lifecycle;
 mod payouts;
+mod registry;
 mod review;
 mod validate;
 
 pub use changes::StateChanges;
 pub use checkpoint::CheckpointError;
 pub use payouts::{ItemState, PayoutItem};
+pub use registry::{email_sha256, ListingView, PartnerView};
 pub use validate::{check_event, Invalid};
 
 use validate::{reject, Reject};
@@ -92,6 +94,10 @@ pub struct Engine {
     link_targets: HashMap<Box<str>, (u32, u32)>,
     /// Click targets up to here are in a checkpoint.
     targets_mark: usize,
+    /// Listings, applications, and the partners, links and codes of the marketplace.
+    registry: crate::registry::Registry,
+    /// Links created since the ingest tier last asked.
+    new_links: Vec<afflio_rules::Link>,
     out: Output,
 }
 
@@ -121,6 +127,8 @@ impl Engine {
             balance_changes: Default::default(),
             link_targets: HashMap::new(),
             targets_mark: 0,
+            registry: Default::default(),
+            new_links: Vec::new(),
             out: Output::default(),
         }
     }
@@ -349,6 +357,7 @@ impl Engine {
             Body::Refund(r) => self.apply_refund(e, r, rules, program, prog),
             Body::Review(r) => self.apply_review(e, r, program, prog),
             Body::Payout(p) => self.apply_payout(e, p, program, prog),
+            Body::Registry(r) => self.apply_registry(e, r, rules, program, prog),
         }
     }
 
@@ -405,6 +414,7 @@ impl Engine {
         self.spike.partners.set_tracking(on);
         self.balances.set_tracking(on);
         self.refunds_by_partner.set_tracking(on);
+        self.registry.set_tracking(on);
         if !on {
             self.balance_changes.clear();
         }

@@ -192,7 +192,7 @@ impl Engine {
                 format!("amount {} must be positive and tds {} between 0 and the amount", p.amount, p.tds),
             ));
         }
-        if self.rules.partner(&p.partner_id).is_none_or(|x| x.program_id != program.id) {
+        if self.find_partner(&self.rules, &p.partner_id).is_none_or(|x| x.program_id != program.id) {
             return Err(invalid(
                 "partner_id",
                 format!("partner_id {:?} is no partner of program {:?}", p.partner_id, program.id),

@@ -13,14 +13,14 @@ use crate::output::Reason;
 pub struct Invalid {
     pub reason: Reason,
     /// The field at fault.
-    pub field: &'static str,
+    pub field: std::borrow::Cow<'static, str>,
     pub detail: String,
 }
 
 pub(crate) type Reject = Invalid;
 
-pub(crate) fn reject(reason: Reason, field: &'static str, detail: String) -> Reject {
-    Invalid { reason, field, detail }
+pub(crate) fn reject(reason: Reason, field: impl Into<std::borrow::Cow<'static, str>>, detail: String) -> Reject {
+    Invalid { reason, field: field.into(), detail }
 }
 
 /// The checks that need the rules but no state: known program, known link
@@ -65,13 +65,17 @@ pub(crate) fn check_link<'r>(
     }
 }
 
+pub(crate) fn unknown_link(program: &Program, link_id: &str) -> Invalid {
+    reject(Reason::UnknownLink, "link_id", format!("link_id {link_id:?} names no link of program {:?}", program.id))
+}
+
 /// The type checks of everything but clicks.
 pub(crate) fn check_body(_rules: &Rules, program: &Program, e: &Event<'_>) -> Result<(), Invalid> {
     match &e.body {
         Body::Click(_) => Ok(()),
         Body::Capture(c) => check_money(program, &c.currency, c.amount, &c.items),
         Body::Refund(r) => check_money(program, &r.currency, r.amount, &r.items),
-        Body::Review(_) | Body::Payout(_) => Ok(()),
+        Body::Review(_) | Body::Payout(_) | Body::Registry(_) => Ok(()),
     }
 }
 

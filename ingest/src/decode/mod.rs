@@ -11,6 +11,8 @@ use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use afflio_engine::registry::RegistryEvent;
+
 /// Size limits on decoded events.
 pub struct Limits {
     pub event_id_bytes: usize,
@@ -98,6 +100,9 @@ struct Wire<'a> {
     destination: Option<Cow<'a, str>>,
     #[serde(borrow, default, deserialize_with = "opt_cow")]
     attempted_at: Option<Cow<'a, str>>,
+    /// A registry event's content.
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -310,10 +315,32 @@ fn items(v: Option<Vec<WireItem<'_>>>) -> Result<Option<Vec<Item<'_>>>, DecodeEr
         .map(Some)
 }
 
+/// A registry event's `data`, strictly typed (unknown fields refused), the
+/// field at fault named as `data.<path>`.
+fn registry_data(ty: EventType, text: &str) -> Result<RegistryEvent, DecodeError> {
+    fn typed<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, DecodeError> {
+        let mut de = serde_json::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let path = e.path().to_string();
+            let field = if path == "." { "data".to_string() } else { format!("data.{path}") };
+            malformed(&field, format!("{field}: {}", e.inner()))
+        })
+    }
+    Ok(match ty {
+        EventType::ProgramPublished => RegistryEvent::ProgramPublished(typed(text)?),
+        EventType::PartnerApplied => RegistryEvent::PartnerApplied(typed(text)?),
+        EventType::ApplicationDecided => RegistryEvent::ApplicationDecided(typed(text)?),
+        EventType::LinkCreated => RegistryEvent::LinkCreated(typed(text)?),
+        EventType::CodeCreated => RegistryEvent::CodeCreated(typed(text)?),
+        EventType::PartnerUpdated => RegistryEvent::PartnerUpdated(typed(text)?),
+        _ => return Err(malformed("type", format!("{ty} is not a registry event"))),
+    })
+}
+
 fn convert(w: Wire<'_>) -> Result<Event<'_>, DecodeError> {
     let ty_text = w.ty.ok_or_else(|| malformed("type", "missing field `type`"))?;
     let ty = EventType::parse(&ty_text).ok_or_else(|| {
-        malformed("type", format!("type {ty_text:?} is not one of click, capture, refund, chargeback, review, payout"))
+        malformed("type", format!("type {ty_text:?} is not one of {}", EventType::NAMES))
     })?;
     let event_id = w.event_id.ok_or_else(|| malformed("event_id", "missing field `event_id`"))?;
     if event_id.is_empty() || event_id.len() > LIMITS.event_id_bytes {
@@ -325,6 +352,11 @@ fn convert(w: Wire<'_>) -> Result<Event<'_>, DecodeError> {
         .map_err(|e| malformed("ts", format!("ts {ts_text:?} is not an RFC 3339 time with offset: {e}")))?
         .with_timezone(&Utc);
     let program_id = required(w.program_id, "program_id", ty)?;
+    if ty.is_registry() {
+        let data = w.data.ok_or_else(|| malformed("data", format!("a {ty} event needs a `data` object")))?;
+        let body = registry_data(ty, data.get())?;
+        return Ok(Event { event_id, ts, program_id, body: Body::Registry(Box::new(body)) });
+    }
     let body = match ty {
         EventType::Click => Body::Click(Click {
             link_id: required(w.link_id, "link_id", ty)?,
@@ -418,6 +450,8 @@ fn convert(w: Wire<'_>) -> Result<Event<'_>, DecodeError> {
                 reviewer: required(w.reviewer, "reviewer", ty)?,
             })
         }
+        // Returned above.
+        _ => return Err(malformed("type", format!("{ty} is a registry event"))),
     };
     Ok(Event { event_id, ts, program_id, body })
 }

@@ -71,9 +71,11 @@ fn allowed(role: KeyRole, ty: EventType) -> Result<(), &'static str> {
         (KeyRole::Ingest, EventType::Click | EventType::Capture | EventType::Refund | EventType::Chargeback) => Ok(()),
         (KeyRole::Review, EventType::Review) => Ok(()),
         (KeyRole::Finance, EventType::Payout) => Ok(()),
+        (KeyRole::Brand, t) if t.is_registry() => Ok(()),
         (KeyRole::Ingest, _) => Err("an ingest key sends checkout events only (click, capture, refund, chargeback)"),
         (KeyRole::Review, _) => Err("a review key sends review events only"),
         (KeyRole::Finance, _) => Err("a finance key sends payout events only"),
+        (KeyRole::Brand, _) => Err("a brand key sends registry events only"),
     }
 }
 
@@ -170,7 +172,7 @@ pub(super) async fn post_events(
             continue;
         }
         if let Err(inv) = check_event(&rules, &ev) {
-            answers.push(reject(inv.reason.as_str(), status_of(inv.reason), Some(inv.field), inv.detail, id));
+            answers.push(reject(inv.reason.as_str(), status_of(inv.reason), Some(&inv.field), inv.detail, id));
             continue;
         }
         let subject = crate::nats::subject(&ev.program_id, ev.event_type().as_str());

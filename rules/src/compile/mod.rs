@@ -9,7 +9,8 @@ use std::sync::Arc;
 use chrono::{DateTime, TimeDelta, Utc};
 
 use crate::error::{ConfigError, Problem};
-use crate::raw::{RawCode, RawConfig, RawLink, RawPartner, RawPayout, RawProgram, S};
+use crate::raw::{RawCode, RawConfig, RawLink, RawMarketplace, RawPartner, RawPayout, RawProgram, S};
+use serde::{Deserialize, Serialize};
 use crate::units::{parse_duration, Currency, Rate};
 
 /// How clicks compete for an order.
@@ -74,6 +75,57 @@ pub struct Program {
     pub fraud: FraudSettings,
     /// The smallest amount paid out to a partner at once (0: any positive balance).
     pub min_payout: rust_decimal::Decimal,
+    /// Its marketplace listing and how approved creators are set up.
+    pub marketplace: Marketplace,
+}
+
+/// What a marketplace listing shows (beyond the program's own settings:
+/// currency, rates, window and hold come from the program).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Listing {
+    pub name: String,
+    pub description: String,
+    pub terms: String,
+    pub category: String,
+}
+
+/// `[programs.marketplace]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Marketplace {
+    /// The listing the program starts with (seed data); `None`: not listed
+    /// until a `program_published` event.
+    pub listing: Option<Listing>,
+    /// Applications are approved as they arrive.
+    pub auto_approve: bool,
+    /// Placeholders `{program}`, `{partner}` (as is) and `{PARTNER}` (upper
+    /// case, letters and digits only).
+    pub link_pattern: String,
+    pub code_pattern: String,
+    pub destination: Option<String>,
+    pub code_max_uses: Option<u64>,
+    pub code_valid_for: Option<TimeDelta>,
+}
+
+impl Default for Marketplace {
+    fn default() -> Self {
+        Marketplace {
+            listing: None,
+            auto_approve: false,
+            link_pattern: "{program}-{partner}".into(),
+            code_pattern: "{PARTNER}".into(),
+            destination: None,
+            code_max_uses: None,
+            code_valid_for: None,
+        }
+    }
+}
+
+impl Marketplace {
+    /// The pattern with its placeholders filled in.
+    pub fn expand(pattern: &str, program: &str, partner: &str) -> String {
+        let upper: String = partner.chars().filter(|c| c.is_ascii_alphanumeric()).collect::<String>().to_uppercase();
+        pattern.replace("{program}", program).replace("{partner}", partner).replace("{PARTNER}", &upper)
+    }
 }
 
 /// RazorpayX (India: bank and UPI transfers in INR).
@@ -312,14 +364,15 @@ fn compile_fraud(cx: &mut Ctx<'_>, i: usize, raw: Option<&S<crate::raw::RawFraud
 }
 
 /// Where a partner's money goes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum PayoutProvider {
     Paypal,
     Razorpayx,
 }
 
 /// A partner's payout destination. Never logged in full.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Payout {
     pub provider: PayoutProvider,
     pub email: Option<String>,
@@ -330,7 +383,7 @@ pub struct Payout {
 }
 
 /// A creator, affiliate or agency in one program.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Partner {
     pub id: String,
     pub program_id: String,
@@ -344,7 +397,7 @@ pub struct Partner {
 }
 
 /// A tracking link (`/r/{id}`).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Link {
     pub id: String,
     pub partner_id: String,
@@ -353,7 +406,7 @@ pub struct Link {
 }
 
 /// A partner's promo code.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Code {
     /// As configured.
     pub code: String,
@@ -390,6 +443,9 @@ pub enum KeyRole {
     Review,
     /// Payout state changes (`payout` events) and the payouts API only.
     Finance,
+    /// The program's registry: listing, applications, links and codes
+    /// (registry events, the marketplace API and the brand console).
+    Brand,
 }
 
 impl KeyRole {
@@ -398,6 +454,7 @@ impl KeyRole {
             KeyRole::Ingest => "ingest",
             KeyRole::Review => "review",
             KeyRole::Finance => "finance",
+            KeyRole::Brand => "brand",
         }
     }
 }
@@ -860,9 +917,14 @@ fn compile(file: &str, text: &str, raw: RawConfig, version: u64) -> Result<Rules
                 None | Some("ingest") => KeyRole::Ingest,
                 Some("review") => KeyRole::Review,
                 Some("finance") => KeyRole::Finance,
+                Some("brand") => KeyRole::Brand,
                 Some(other) => {
                     let span = rk.role.as_ref().map(|r| r.span()).unwrap_or(0..0);
-                    cx.err(span, f("role"), format!("{other:?} is not \"ingest\", \"review\" or \"finance\""));
+                    cx.err(
+                        span,
+                        f("role"),
+                        format!("{other:?} is not \"ingest\", \"review\", \"finance\" or \"brand\""),
+                    );
                     KeyRole::Ingest
                 }
             };
@@ -991,7 +1053,60 @@ fn compile_program(cx: &mut Ctx<'_>, i: usize, p: &S<RawProgram>) -> Option<Prog
                 }
             },
         },
+        marketplace: compile_marketplace(cx, i, rp.marketplace.as_ref()),
     })
+}
+
+fn compile_marketplace(cx: &mut Ctx<'_>, i: usize, m: Option<&S<RawMarketplace>>) -> Marketplace {
+    let mut out = Marketplace::default();
+    let Some(m) = m else { return out };
+    let span = m.span();
+    let m = m.get_ref();
+    let f = |name: &str| format!("programs[{i}].marketplace.{name}");
+    let text = |v: &Option<S<String>>| v.as_ref().map(|s| s.get_ref().trim().to_string()).unwrap_or_default();
+    if m.listed {
+        let name = text(&m.name);
+        if name.is_empty() {
+            cx.err(span.clone(), f("name"), "a listed program needs a `name`");
+        }
+        out.listing = Some(Listing { name, description: text(&m.description), terms: text(&m.terms), category: text(&m.category) });
+    }
+    out.auto_approve = m.auto_approve;
+    for (v, field, slot, needs) in [
+        (&m.link_pattern, "link_pattern", &mut out.link_pattern, "{partner}"),
+        (&m.code_pattern, "code_pattern", &mut out.code_pattern, "{PARTNER}"),
+    ] {
+        let Some(v) = v else { continue };
+        let p = v.get_ref();
+        let rest = p.replace("{program}", "").replace("{partner}", "").replace("{PARTNER}", "");
+        if !(p.contains("{partner}") || p.contains("{PARTNER}")) || rest.contains(['{', '}']) || p.len() > 64 {
+            cx.err(
+                v.span(),
+                f(field),
+                format!("{p:?} must hold {needs} (or {{partner}}/{{PARTNER}}), only the placeholders {{program}}, {{partner}}, {{PARTNER}}, and at most 64 bytes"),
+            );
+        } else if !rest.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            cx.err(v.span(), f(field), format!("{p:?}: outside its placeholders a pattern takes letters, digits, '-' and '_' only"));
+        }
+        *slot = p.clone();
+    }
+    if let Some(d) = &m.destination {
+        let t = d.get_ref();
+        if !(t.starts_with("https://") || t.starts_with("http://")) {
+            cx.err(d.span(), f("destination"), format!("{t:?} is not an http(s) URL"));
+        }
+        out.destination = Some(t.clone());
+    }
+    if let Some(n) = &m.code_max_uses {
+        if *n.get_ref() < 1 {
+            cx.err(n.span(), f("code_max_uses"), format!("{} must be at least 1", n.get_ref()));
+        }
+        out.code_max_uses = u64::try_from(*n.get_ref()).ok();
+    }
+    if let Some(v) = &m.code_valid_for {
+        out.code_valid_for = Some(cx.duration(Some(v), TimeDelta::days(365), &f("code_valid_for")));
+    }
+    out
 }
 
 fn compile_payouts(cx: &mut Ctx<'_>, raw: &RawConfig) -> PayoutSettings {
@@ -1042,6 +1157,36 @@ fn compile_payouts(cx: &mut Ctx<'_>, raw: &RawConfig) -> PayoutSettings {
     s
 }
 
+/// Checks a payout destination given outside the file (a registry event):
+/// the same rules as `[partners.payout]`. Errors name the field.
+pub fn check_payout(p: &Payout) -> Result<(), (String, String)> {
+    match p.provider {
+        PayoutProvider::Paypal if p.email.as_deref().is_none_or(|e| !e.contains('@')) => {
+            Err(("payout.email".into(), "a paypal payout needs an e-mail address".into()))
+        }
+        PayoutProvider::Razorpayx => {
+            let bank = p.account_number.is_some() && p.ifsc.is_some();
+            if !bank && p.vpa.is_none() {
+                return Err((
+                    "payout".into(),
+                    "a razorpayx payout needs a UPI `vpa` or a bank `account_number` with `ifsc`".into(),
+                ));
+            }
+            match &p.ifsc {
+                Some(s) if !is_ifsc(s) => {
+                    Err(("payout.ifsc".into(), format!("{s:?} is not an IFSC code (4 letters, 0, 6 characters)")))
+                }
+                _ => Ok(()),
+            }
+        }
+        PayoutProvider::Paypal => Ok(()),
+    }
+}
+
+fn is_ifsc(s: &str) -> bool {
+    s.len() == 11 && s.is_char_boundary(4) && s[..4].bytes().all(|b| b.is_ascii_uppercase()) && s.as_bytes()[4] == b'0'
+}
+
 fn compile_payout(cx: &mut Ctx<'_>, po: &S<RawPayout>, field: &str) -> Option<Payout> {
     let r = po.get_ref();
     let get = |v: &Option<S<String>>| v.as_ref().map(|s| s.get_ref().clone());
@@ -1076,11 +1221,7 @@ fn compile_payout(cx: &mut Ctx<'_>, po: &S<RawPayout>, field: &str) -> Option<Pa
             }
             if let Some(ifsc) = &r.ifsc {
                 let s = ifsc.get_ref();
-                let ok = s.len() == 11
-                    && s.is_char_boundary(4)
-                    && s[..4].bytes().all(|b| b.is_ascii_uppercase())
-                    && s.as_bytes()[4] == b'0';
-                if !ok {
+                if !is_ifsc(s) {
                     cx.err(
                         ifsc.span(),
                         format!("{field}.ifsc"),
