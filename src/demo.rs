@@ -81,6 +81,11 @@ fn email_hash(id: &str) -> String {
     format!("{h:032x}{:032x}", h.rotate_left(64))
 }
 
+/// The demo's API key of a program and role (printed by `afflio demo`).
+pub fn demo_key(program: &str, role: &str) -> String {
+    format!("demo-{program}-{role}-key-0001")
+}
+
 /// The demo's rules and its creators.
 fn build_rules(rng: &mut SmallRng, creators_per_program: usize) -> (String, Vec<Creator>) {
     let mut t = String::new();
@@ -89,12 +94,26 @@ fn build_rules(rng: &mut SmallRng, creators_per_program: usize) -> (String, Vec<
     t.push_str(
         "[[programs]]\nid = \"acme\"\ncurrency = \"USD\"\nrate = \"10%\"\noverrides = [\"2%\", \"1%\"]\nhold = \"30d\"\nauto_approve = true\n\
          [programs.attribution]\nwindow = \"30d\"\nmodel = \"last_click\"\ncode_priority = true\n\
-         [programs.category_rates]\nelectronics = \"4%\"\napparel = \"12.5%\"\n\n",
+         [programs.category_rates]\nelectronics = \"4%\"\napparel = \"12.5%\"\n\
+         [programs.marketplace]\nlisted = true\nname = \"Acme Outdoor & Tech\"\n\
+         description = \"Tents, boots and gadgets for people who go outside. 10% on every captured sale, 12.5% on apparel.\"\n\
+         terms = \"No bidding on our brand name. No coupon sites. Commission is paid 30 days after the last capture.\"\n\
+         category = \"outdoor\"\nlink_pattern = \"acme-{partner}\"\ncode_pattern = \"{PARTNER}10\"\n\
+         destination = \"https://acme.example/\"\ncode_max_uses = 500\ncode_valid_for = \"365d\"\n\n",
     );
     t.push_str(
         "[[programs]]\nid = \"bharat\"\ncurrency = \"INR\"\nrate = \"8%\"\noverrides = [\"1.5%\"]\nhold = \"15d\"\nauto_approve = false\n\
-         [programs.attribution]\nwindow = \"7d\"\nmodel = \"first_click\"\ncode_priority = false\n\n",
+         [programs.attribution]\nwindow = \"7d\"\nmodel = \"first_click\"\ncode_priority = false\n\
+         [programs.marketplace]\nlisted = true\nname = \"Bharat Bazaar\"\n\
+         description = \"Ethnic wear and home goods from across India. 8% on every captured sale, paid by UPI.\"\n\
+         terms = \"Creators in India only. Paid after a 15-day return window.\"\n\
+         category = \"fashion\"\nauto_approve = true\nlink_pattern = \"bharat-{partner}\"\ncode_pattern = \"BB{PARTNER}\"\n\
+         destination = \"https://bharat.example/\"\n\n",
     );
+    // Demo keys (a real deployment keeps keys in the environment: `key_env`).
+    for (program, role) in [("acme", "ingest"), ("acme", "brand"), ("acme", "review"), ("acme", "finance"), ("bharat", "brand")] {
+        let _ = writeln!(t, "[[api_keys]]\nprogram_id = \"{program}\"\nkey = \"{}\"\nrole = \"{role}\"\n", demo_key(program, role));
+    }
     for (pi, p) in PROGRAMS.iter().enumerate() {
         // Networks -> agencies -> creators: three tiers.
         for n in 0..2 {
@@ -441,6 +460,19 @@ pub fn run(opts: &DemoOptions, mut progress: impl FnMut(u64, u64)) -> anyhow::Re
         events_path.display(),
         store.display(),
         store.display()
+    );
+    println!(
+        "\nThe marketplace, the partner page and the brand console (needs `nats-server -js` on 127.0.0.1:4222):\n  \
+         afflio serve --config {} --data {}/live --state {}/live-state --http 127.0.0.1:8080\n  \
+         open http://127.0.0.1:8080/marketplace  (apply as a creator)\n  \
+         open http://127.0.0.1:8080/console      (sign in with key {} to decide applications,\n  \
+         {} for the approvals queue, {} for approvals and payout batches)",
+        rules_path.display(),
+        opts.out.display(),
+        opts.out.display(),
+        demo_key("acme", "brand"),
+        demo_key("acme", "review"),
+        demo_key("acme", "finance"),
     );
     Ok(())
 }

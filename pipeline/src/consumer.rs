@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use afflio_engine::{Arrival, Engine, Outcome, Reason};
-use afflio_ingest::http::SharedRules;
+use afflio_ingest::http::{LinkDirectory, RegisteredLink, SharedRules};
 use afflio_ingest::metrics::Metrics;
 use afflio_ingest::{decode_event, envelope};
 use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy};
@@ -236,6 +236,10 @@ pub(crate) async fn messages(js: &jetstream::Context, start: u64) -> Result<pull
     }
 }
 
+fn registered(l: &afflio_engine::rules::Link) -> RegisteredLink {
+    RegisteredLink { program_id: l.program_id.clone(), partner_id: l.partner_id.clone(), destination: l.destination.clone() }
+}
+
 /// Applies the stream until `stop`, sending epochs to the committer.
 pub(crate) async fn run(
     mut c: Consumer,
@@ -244,8 +248,14 @@ pub(crate) async fn run(
     cutting: Cutting,
     tx: mpsc::Sender<Epoch>,
     mut queries: mpsc::Receiver<crate::finance::EngineQuery>,
+    links: Arc<LinkDirectory>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), PipelineError> {
+    // The ingest tier learns the registry's links as they are created.
+    c.engine.set_link_feed(true);
+    for l in c.engine.registry_links() {
+        links.insert(&l.id, registered(&l));
+    }
     let mut tick = tokio::time::interval(cutting.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -289,6 +299,11 @@ pub(crate) async fn run(
                     }
                 }
                 let must_cut = c.apply(seq, published_us, &msg.payload);
+                for l in c.engine.take_new_links() {
+                    if !links.insert(&l.id, registered(&l)) {
+                        eprintln!("afflio: the ingest's link directory is full: link {:?} redirects after a restart", l.id);
+                    }
+                }
                 c.ack = Some(msg);
                 if must_cut || c.pending_events() >= cutting.max_events {
                     let permit = tx.reserve().await.map_err(|_| PipelineError::Internal("the committer stopped".into()))?;

@@ -13,6 +13,7 @@ mod committer;
 mod consumer;
 mod error;
 mod finance;
+mod market;
 mod serve;
 pub mod state;
 

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use std::sync::atomic::AtomicBool;
 
 use afflio_engine::rules::Rules;
-use afflio_ingest::http::{router_with, HttpConfig, Ingest, SharedRules};
+use afflio_ingest::http::{router_with, HttpConfig, Ingest, LinkDirectory, SharedRules};
 use afflio_ingest::metrics::Metrics;
 use afflio_ingest::nats::{self, JetStreamPublisher, Role, StreamLimits};
 use afflio_ingest::server::{self, ServerLimits};
@@ -72,8 +72,18 @@ pub async fn run(opts: ServeOptions, rules: Rules) -> Result<(), PipelineError> 
     let stream_ready = Arc::new(AtomicBool::new(false));
     let publisher = Arc::new(JetStreamPublisher::new(ingest_client.clone(), stream_ready.clone()));
 
+    let links = Arc::new(LinkDirectory::default());
     let (stop_tx, stop_rx) = watch::channel(false);
     let (queries_tx, queries_rx) = mpsc::channel(64);
+    let market = crate::market::Market::new(
+        shared.clone(),
+        queries_tx.clone(),
+        publisher.clone(),
+        async_nats::jetstream::new(engine_client.clone()),
+        opts.data.clone(),
+        crate::market::PortalSecret::from_env(),
+        opts.http_config.redirect.cookie_secure,
+    );
     let finance = crate::finance::Finance::new(
         shared.clone(),
         metrics.clone(),
@@ -89,11 +99,16 @@ pub async fn run(opts: ServeOptions, rules: Rules) -> Result<(), PipelineError> 
         metrics.clone(),
         opts.clone(),
         queries_rx,
+        links.clone(),
         stop_rx.clone(),
     ));
     let reloader = tokio::spawn(reload_rules(opts.config.clone(), shared.clone(), metrics.clone(), stop_rx));
 
-    let app = router_with(Ingest { rules: shared, publisher, metrics }, opts.http_config.clone(), finance.routes());
+    let mut extra = finance.routes();
+    let market = market.routes();
+    extra.keyed = extra.keyed.merge(market.keyed);
+    extra.open = extra.open.merge(market.open);
+    let app = router_with(Ingest { rules: shared, publisher, metrics, links }, opts.http_config.clone(), extra);
     let listener = tokio::net::TcpListener::bind(opts.http).await.map_err(|source| PipelineError::Io {
         what: "listen on",
         path: opts.http.to_string().into(),
@@ -143,6 +158,7 @@ async fn pipeline(
     metrics: Arc<Metrics>,
     opts: ServeOptions,
     queries: mpsc::Receiver<crate::finance::EngineQuery>,
+    links: Arc<LinkDirectory>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), PipelineError> {
     let js = async_nats::jetstream::new(client);
@@ -199,7 +215,7 @@ async fn pipeline(
     };
     let committing = tokio::spawn(committer.run(rx));
     let cutting = Cutting { interval: opts.epoch_interval, max_events: opts.max_epoch_events };
-    let consumed = consumer::run(consumer, messages, shared, cutting, tx, queries, stop).await;
+    let consumed = consumer::run(consumer, messages, shared, cutting, tx, queries, links, stop).await;
     let committed = committing.await.map_err(|e| PipelineError::Internal(format!("committer task: {e}")))?;
     consumed?;
     committed

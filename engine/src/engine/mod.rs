@@ -96,8 +96,14 @@ pub struct Engine {
     targets_mark: usize,
     /// Listings, applications, and the partners, links and codes of the marketplace.
     registry: crate::registry::Registry,
-    /// Links created since the ingest tier last asked.
+    /// Links created since the ingest tier last asked (kept only when
+    /// [`Engine::set_link_feed`] is on: a replay has no one to ask).
     new_links: Vec<afflio_rules::Link>,
+    link_feed: bool,
+    /// The last registry and review events refused (event id, the refusal),
+    /// so that the API or page that sent one can say why. Not checkpointed;
+    /// at most 256.
+    registry_refusals: std::collections::VecDeque<(Box<str>, Invalid)>,
     out: Output,
 }
 
@@ -129,6 +135,8 @@ impl Engine {
             targets_mark: 0,
             registry: Default::default(),
             new_links: Vec::new(),
+            link_feed: false,
+            registry_refusals: Default::default(),
             out: Output::default(),
         }
     }
@@ -261,7 +269,14 @@ impl Engine {
                 Outcome::Duplicate
             }
             Ok(o) => o,
-            Err(r) => self.push_rejection(Rejection {
+            Err(r) => {
+                if e.event_type().is_registry() || matches!(e.body, Body::Review(_)) {
+                    if self.registry_refusals.len() >= 256 {
+                        self.registry_refusals.pop_front();
+                    }
+                    self.registry_refusals.push_back((e.event_id.as_ref().into(), r.clone()));
+                }
+                self.push_rejection(Rejection {
                 event_id: Some(e.event_id.to_string()),
                 arrival: arrival.ts,
                 event_ts: Some(e.ts),
@@ -270,8 +285,14 @@ impl Engine {
                 detail: r.detail,
                 raw: raw.to_string(),
                 origin: arrival.origin.to_string(),
-            }),
+            })
+            }
         }
+    }
+
+    /// Why a recent registry or review event was refused (the last 256 are remembered).
+    pub fn registry_refusal(&self, event_id: &str) -> Option<&Invalid> {
+        self.registry_refusals.iter().rev().find(|(id, _)| &**id == event_id).map(|(_, r)| r)
     }
 
     fn validate_and_apply(&mut self, e: &Event<'_>, clock: Option<DateTime<Utc>>) -> Result<Outcome, Reject> {

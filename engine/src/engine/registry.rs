@@ -330,7 +330,9 @@ impl Engine {
 
     fn insert_link(&mut self, link: Link) {
         let k = self.names.intern(&link.id);
-        self.new_links.push(link.clone());
+        if self.link_feed {
+            self.new_links.push(link.clone());
+        }
         self.registry.links.insert(k, link);
     }
 
@@ -636,6 +638,14 @@ impl Engine {
     /// Links created since the last call (the ingest tier learns them).
     pub fn take_new_links(&mut self) -> Vec<Link> {
         std::mem::take(&mut self.new_links)
+    }
+
+    /// Keeps the links created for [`Engine::take_new_links`] (off by default).
+    pub fn set_link_feed(&mut self, on: bool) {
+        self.link_feed = on;
+        if !on {
+            self.new_links = Vec::new();
+        }
     }
 
     /// Registry sizes: applications, partners, links, codes.

@@ -155,7 +155,7 @@ pub(super) async fn post_events(
                 continue;
             }
         }
-        let operator = matches!(ev.event_type(), EventType::Review | EventType::Payout);
+        let operator = matches!(ev.event_type(), EventType::Review | EventType::Payout) || ev.event_type().is_registry();
         if !operator && ev.ts > now + skew {
             let detail = format!(
                 "ts {} is more than max_future_skew ({}) ahead of the server's clock {now_text}",
@@ -172,6 +172,21 @@ pub(super) async fn post_events(
             continue;
         }
         if let Err(inv) = check_event(&rules, &ev) {
+            // A link the registry created is not in the rules file.
+            let registered = match &ev.body {
+                afflio_engine::Body::Click(c) if inv.reason == Reason::UnknownLink => {
+                    st.ingest.links.get(&c.link_id).is_some_and(|l| *l.program_id == *ev.program_id)
+                }
+                _ => false,
+            };
+            if registered {
+                let subject = crate::nats::subject(&ev.program_id, ev.event_type().as_str());
+                let msg_id = crate::nats::message_id(&ev.program_id, &ev.event_id, fingerprint(&ev));
+                pending.push((answers.len(), ev.event_id.to_string()));
+                msgs.push((subject, msg_id, (*text).into()));
+                answers.push(None);
+                continue;
+            }
             answers.push(reject(inv.reason.as_str(), status_of(inv.reason), Some(&inv.field), inv.detail, id));
             continue;
         }

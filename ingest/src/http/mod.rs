@@ -127,6 +127,64 @@ pub struct Ingest {
     pub rules: SharedRules,
     pub publisher: Arc<dyn Publisher>,
     pub metrics: Arc<Metrics>,
+    /// Links created by registry events (the rules file's are in `rules`).
+    pub links: Arc<LinkDirectory>,
+}
+
+/// Tracking links the registry created, as the ingest tier knows them:
+/// filled by the engine's consumer as it applies registry events (and from
+/// the engine's state at start), read by the redirect and the click check.
+/// Bounded: beyond `capacity` a link is not added (its clicks still reach
+/// the engine, which knows it, through `POST /v1/events`... and the redirect
+/// answers 404 until a restart reloads the directory).
+pub struct LinkDirectory {
+    links: dashmap::DashMap<String, RegisteredLink>,
+    capacity: usize,
+}
+
+/// A registry link: its program and where it sends shoppers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegisteredLink {
+    pub program_id: String,
+    pub partner_id: String,
+    pub destination: Option<String>,
+}
+
+impl Default for LinkDirectory {
+    fn default() -> Self {
+        LinkDirectory::new(10_000_000)
+    }
+}
+
+impl LinkDirectory {
+    pub fn new(capacity: usize) -> LinkDirectory {
+        LinkDirectory { links: dashmap::DashMap::new(), capacity }
+    }
+
+    /// Adds (or replaces) a link; false when the directory is full.
+    pub fn insert(&self, id: &str, link: RegisteredLink) -> bool {
+        if self.links.len() >= self.capacity && !self.links.contains_key(id) {
+            return false;
+        }
+        self.links.insert(id.to_string(), link);
+        true
+    }
+
+    pub fn remove(&self, id: &str) {
+        self.links.remove(id);
+    }
+
+    pub fn get(&self, id: &str) -> Option<RegisteredLink> {
+        self.links.get(id).map(|l| l.clone())
+    }
+
+    pub fn len(&self) -> usize {
+        self.links.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.links.is_empty()
+    }
 }
 
 #[derive(Clone)]

@@ -125,8 +125,17 @@ pub(super) async fn redirect(
     req: Request,
 ) -> Response {
     let rules = rules(&st.ingest);
-    let Some(link) = rules.link(&link_id) else {
-        return (StatusCode::NOT_FOUND, "unknown link\n").into_response();
+    let link = match rules.link(&link_id) {
+        Some(l) => l.clone(),
+        None => match st.ingest.links.get(&link_id) {
+            Some(r) => afflio_engine::rules::Link {
+                id: link_id.clone(),
+                partner_id: r.partner_id,
+                program_id: r.program_id,
+                destination: r.destination,
+            },
+            None => return (StatusCode::NOT_FOUND, "unknown link\n").into_response(),
+        },
     };
     let Some(destination) = link.destination.clone() else {
         return (StatusCode::NOT_FOUND, "this link has no destination\n").into_response();

@@ -110,7 +110,7 @@ fn app(broker: &Arc<FakeBroker>) -> axum::Router {
 
 fn app_with(broker: &Arc<FakeBroker>, config: HttpConfig) -> axum::Router {
     let rules = Arc::new(RwLock::new(Arc::new(Rules::parse("t.toml", RULES).unwrap())));
-    router(Ingest { rules, publisher: Arc::new(broker.clone()), metrics: Arc::new(Metrics::default()) }, config)
+    router(Ingest { rules, publisher: Arc::new(broker.clone()), metrics: Arc::new(Metrics::default()), links: Default::default() }, config)
 }
 
 const CAPTURE: &str = r#"{"type":"capture","event_id":"cap-1","ts":"2026-11-10T12:00:00Z","program_id":"acme","order_id":"o1","amount":"10.00","currency":"USD"}"#;
