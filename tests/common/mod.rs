@@ -345,3 +345,33 @@ pub fn assert_same(live: (String, String), replay: &(String, String)) {
     }
     assert_eq!(live.1, replay.1, "orders differ");
 }
+
+/// An HTTP/1.1 request with extra headers: (status, response headers, body).
+pub fn http_full(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String, String) {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { return (0, String::new(), String::new()) };
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    if s.write_all(req.as_bytes()).is_err() {
+        return (0, String::new(), String::new());
+    }
+    let mut resp = String::new();
+    if s.read_to_string(&mut resp).is_err() {
+        return (0, String::new(), String::new());
+    }
+    let status = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let (head, body) = resp.split_once("\r\n\r\n").map(|(h, b)| (h.to_string(), b.to_string())).unwrap_or_default();
+    (status, head, body)
+}
+
+/// The value of a cookie a response sets.
+pub fn set_cookie(head: &str, name: &str) -> Option<String> {
+    head.lines().find_map(|l| {
+        let v = l.strip_prefix("set-cookie: ").or_else(|| l.strip_prefix("Set-Cookie: "))?;
+        let (k, rest) = v.split_once('=')?;
+        (k == name).then(|| rest.split(';').next().unwrap_or("").to_string())
+    })
+}
