@@ -270,10 +270,17 @@ impl Queue {
         };
         let batch_id = format!("{program_id}-{}", at.format("%Y%m%dT%H%M%SZ"));
         let pid = program_id.to_string();
-        let balances = book.read(move |e| e.balances(&pid, at)).await?;
+        // Destinations with the balances: a marketplace partner's lives in the registry.
+        let (balances, destinations) = book
+            .read(move |e| {
+                let b = e.balances(&pid, at);
+                let d: Vec<_> = b.iter().map(|x| e.partner_payout(&x.partner_id)).collect();
+                (b, d)
+            })
+            .await?;
         let mut plan = Plan { batch_id: batch_id.clone(), ..Plan::default() };
         let mut planned: BTreeMap<&'static str, Vec<(String, Planned)>> = BTreeMap::new();
-        for b in balances {
+        for (b, dest) in balances.into_iter().zip(destinations) {
             let partner = b.partner_id.to_string();
             let skip = |plan: &mut Plan, why: String| plan.skipped.push((partner.clone(), why));
             if b.available <= Decimal::ZERO {
@@ -286,7 +293,7 @@ impl Queue {
                 skip(&mut plan, format!("{} is under the minimum payout {}", b.available, program.min_payout));
                 continue;
             }
-            let Some(dest) = self.rules.partner(&partner).and_then(|p| p.payout.clone()) else {
+            let Some(dest) = dest else {
                 skip(&mut plan, "no payout destination configured".into());
                 continue;
             };

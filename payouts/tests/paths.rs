@@ -505,3 +505,33 @@ fn plan_checks_what_each_provider_can_pay() {
     assert!(plan("1.00").unwrap_err().contains("minimum"), "0.90 after TDS is under ₹1");
     assert_eq!(plan("1000").unwrap().tds, dec("100.00"));
 }
+
+#[test]
+fn a_marketplace_partner_is_paid_to_the_destination_of_its_application() {
+    let mut w = World::new(0, &[], "100.00");
+    let ev = |id: &str, ty: &str, data: &str| {
+        format!(r#"{{"type":"{ty}","event_id":"{id}","ts":"2026-11-03T00:00:00Z","program_id":"bharat","data":{data}}}"#)
+    };
+    let events = vec![
+        ev("pub", "program_published", r#"{"name":"Bharat"}"#),
+        ev(
+            "app",
+            "partner_applied",
+            r#"{"application_id":"a1","partner_id":"asha","display_name":"Asha","email":"asha@example.com","payout":{"provider":"razorpayx","vpa":"asha@upi"}}"#,
+        ),
+        ev("ok", "application_decided", r#"{"application_id":"a1","decision":"approve","decided_by":"brand"}"#),
+        r#"{"type":"capture","event_id":"c-asha","ts":"2026-11-03T00:01:00Z","program_id":"bharat","order_id":"oa","amount":"20000.00","currency":"INR","codes":["ASHA"]}"#.to_string(),
+        r#"{"type":"review","event_id":"approve-asha","ts":"2026-11-05T00:00:00Z","program_id":"bharat","decision":"approve","reviewer":"fin"}"#.to_string(),
+    ];
+    w.book.now = common::at("2026-11-05T00:00:00Z");
+    w.rt.block_on(afflio_payouts::Book::record(&mut w.book, events)).unwrap();
+    assert!(w.book.rejected.is_empty(), "{:?}", w.book.rejected);
+    let plan = w.plan("bharat");
+    assert_eq!(plan.items.len(), 1, "{plan:?}");
+    let r = w.send("bharat", None);
+    assert_eq!(r.sent, 1, "{r:?}");
+    let sent = w.rzp().payouts.iter().map(|p| p.to.clone()).collect::<Vec<_>>();
+    assert_eq!(sent, ["asha@upi"], "paid to the UPI address the creator applied with");
+    finish(&mut w, "bharat");
+    assert!(all(&w, "bharat", Paid));
+}

@@ -630,6 +630,11 @@ impl Engine {
         })
     }
 
+    /// Where a partner (of the rules file or the registry) is paid.
+    pub fn partner_payout(&self, partner_id: &str) -> Option<afflio_rules::Payout> {
+        self.find_partner(&self.rules, partner_id).and_then(|p| p.payout.clone())
+    }
+
     /// Links the registry holds (for the ingest tier's directory).
     pub fn registry_links(&self) -> Vec<Link> {
         self.registry.links.values().filter(|l| self.active(&l.partner_id)).cloned().collect()
