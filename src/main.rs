@@ -312,6 +312,16 @@ enum BenchCommand {
         #[arg(long, hide = true)]
         here: bool,
     },
+    /// The marketplace registry at 10k, 100k and 1M partners (or one size):
+    /// updates/s, memory per partner, checkpoint delta, against rebuilding the rules.
+    Registry {
+        /// One size only.
+        #[arg(long)]
+        partners: Option<u64>,
+        /// Measure in this process (the command runs each size in a child).
+        #[arg(long, hide = true)]
+        here: bool,
+    },
     /// Memory per tracked visitor session: RSS growth over N one-click visitors.
     Sessions {
         #[arg(long, default_value_t = 4_000_000)]
@@ -977,6 +987,19 @@ fn bench_command(command: BenchCommand) -> anyhow::Result<ExitCode> {
                 results.push(bench::checkpoint::in_child(n)?);
             }
             print!("{}", bench::checkpoint::report(&results));
+        }
+        BenchCommand::Registry { partners, here: true } => {
+            let r = bench::registry::measure(partners.unwrap_or(10_000))?;
+            println!("{}", bench::registry::line(&r));
+        }
+        BenchCommand::Registry { partners, here: false } => {
+            let sizes = partners.map_or(vec![10_000, 100_000, 1_000_000], |s| vec![s]);
+            let mut results = Vec::new();
+            for n in sizes {
+                eprintln!("registry at {n} partners");
+                results.push(bench::registry::in_child(n)?);
+            }
+            print!("{}", bench::registry::report(&results));
         }
         BenchCommand::Sessions { sessions } => {
             let r = bench::measure_sessions(sessions)?;

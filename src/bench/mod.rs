@@ -16,6 +16,7 @@ pub mod checkpoint;
 pub mod live;
 pub mod load;
 pub mod pg;
+pub mod registry;
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Write};
