@@ -209,7 +209,7 @@ struct ServeArgs {
     /// The same visitor on the same link within this counts once, seconds.
     #[arg(long, default_value_t = 30)]
     click_dedupe_secs: u64,
-    /// Set the visitor cookie's Secure attribute (served over HTTPS).
+    /// Set the Secure attribute of the service's cookies (visitor, partner page, console): served over HTTPS.
     #[arg(long)]
     cookie_secure: bool,
     /// The visitor cookie's Domain (default: the host only).
