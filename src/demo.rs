@@ -111,8 +111,14 @@ fn build_rules(rng: &mut SmallRng, creators_per_program: usize) -> (String, Vec<
          destination = \"https://bharat.example/\"\n\n",
     );
     // Demo keys (a real deployment keeps keys in the environment: `key_env`).
-    for (program, role) in [("acme", "ingest"), ("acme", "brand"), ("acme", "review"), ("acme", "finance"), ("bharat", "brand")] {
-        let _ = writeln!(t, "[[api_keys]]\nprogram_id = \"{program}\"\nkey = \"{}\"\nrole = \"{role}\"\n", demo_key(program, role));
+    for (program, role) in
+        [("acme", "ingest"), ("acme", "brand"), ("acme", "review"), ("acme", "finance"), ("bharat", "brand")]
+    {
+        let _ = writeln!(
+            t,
+            "[[api_keys]]\nprogram_id = \"{program}\"\nkey = \"{}\"\nrole = \"{role}\"\n",
+            demo_key(program, role)
+        );
     }
     for (pi, p) in PROGRAMS.iter().enumerate() {
         // Networks -> agencies -> creators: three tiers.

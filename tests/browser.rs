@@ -133,7 +133,11 @@ fn a_creator_applies_is_approved_earns_and_is_approved_for_payout_in_a_real_brow
             let mut buf = [0u8; 4096];
             let _ = s.read(&mut buf);
             let page = "<html><body><main><h1>Acme shop: tents</h1></main></body></html>";
-            let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}", page.len());
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}",
+                page.len()
+            );
         }
     });
     let rules = rules(dir.path(), &landing);

@@ -151,7 +151,14 @@ fn the_marketplace_api_every_role_and_a_restart() {
             ("POST", &decision, Some(BRAND), r#"{"decision":"reject"}"#, 422, Some("invalid_registry")),
             ("POST", &decision, Some(BRAND), r#"{"decision":"approve"}"#, 200, None),
             ("POST", &decision, Some(BRAND), r#"{"decision":"approve"}"#, 409, Some("already_decided")),
-            ("POST", "/v1/applications/nope/decision", Some(BRAND), r#"{"decision":"approve"}"#, 404, Some("unknown_application")),
+            (
+                "POST",
+                "/v1/applications/nope/decision",
+                Some(BRAND),
+                r#"{"decision":"approve"}"#,
+                404,
+                Some("unknown_application"),
+            ),
         ],
     );
     let (_, pending) = call(port, "GET", "/v1/applications?status=pending", Some(BRAND), "");
@@ -187,8 +194,22 @@ fn the_marketplace_api_every_role_and_a_restart() {
         port,
         &[
             ("POST", "/v1/links", Some(BRAND), r#"{"link_id":"maya-tiktok","partner_id":"maya"}"#, 200, None),
-            ("POST", "/v1/links", Some(BRAND), r#"{"link_id":"maya-tiktok","partner_id":"maya"}"#, 409, Some("duplicate_id")),
-            ("POST", "/v1/links", Some(BRAND), r#"{"link_id":"g-1","partner_id":"ghost"}"#, 404, Some("unknown_partner")),
+            (
+                "POST",
+                "/v1/links",
+                Some(BRAND),
+                r#"{"link_id":"maya-tiktok","partner_id":"maya"}"#,
+                409,
+                Some("duplicate_id"),
+            ),
+            (
+                "POST",
+                "/v1/links",
+                Some(BRAND),
+                r#"{"link_id":"g-1","partner_id":"ghost"}"#,
+                404,
+                Some("unknown_partner"),
+            ),
             ("POST", "/v1/links", Some(INGEST), r#"{"link_id":"g-2","partner_id":"maya"}"#, 403, Some("forbidden")),
             ("POST", "/v1/codes", Some(BRAND), r#"{"code":"mayafall","partner_id":"maya","max_uses":3}"#, 200, None),
             ("POST", "/v1/codes", Some(BRAND), r#"{"code":"MAYA10","partner_id":"maya"}"#, 409, Some("duplicate_id")),
@@ -197,19 +218,28 @@ fn the_marketplace_api_every_role_and_a_restart() {
         ],
     );
     // A registry link redirects, and its clicks are accepted at the edge.
-    let (s, head, _) = http_full(port, "GET", "/r/maya-tiktok", &[("User-Agent", "Mozilla/5.0 (X11; Linux x86_64) Chrome/156.0")], "");
+    let (s, head, _) =
+        http_full(port, "GET", "/r/maya-tiktok", &[("User-Agent", "Mozilla/5.0 (X11; Linux x86_64) Chrome/156.0")], "");
     assert_eq!(s, 302, "{head}");
     assert!(head.contains("location: https://acme.example/landing"), "{head}");
     // Checkout events after the registry's (whose time is the server's): now.
     let now = chrono::Utc::now().to_rfc3339();
-    let click = format!(r#"{{"type":"click","event_id":"k1","ts":"{now}","program_id":"acme","link_id":"acme-maya","visitor_id":"v1"}}"#);
+    let click = format!(
+        r#"{{"type":"click","event_id":"k1","ts":"{now}","program_id":"acme","link_id":"acme-maya","visitor_id":"v1"}}"#
+    );
     assert_eq!(http(port, "POST", "/v1/events", Some(INGEST), &click).0, 202);
-    let ghost = format!(r#"{{"type":"click","event_id":"k2","ts":"{now}","program_id":"acme","link_id":"nobody","visitor_id":"v1"}}"#);
+    let ghost = format!(
+        r#"{{"type":"click","event_id":"k2","ts":"{now}","program_id":"acme","link_id":"nobody","visitor_id":"v1"}}"#
+    );
     assert_eq!(http(port, "POST", "/v1/events", Some(INGEST), &ghost).0, 422);
-    let capture = format!(r#"{{"type":"capture","event_id":"c1","ts":"{now}","program_id":"acme","order_id":"o1","amount":"50.00","currency":"USD","codes":["mayafall"]}}"#);
+    let capture = format!(
+        r#"{{"type":"capture","event_id":"c1","ts":"{now}","program_id":"acme","order_id":"o1","amount":"50.00","currency":"USD","codes":["mayafall"]}}"#
+    );
     assert_eq!(http(port, "POST", "/v1/events", Some(INGEST), &capture).0, 202);
     wait_for("maya's order in the store", Duration::from_secs(30), || {
-        call(port, "GET", "/v1/partners/maya/orders", Some(&token), "").1["orders"].as_array().is_some_and(|o| o.len() == 1)
+        call(port, "GET", "/v1/partners/maya/orders", Some(&token), "").1["orders"]
+            .as_array()
+            .is_some_and(|o| o.len() == 1)
     });
     let (_, c) = call(port, "GET", "/v1/partners/maya/commissions", Some(&token), "");
     assert_eq!(c["by_status"][0]["net"], "5.0000", "{c}");
@@ -217,7 +247,13 @@ fn the_marketplace_api_every_role_and_a_restart() {
     // The OpenAPI document covers the whole API.
     let (s, doc) = call(port, "GET", "/openapi.json", None, "");
     assert_eq!(s, 200);
-    for p in ["/v1/events", "/v1/marketplace/programs", "/v1/applications/{application}/decision", "/v1/payouts", "/v1/partners/{partner}/{part}"] {
+    for p in [
+        "/v1/events",
+        "/v1/marketplace/programs",
+        "/v1/applications/{application}/decision",
+        "/v1/payouts",
+        "/v1/partners/{partner}/{part}",
+    ] {
         assert!(doc["paths"].get(p).is_some(), "{p} missing from /openapi.json");
     }
 
@@ -231,15 +267,25 @@ fn the_marketplace_api_every_role_and_a_restart() {
     let (s, head, _) = http_full(port, "GET", "/r/acme-maya", &[], "");
     assert_eq!(s, 302, "{head}");
     // A rotated token stops working; the new one (from the brand) works.
-    check(port, &[("POST", "/v1/partner-updates", Some(BRAND), r#"{"partner_id":"maya","rotate_token":true}"#, 200, None)]);
+    check(
+        port,
+        &[("POST", "/v1/partner-updates", Some(BRAND), r#"{"partner_id":"maya","rotate_token":true}"#, 200, None)],
+    );
     check(port, &[("GET", "/v1/partners/maya", Some(&token), "", 401, Some("unauthorized"))]);
     // Suspended: the link stops crediting.
     check(port, &[("POST", "/v1/partner-updates", Some(BRAND), r#"{"partner_id":"maya","active":false}"#, 200, None)]);
     let now = chrono::Utc::now().to_rfc3339();
-    let click = format!(r#"{{"type":"click","event_id":"k3","ts":"{now}","program_id":"acme","link_id":"acme-maya","visitor_id":"v3"}}"#);
-    assert_eq!(http(port, "POST", "/v1/events", Some(INGEST), &click).0, 202, "accepted at the edge (the engine refuses it)");
+    let click = format!(
+        r#"{{"type":"click","event_id":"k3","ts":"{now}","program_id":"acme","link_id":"acme-maya","visitor_id":"v3"}}"#
+    );
+    assert_eq!(
+        http(port, "POST", "/v1/events", Some(INGEST), &click).0,
+        202,
+        "accepted at the edge (the engine refuses it)"
+    );
     wait_for("the suspended link's click refused", Duration::from_secs(30), || {
-        sql(&data, "SELECT count(*) AS n FROM rejections WHERE event_id = 'k3' AND reason = 'unknown_link'").contains('1')
+        sql(&data, "SELECT count(*) AS n FROM rejections WHERE event_id = 'k3' AND reason = 'unknown_link'")
+            .contains('1')
     });
 }
 
@@ -258,7 +304,8 @@ fn pages_escape_what_creators_type_and_forms_need_their_csrf_token() {
     let (s, head, _) = http_full(port, "GET", "/marketplace/acme", &[], "");
     assert_eq!(s, 200);
     let csrf = set_cookie(&head, "afflio_csrf").expect("a CSRF cookie");
-    let evil = "partner_id=eve&display_name=%3Cscript%3Ealert(1)%3C%2Fscript%3E&email=eve%40example.com&audience=&channels=";
+    let evil =
+        "partner_id=eve&display_name=%3Cscript%3Ealert(1)%3C%2Fscript%3E&email=eve%40example.com&audience=&channels=";
     let form = [("Content-Type", "application/x-www-form-urlencoded")];
     let (s, _, _) = http_full(port, "POST", "/marketplace/acme/apply", &form, evil);
     assert_eq!(s, 403, "no CSRF cookie");
@@ -273,7 +320,8 @@ fn pages_escape_what_creators_type_and_forms_need_their_csrf_token() {
     // The console: sign-in by key, then forms carry the session's token.
     let (s, _, _) = http_full(port, "POST", "/console/login", &with, &format!("key={BRAND}"));
     assert_eq!(s, 403, "no csrf field");
-    let (s, head, _) = http_full(port, "POST", "/console/login", &with, &format!("key=wrong-key-000000000&csrf={csrf}"));
+    let (s, head, _) =
+        http_full(port, "POST", "/console/login", &with, &format!("key=wrong-key-000000000&csrf={csrf}"));
     assert_eq!(s, 401, "{head}");
     let (s, head, _) = http_full(port, "POST", "/console/login", &with, &format!("key={BRAND}&csrf={csrf}"));
     assert_eq!(s, 303, "{head}");

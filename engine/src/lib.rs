@@ -19,7 +19,10 @@ mod sessions;
 mod state;
 
 pub use afflio_rules as rules;
-pub use engine::{check_event, email_sha256, ListingView, PartnerView, CheckpointError, Engine, Invalid, ItemState, MemoryReport, PayoutItem, StateChanges};
+pub use engine::{
+    check_event, email_sha256, CheckpointError, Engine, Invalid, ItemState, ListingView, MemoryReport, PartnerView,
+    PayoutItem, StateChanges,
+};
 pub use event::{
     fingerprint, Body, Capture, Click, Customer, Decision, Event, EventType, Item, PayoutEvent, PayoutStatus, Refund,
     ReviewEvent,

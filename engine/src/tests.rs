@@ -561,7 +561,12 @@ fn captures_that_would_overflow_the_store_are_refused_before_anything_changes() 
 }
 
 fn registry(id: &str, mins: i64, r: crate::registry::RegistryEvent) -> Event<'static> {
-    Event { event_id: id.to_string().into(), ts: at(mins), program_id: "acme".into(), body: Body::Registry(Box::new(r)) }
+    Event {
+        event_id: id.to_string().into(),
+        ts: at(mins),
+        program_id: "acme".into(),
+        body: Body::Registry(Box::new(r)),
+    }
 }
 
 #[test]
@@ -608,7 +613,15 @@ fn the_registry_survives_images_and_deltas_at_every_cut_and_credits_only_from_it
         ),
         capture("c2", 7, "o2", "40", None, &["MAYAFALL"]),
         capture("c3", 8, "o3", "40", None, &["MAYAFALL"]),
-        registry("u1", 9, R::PartnerUpdated(UpdatePartner { partner_id: "maya".into(), active: Some(false), ..UpdatePartner::default() })),
+        registry(
+            "u1",
+            9,
+            R::PartnerUpdated(UpdatePartner {
+                partner_id: "maya".into(),
+                active: Some(false),
+                ..UpdatePartner::default()
+            }),
+        ),
         click("k2", 10, "acme-maya", "v2", "acme"),
     ];
     let mut straight = engine();
@@ -617,13 +630,20 @@ fn the_registry_survives_images_and_deltas_at_every_cut_and_credits_only_from_it
     }
     let out = straight.take_output();
     let credited: Vec<(&str, &str)> = out.ledger.iter().map(|l| (&*l.order_id, &*l.partner_id)).collect();
-    assert_eq!(credited, [("o1", "maya"), ("o2", "maya")], "o0's click came before the link; o3 found the code used up");
+    assert_eq!(
+        credited,
+        [("o1", "maya"), ("o2", "maya")],
+        "o0's click came before the link; o3 found the code used up"
+    );
     let rejected: Vec<(&str, Reason)> =
         out.rejections.iter().map(|r| (r.event_id.as_deref().unwrap(), r.reason)).collect();
     assert_eq!(rejected, [("k0", Reason::UnknownLink), ("k2", Reason::UnknownLink)]);
     let view = straight.partner_view("maya").unwrap();
     assert_eq!(view.links.iter().map(|l| l.id.as_str()).collect::<Vec<_>>(), ["acme-maya"]);
-    assert_eq!(view.codes.iter().map(|(c, n)| (c.normalized.as_str(), *n)).collect::<Vec<_>>(), [("MAYA", 0), ("MAYAFALL", 1)]);
+    assert_eq!(
+        view.codes.iter().map(|(c, n)| (c.normalized.as_str(), *n)).collect::<Vec<_>>(),
+        [("MAYA", 0), ("MAYAFALL", 1)]
+    );
     assert_eq!(straight.registry_sizes(), [2, 1, 1, 2]);
     let state = straight.state_fingerprint();
     // An image after `cut` events, then a delta of the rest: the same state.

@@ -510,7 +510,9 @@ fn plan_checks_what_each_provider_can_pay() {
 fn a_marketplace_partner_is_paid_to_the_destination_of_its_application() {
     let mut w = World::new(0, &[], "100.00");
     let ev = |id: &str, ty: &str, data: &str| {
-        format!(r#"{{"type":"{ty}","event_id":"{id}","ts":"2026-11-03T00:00:00Z","program_id":"bharat","data":{data}}}"#)
+        format!(
+            r#"{{"type":"{ty}","event_id":"{id}","ts":"2026-11-03T00:00:00Z","program_id":"bharat","data":{data}}}"#
+        )
     };
     let events = vec![
         ev("pub", "program_published", r#"{"name":"Bharat"}"#),

@@ -237,7 +237,11 @@ pub(crate) async fn messages(js: &jetstream::Context, start: u64) -> Result<pull
 }
 
 fn registered(l: &afflio_engine::rules::Link) -> RegisteredLink {
-    RegisteredLink { program_id: l.program_id.clone(), partner_id: l.partner_id.clone(), destination: l.destination.clone() }
+    RegisteredLink {
+        program_id: l.program_id.clone(),
+        partner_id: l.partner_id.clone(),
+        destination: l.destination.clone(),
+    }
 }
 
 /// Applies the stream until `stop`, sending epochs to the committer.

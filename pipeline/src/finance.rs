@@ -72,7 +72,10 @@ pub(crate) async fn ask<R: Send + 'static>(
 /// Waits until the engine has applied everything the stream holds now (the
 /// queue's own records, and anyone else's; after a restart, the replay of
 /// the stream since the checkpoint).
-pub(crate) async fn caught_up(queries: &mpsc::Sender<EngineQuery>, js: &async_nats::jetstream::Context) -> Result<(), BookError> {
+pub(crate) async fn caught_up(
+    queries: &mpsc::Sender<EngineQuery>,
+    js: &async_nats::jetstream::Context,
+) -> Result<(), BookError> {
     let unavailable = |e: String| BookError::Unavailable(format!("stream {}: {e}", nats::STREAM));
     let mut stream = js.get_stream(nats::STREAM).await.map_err(|e| unavailable(e.to_string()))?;
     let last = stream.info().await.map_err(|e| unavailable(e.to_string()))?.state.last_sequence;

@@ -14,7 +14,8 @@ mod units;
 
 pub use compile::{
     check_payout, ApiKey, AttributionModel, Code, EngineSettings, FraudAction, FraudSettings, KeyRole, Link, Listing,
-    Marketplace, Partner, Payout, PayoutProvider, PayoutSettings, PaypalSettings, Program, RazorpayxSettings, Rules, Secret,
+    Marketplace, Partner, Payout, PayoutProvider, PayoutSettings, PaypalSettings, Program, RazorpayxSettings, Rules,
+    Secret,
 };
 pub use error::{ConfigError, Problem};
 pub use units::{format_duration, parse_duration, Currency, Rate};

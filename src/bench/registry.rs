@@ -48,7 +48,9 @@ pub struct RegistryResult {
 
 fn event(line: &mut String, i: u64, ts_ms: i64, approve: bool) {
     line.clear();
-    let ts = chrono::DateTime::from_timestamp_millis(ts_ms).unwrap_or_default().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let ts = chrono::DateTime::from_timestamp_millis(ts_ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     if approve {
         let _ = write!(
             line,
@@ -152,7 +154,9 @@ pub fn in_child(n: u64) -> anyhow::Result<RegistryResult> {
 }
 
 pub fn report(rs: &[RegistryResult]) -> String {
-    let mut s = String::from("== registry: applications + approvals (partner, link, code each) through decode and the engine\n");
+    let mut s = String::from(
+        "== registry: applications + approvals (partner, link, code each) through decode and the engine\n",
+    );
     let _ = writeln!(
         s,
         "  {:>9} {:>14} {:>12} {:>16} {:>14} {:>12} {:>18}",

@@ -20,10 +20,10 @@ use super::payouts::PartnerBalance;
 use super::{Engine, Meta};
 use crate::dedupe::LogDelta;
 use crate::fraud::{KeyOrders, LeakWindow, RefundWindow, SpikePartner};
+use crate::registry::{Application, ListingState, RegPartner, Registry};
 use crate::sessions::{IdKey, PreHashed, Visitor};
 use crate::state::order::OrdersDelta;
 use crate::state::tracked::Delta;
-use crate::registry::{Application, ListingState, RegPartner, Registry};
 use crate::state::Order;
 
 /// Why a checkpoint could not be taken or restored.
@@ -156,8 +156,18 @@ impl Registry {
             cats.sort_by(|a, b| a.0.cmp(b.0));
             format!(
                 "{} {} {:?} {:?} {emails:?} {ids:?} {cats:?} {:?} {} {} {} {} {} {:?} {:?}",
-                p.id, p.program_id, p.parent, p.rate, p.payout, r.display_name, r.email, r.active, r.token_epoch,
-                r.joined_at, r.links, r.codes
+                p.id,
+                p.program_id,
+                p.parent,
+                p.rate,
+                p.payout,
+                r.display_name,
+                r.email,
+                r.active,
+                r.token_epoch,
+                r.joined_at,
+                r.links,
+                r.codes
             )
         };
         format!(

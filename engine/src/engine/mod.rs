@@ -277,15 +277,15 @@ impl Engine {
                     self.registry_refusals.push_back((e.event_id.as_ref().into(), r.clone()));
                 }
                 self.push_rejection(Rejection {
-                event_id: Some(e.event_id.to_string()),
-                arrival: arrival.ts,
-                event_ts: Some(e.ts),
-                reason: r.reason,
-                field: Some(r.field.to_string()),
-                detail: r.detail,
-                raw: raw.to_string(),
-                origin: arrival.origin.to_string(),
-            })
+                    event_id: Some(e.event_id.to_string()),
+                    arrival: arrival.ts,
+                    event_ts: Some(e.ts),
+                    reason: r.reason,
+                    field: Some(r.field.to_string()),
+                    detail: r.detail,
+                    raw: raw.to_string(),
+                    origin: arrival.origin.to_string(),
+                })
             }
         }
     }

@@ -566,7 +566,9 @@ impl Engine {
             .filter(|((p, _), a)| *p == prog && status.is_none_or(|s| a.status == s))
             .map(|(_, a)| a)
             .collect();
-        v.sort_by(|a, b| b.applied_at.cmp(&a.applied_at).then_with(|| a.apply.application_id.cmp(&b.apply.application_id)));
+        v.sort_by(|a, b| {
+            b.applied_at.cmp(&a.applied_at).then_with(|| a.apply.application_id.cmp(&b.apply.application_id))
+        });
         v.into_iter().take(limit).cloned().collect()
     }
 
@@ -605,11 +607,14 @@ impl Engine {
         links.sort_by(|a, b| a.id.cmp(&b.id));
         let program = self.rules.program(&partner.program_id)?;
         let prog = self.names.get(&program.id);
-        let uses = |norm: &str| {
-            prog.zip(self.names.get(norm)).and_then(|k| self.code_uses.get(&k)).copied().unwrap_or(0)
-        };
-        let mut codes: Vec<(Code, u64)> =
-            program.codes.values().filter(|c| c.partner_id == partner_id).map(|c| (c.clone(), uses(&c.normalized))).collect();
+        let uses =
+            |norm: &str| prog.zip(self.names.get(norm)).and_then(|k| self.code_uses.get(&k)).copied().unwrap_or(0);
+        let mut codes: Vec<(Code, u64)> = program
+            .codes
+            .values()
+            .filter(|c| c.partner_id == partner_id)
+            .map(|c| (c.clone(), uses(&c.normalized)))
+            .collect();
         codes.sort_by(|a, b| a.0.normalized.cmp(&b.0.normalized));
         if let Some(r) = &registry {
             links.extend(r.links.iter().filter_map(|id| self.find_link_any(&self.rules, id)).cloned());

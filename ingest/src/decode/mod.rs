@@ -339,9 +339,8 @@ fn registry_data(ty: EventType, text: &str) -> Result<RegistryEvent, DecodeError
 
 fn convert(w: Wire<'_>) -> Result<Event<'_>, DecodeError> {
     let ty_text = w.ty.ok_or_else(|| malformed("type", "missing field `type`"))?;
-    let ty = EventType::parse(&ty_text).ok_or_else(|| {
-        malformed("type", format!("type {ty_text:?} is not one of {}", EventType::NAMES))
-    })?;
+    let ty = EventType::parse(&ty_text)
+        .ok_or_else(|| malformed("type", format!("type {ty_text:?} is not one of {}", EventType::NAMES)))?;
     let event_id = w.event_id.ok_or_else(|| malformed("event_id", "missing field `event_id`"))?;
     if event_id.is_empty() || event_id.len() > LIMITS.event_id_bytes {
         return Err(malformed("event_id", format!("event_id must be 1 to 128 bytes, got {} bytes", event_id.len())));

@@ -16,6 +16,43 @@ fn check(text: &str, expect: Result<&str, (Reason, &str)>) {
 const CAP: &str = r#""type":"capture","event_id":"e1","ts":"2026-11-01T10:00:00+05:30","program_id":"acme","order_id":"o1","currency":"USD""#;
 
 #[test]
+fn registry_events_are_strictly_typed_and_name_the_field_at_fault() {
+    let ev = |ty: &str, data: &str| {
+        format!(r#"{{"type":"{ty}","event_id":"r1","ts":"2026-11-01T10:00:00Z","program_id":"acme","data":{data}}}"#)
+    };
+    check(
+        &ev("partner_applied", r#"{"application_id":"a","partner_id":"p","display_name":"P","email":"p@x.io"}"#),
+        Ok("PartnerApplied"),
+    );
+    check(&ev("application_decided", r#"{"application_id":"a","decision":"approve","decided_by":"b"}"#), Ok("Approve"));
+    check(&ev("code_created", r#"{"code":"X","partner_id":"p","max_uses":3}"#), Ok("max_uses: Some(3)"));
+    check(&ev("program_published", r#"{"name":"N"}"#), Ok("listed: true"));
+    check(&ev("partner_updated", r#"{"partner_id":"p","active":false}"#), Ok("active: Some(false)"));
+    check(&ev("link_created", r#"{"link_id":"l","partner_id":"p","destination":"https://x.io"}"#), Ok("LinkCreated"));
+    check(&ev("link_created", r#"{"link_id":"l"}"#), Err((Reason::Malformed, "data")));
+    check(&ev("link_created", r#"{"link_id":"l","partner_id":"p","x":1}"#), Err((Reason::Malformed, "data.x")));
+    check(
+        &ev("application_decided", r#"{"application_id":"a","decision":"maybe","decided_by":"b"}"#),
+        Err((Reason::Malformed, "data.decision")),
+    );
+    check(
+        &ev("code_created", r#"{"code":"X","partner_id":"p","max_uses":-1}"#),
+        Err((Reason::Malformed, "data.max_uses")),
+    );
+    check(
+        &ev(
+            "partner_applied",
+            r#"{"application_id":"a","partner_id":"p","display_name":"P","email":"p@x.io","payout":{"provider":"venmo"}}"#,
+        ),
+        Err((Reason::Malformed, "data.payout.provider")),
+    );
+    check(
+        r#"{"type":"code_created","event_id":"r","ts":"2026-11-01T10:00:00Z","program_id":"acme"}"#,
+        Err((Reason::Malformed, "data")),
+    );
+}
+
+#[test]
 fn decodes_every_type() {
     check(
         r#"{"type":"click","event_id":"c1","ts":"2026-11-01T10:00:00Z","program_id":"acme","link_id":"l","visitor_id":"v","sub_id":"s","extra":1}"#,

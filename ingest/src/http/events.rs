@@ -155,7 +155,8 @@ pub(super) async fn post_events(
                 continue;
             }
         }
-        let operator = matches!(ev.event_type(), EventType::Review | EventType::Payout) || ev.event_type().is_registry();
+        let operator =
+            matches!(ev.event_type(), EventType::Review | EventType::Payout) || ev.event_type().is_registry();
         if !operator && ev.ts > now + skew {
             let detail = format!(
                 "ts {} is more than max_future_skew ({}) ahead of the server's clock {now_text}",

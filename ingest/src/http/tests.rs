@@ -44,6 +44,10 @@ role = "review"
 program_id = "acme"
 key = "acme-finance-0123456789"
 role = "finance"
+[[api_keys]]
+program_id = "acme"
+key = "acme-brand-0123456789"
+role = "brand"
 [[links]]
 id = "other-link"
 partner_id = "olga"
@@ -110,7 +114,15 @@ fn app(broker: &Arc<FakeBroker>) -> axum::Router {
 
 fn app_with(broker: &Arc<FakeBroker>, config: HttpConfig) -> axum::Router {
     let rules = Arc::new(RwLock::new(Arc::new(Rules::parse("t.toml", RULES).unwrap())));
-    router(Ingest { rules, publisher: Arc::new(broker.clone()), metrics: Arc::new(Metrics::default()), links: Default::default() }, config)
+    router(
+        Ingest {
+            rules,
+            publisher: Arc::new(broker.clone()),
+            metrics: Arc::new(Metrics::default()),
+            links: Default::default(),
+        },
+        config,
+    )
 }
 
 const CAPTURE: &str = r#"{"type":"capture","event_id":"cap-1","ts":"2026-11-10T12:00:00Z","program_id":"acme","order_id":"o1","amount":"10.00","currency":"USD"}"#;
@@ -350,6 +362,34 @@ async fn reviews_need_a_review_key_and_review_keys_send_nothing_else() {
     let stored = broker.stored.lock().unwrap().clone();
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].0, "afflio.events.acme.review");
+}
+
+#[tokio::test]
+async fn registry_events_need_a_brand_key_and_are_stamped_with_the_servers_time() {
+    let broker = Arc::new(FakeBroker::default());
+    let app = app(&broker);
+    let link = r#"{"type":"link_created","event_id":"l-1","ts":"2020-01-01T00:00:00Z","program_id":"acme","data":{"link_id":"alice-2","partner_id":"alice"}}"#;
+    let brand = Some("acme-brand-0123456789");
+    check(
+        &app,
+        Some("acme-key-0123456789"),
+        link,
+        StatusCode::FORBIDDEN,
+        &[("reason", "forbidden"), ("field", "type")],
+    )
+    .await;
+    check(&app, brand, CAPTURE, StatusCode::FORBIDDEN, &[("reason", "forbidden"), ("field", "type")]).await;
+    let unknown_field = link.replace(r#""partner_id":"alice""#, r#""partner_id":"alice","colour":"red""#);
+    check(&app, brand, &unknown_field, StatusCode::BAD_REQUEST, &[("reason", "malformed"), ("field", "data.colour")])
+        .await;
+    let no_data = r#"{"type":"link_created","event_id":"l-2","ts":"2020-01-01T00:00:00Z","program_id":"acme"}"#;
+    check(&app, brand, no_data, StatusCode::BAD_REQUEST, &[("reason", "malformed"), ("field", "data")]).await;
+    check(&app, brand, link, StatusCode::ACCEPTED, &[("status", "accepted")]).await;
+    let stored = broker.stored.lock().unwrap().clone();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].0, "afflio.events.acme.link_created");
+    let ev = crate::decode_event(&stored[0].2).unwrap();
+    assert!(ev.ts.timestamp() > 1_700_000_000, "the server's time, not the client's 2020: {}", ev.ts);
 }
 
 // ---- Attacks, written as the attacker would send them ----

@@ -64,31 +64,37 @@ fn brand_only(who: &Principal) -> Result<(), Refusal> {
 }
 
 async fn list_programs(State(m): State<Market>) -> Response {
-    answer(async {
-        let rules = m.rules();
-        let listings = m.read(|e| e.listings()).await?;
-        let items: Vec<Value> = listings.iter().filter(|l| l.listed).filter_map(|l| listing_json(&rules, l)).collect();
-        Ok(Json(json!({ "programs": items })).into_response())
-    }
-    .await)
+    answer(
+        async {
+            let rules = m.rules();
+            let listings = m.read(|e| e.listings()).await?;
+            let items: Vec<Value> =
+                listings.iter().filter(|l| l.listed).filter_map(|l| listing_json(&rules, l)).collect();
+            Ok(Json(json!({ "programs": items })).into_response())
+        }
+        .await,
+    )
 }
 
 async fn get_program(State(m): State<Market>, Path(program): Path<String>) -> Response {
-    answer(async {
-        let rules = m.rules();
-        let listings = m.read(|e| e.listings()).await?;
-        let found = listings.iter().find(|l| l.listed && l.program_id == program).and_then(|l| listing_json(&rules, l));
-        match found {
-            Some(v) => Ok(Json(v).into_response()),
-            None => Err(Refusal::new(
-                StatusCode::NOT_FOUND,
-                "unknown_program",
-                Some("program"),
-                format!("no listed program {program:?}"),
-            )),
+    answer(
+        async {
+            let rules = m.rules();
+            let listings = m.read(|e| e.listings()).await?;
+            let found =
+                listings.iter().find(|l| l.listed && l.program_id == program).and_then(|l| listing_json(&rules, l));
+            match found {
+                Some(v) => Ok(Json(v).into_response()),
+                None => Err(Refusal::new(
+                    StatusCode::NOT_FOUND,
+                    "unknown_program",
+                    Some("program"),
+                    format!("no listed program {program:?}"),
+                )),
+            }
         }
-    }
-    .await)
+        .await,
+    )
 }
 
 /// What a creator sends to apply.
@@ -122,7 +128,12 @@ pub(super) async fn apply(m: &Market, program: &str, b: ApplyBody) -> Result<Val
     };
     let _one = m.writes.lock().await;
     if m.rules().program(program).is_none() {
-        return Err(Refusal::new(StatusCode::NOT_FOUND, "unknown_program", Some("program"), format!("no program {program:?}")));
+        return Err(Refusal::new(
+            StatusCode::NOT_FOUND,
+            "unknown_program",
+            Some("program"),
+            format!("no program {program:?}"),
+        ));
     }
     let data = serde_json::to_value(&a).map_err(|e| Refusal::unavailable(format!("internal: {e}")))?;
     let data = strip_kind(data);
@@ -151,12 +162,14 @@ fn strip_kind(mut v: Value) -> Value {
 }
 
 async fn apply_json(State(m): State<Market>, Path(program): Path<String>, body: Bytes) -> Response {
-    answer(async {
-        let b: ApplyBody = parse(&body)?;
-        let v = apply(&m, &program, b).await?;
-        Ok((StatusCode::CREATED, Json(v)).into_response())
-    }
-    .await)
+    answer(
+        async {
+            let b: ApplyBody = parse(&body)?;
+            let v = apply(&m, &program, b).await?;
+            Ok((StatusCode::CREATED, Json(v)).into_response())
+        }
+        .await,
+    )
 }
 
 /// Checks a partner's reader: the partner's own token, or an API key of the
@@ -213,18 +226,20 @@ fn bearer(headers: &HeaderMap) -> Result<String, Refusal> {
 }
 
 async fn partner_profile(State(m): State<Market>, Path(partner): Path<String>, headers: HeaderMap) -> Response {
-    answer(async {
-        partner_access(&m, &bearer(&headers)?, &partner).await?;
-        let p = partner.clone();
-        let (view, app) = m.read(move |e| (e.partner_view(&p), e.application_of_partner(&p))).await?;
-        let v = match &view {
-            Some(v) => partner_json(v, app.as_ref()),
-            // Applied, not approved yet: the application alone.
-            None => json!({ "partner_id": partner, "application": app.as_ref().map(application_json) }),
-        };
-        Ok(Json(v).into_response())
-    }
-    .await)
+    answer(
+        async {
+            partner_access(&m, &bearer(&headers)?, &partner).await?;
+            let p = partner.clone();
+            let (view, app) = m.read(move |e| (e.partner_view(&p), e.application_of_partner(&p))).await?;
+            let v = match &view {
+                Some(v) => partner_json(v, app.as_ref()),
+                // Applied, not approved yet: the application alone.
+                None => json!({ "partner_id": partner, "application": app.as_ref().map(application_json) }),
+            };
+            Ok(Json(v).into_response())
+        }
+        .await,
+    )
 }
 
 async fn partner_part(
@@ -232,27 +247,29 @@ async fn partner_part(
     Path((partner, part)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    answer(async {
-        let program = partner_access(&m, &bearer(&headers)?, &partner).await?;
-        let money = m.partner_money(&program, &partner).await;
-        let v = match part.as_str() {
-            "clicks" => json!({ "clicks": money["clicks"], "recent": money["recent_clicks"] }),
-            "orders" => json!({ "orders": money["orders"] }),
-            "commissions" => json!({ "by_status": money["commissions"] }),
-            "balance" => json!({ "balance": money["balance"] }),
-            "payouts" => json!({ "payouts": money["payouts"] }),
-            other => {
-                return Err(Refusal::new(
-                    StatusCode::NOT_FOUND,
-                    "not_found",
-                    Some("part"),
-                    format!("{other:?} is not one of clicks, orders, commissions, balance, payouts"),
-                ))
-            }
-        };
-        Ok(Json(v).into_response())
-    }
-    .await)
+    answer(
+        async {
+            let program = partner_access(&m, &bearer(&headers)?, &partner).await?;
+            let money = m.partner_money(&program, &partner).await;
+            let v = match part.as_str() {
+                "clicks" => json!({ "clicks": money["clicks"], "recent": money["recent_clicks"] }),
+                "orders" => json!({ "orders": money["orders"] }),
+                "commissions" => json!({ "by_status": money["commissions"] }),
+                "balance" => json!({ "balance": money["balance"] }),
+                "payouts" => json!({ "payouts": money["payouts"] }),
+                other => {
+                    return Err(Refusal::new(
+                        StatusCode::NOT_FOUND,
+                        "not_found",
+                        Some("part"),
+                        format!("{other:?} is not one of clicks, orders, commissions, balance, payouts"),
+                    ))
+                }
+            };
+            Ok(Json(v).into_response())
+        }
+        .await,
+    )
 }
 
 #[derive(Deserialize)]
@@ -266,28 +283,30 @@ async fn list_applications(
     Extension(who): Extension<Principal>,
     Query(q): Query<ListQuery>,
 ) -> Response {
-    answer(async {
-        brand_only(&who)?;
-        let status = match q.status.as_deref() {
-            None | Some("") | Some("all") => None,
-            Some("pending") => Some(AppStatus::Pending),
-            Some("approved") => Some(AppStatus::Approved),
-            Some("rejected") => Some(AppStatus::Rejected),
-            Some(other) => {
-                return Err(Refusal::new(
-                    StatusCode::BAD_REQUEST,
-                    "malformed",
-                    Some("status"),
-                    format!("status {other:?} is not one of pending, approved, rejected, all"),
-                ))
-            }
-        };
-        let limit = q.limit.unwrap_or(100).clamp(1, 1000);
-        let program = who.program_id.clone();
-        let apps = m.read(move |e| e.applications(&program, status, limit)).await?;
-        Ok(Json(json!({ "applications": apps.iter().map(application_json).collect::<Vec<_>>() })).into_response())
-    }
-    .await)
+    answer(
+        async {
+            brand_only(&who)?;
+            let status = match q.status.as_deref() {
+                None | Some("") | Some("all") => None,
+                Some("pending") => Some(AppStatus::Pending),
+                Some("approved") => Some(AppStatus::Approved),
+                Some("rejected") => Some(AppStatus::Rejected),
+                Some(other) => {
+                    return Err(Refusal::new(
+                        StatusCode::BAD_REQUEST,
+                        "malformed",
+                        Some("status"),
+                        format!("status {other:?} is not one of pending, approved, rejected, all"),
+                    ))
+                }
+            };
+            let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+            let program = who.program_id.clone();
+            let apps = m.read(move |e| e.applications(&program, status, limit)).await?;
+            Ok(Json(json!({ "applications": apps.iter().map(application_json).collect::<Vec<_>>() })).into_response())
+        }
+        .await,
+    )
 }
 
 #[derive(Deserialize)]
@@ -323,18 +342,26 @@ async fn decide(
     Path(application): Path<String>,
     body: Bytes,
 ) -> Response {
-    answer(async {
-        brand_only(&who)?;
-        let b: DecisionBody = parse(&body)?;
-        let by = b.decided_by.unwrap_or_else(|| "api".into());
-        let v = decide_as(&m, &who.program_id, &application, b.decision, b.reason, by).await?;
-        Ok(Json(v).into_response())
-    }
-    .await)
+    answer(
+        async {
+            brand_only(&who)?;
+            let b: DecisionBody = parse(&body)?;
+            let by = b.decided_by.unwrap_or_else(|| "api".into());
+            let v = decide_as(&m, &who.program_id, &application, b.decision, b.reason, by).await?;
+            Ok(Json(v).into_response())
+        }
+        .await,
+    )
 }
 
 /// Sends one registry event of the caller's program.
-async fn registry_write(m: &Market, who: &Principal, ty: &str, data: Value, idem: Option<String>) -> Result<Response, Refusal> {
+async fn registry_write(
+    m: &Market,
+    who: &Principal,
+    ty: &str,
+    data: Value,
+    idem: Option<String>,
+) -> Result<Response, Refusal> {
     brand_only(who)?;
     let _one = m.writes.lock().await;
     let id = m.submit(json!({"type": ty, "program_id": who.program_id, "data": data}), idem).await?;
@@ -356,28 +383,49 @@ fn idempotency(headers: &HeaderMap) -> Result<Option<String>, Refusal> {
     }
 }
 
-async fn publish(State(m): State<Market>, Extension(who): Extension<Principal>, headers: HeaderMap, body: Bytes) -> Response {
-    answer(async {
-        let b: Publish = parse(&body)?;
-        registry_write(&m, &who, "program_published", strip_kind(json!(b)), idempotency(&headers)?).await
-    }
-    .await)
+async fn publish(
+    State(m): State<Market>,
+    Extension(who): Extension<Principal>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    answer(
+        async {
+            let b: Publish = parse(&body)?;
+            registry_write(&m, &who, "program_published", strip_kind(json!(b)), idempotency(&headers)?).await
+        }
+        .await,
+    )
 }
 
-async fn create_link(State(m): State<Market>, Extension(who): Extension<Principal>, headers: HeaderMap, body: Bytes) -> Response {
-    answer(async {
-        let b: NewLink = parse(&body)?;
-        registry_write(&m, &who, "link_created", json!(b), idempotency(&headers)?).await
-    }
-    .await)
+async fn create_link(
+    State(m): State<Market>,
+    Extension(who): Extension<Principal>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    answer(
+        async {
+            let b: NewLink = parse(&body)?;
+            registry_write(&m, &who, "link_created", json!(b), idempotency(&headers)?).await
+        }
+        .await,
+    )
 }
 
-async fn create_code(State(m): State<Market>, Extension(who): Extension<Principal>, headers: HeaderMap, body: Bytes) -> Response {
-    answer(async {
-        let b: NewCode = parse(&body)?;
-        registry_write(&m, &who, "code_created", json!(b), idempotency(&headers)?).await
-    }
-    .await)
+async fn create_code(
+    State(m): State<Market>,
+    Extension(who): Extension<Principal>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    answer(
+        async {
+            let b: NewCode = parse(&body)?;
+            registry_write(&m, &who, "code_created", json!(b), idempotency(&headers)?).await
+        }
+        .await,
+    )
 }
 
 async fn update_partner(
@@ -386,11 +434,13 @@ async fn update_partner(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    answer(async {
-        let b: UpdatePartner = parse(&body)?;
-        registry_write(&m, &who, "partner_updated", json!(b), idempotency(&headers)?).await
-    }
-    .await)
+    answer(
+        async {
+            let b: UpdatePartner = parse(&body)?;
+            registry_write(&m, &who, "partner_updated", json!(b), idempotency(&headers)?).await
+        }
+        .await,
+    )
 }
 
 async fn openapi() -> Response {

@@ -125,13 +125,16 @@ impl Market {
     /// set here), waits until the engine applied it, and answers the
     /// engine's refusal if it refused it. Returns the event id.
     async fn submit(&self, mut event: Value, event_id: Option<String>) -> Result<String, Refusal> {
-        let id = event_id.unwrap_or_else(|| format!("{}web:{:032x}", afflio_ingest::http::RESERVED_ID_PREFIX, rand::random::<u128>()));
+        let id = event_id.unwrap_or_else(|| {
+            format!("{}web:{:032x}", afflio_ingest::http::RESERVED_ID_PREFIX, rand::random::<u128>())
+        });
         event["event_id"] = Value::String(id.clone());
         event["ts"] = Value::String(Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true));
         let program = event["program_id"].as_str().unwrap_or_default().to_string();
         let text = event.to_string();
         let ev = decode_event(&text).map_err(|e| {
-            let status = if e.reason == Reason::Malformed { StatusCode::BAD_REQUEST } else { StatusCode::UNPROCESSABLE_ENTITY };
+            let status =
+                if e.reason == Reason::Malformed { StatusCode::BAD_REQUEST } else { StatusCode::UNPROCESSABLE_ENTITY };
             Refusal::new(status, e.reason.as_str(), e.field.as_deref(), e.detail)
         })?;
         let subject = nats::subject(&program, ev.event_type().as_str());

@@ -24,7 +24,14 @@ enum Auth {
 }
 
 /// (method, path, who, summary, request body (content type, description), responses)
-type Route = (HttpMethod, &'static str, Auth, &'static str, Option<(&'static str, &'static str)>, &'static [(u16, &'static str)]);
+type Route = (
+    HttpMethod,
+    &'static str,
+    Auth,
+    &'static str,
+    Option<(&'static str, &'static str)>,
+    &'static [(u16, &'static str)],
+);
 
 const JSON: &str = "application/json";
 
@@ -98,9 +105,8 @@ pub(super) fn document() -> String {
         }
         paths = paths.path(*path, PathItem::new(method.clone(), op.build()));
     }
-    let bearer = |d: &str| {
-        SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).description(Some(d)).build())
-    };
+    let bearer =
+        |d: &str| SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).description(Some(d)).build());
     let doc = OpenApiBuilder::new()
         .info(
             InfoBuilder::new()

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use super::api::{apply, decide_as, partner_access, ApplyBody};
 use super::auth::{api_key, cookie, ConsoleUser, PortalSecret, SESSION_SECS};
-use super::{lit, listing_json, partner_json, Market, Refusal};
+use super::{listing_json, lit, partner_json, Market, Refusal};
 
 const PARTNER_COOKIE: &str = "afflio_partner";
 const CONSOLE_COOKIE: &str = "afflio_console";
@@ -148,9 +148,16 @@ async fn marketplace(State(m): State<Market>) -> Response {
 async fn program_view(m: &Market, program: &str) -> Result<Value, Refusal> {
     let rules = m.rules();
     let listings = m.read(|e| e.listings()).await?;
-    listings.iter().find(|l| l.listed && l.program_id == program).and_then(|l| listing_json(&rules, l)).ok_or_else(|| {
-        Refusal::new(StatusCode::NOT_FOUND, "unknown_program", Some("program"), format!("no listed program {program:?}"))
-    })
+    listings.iter().find(|l| l.listed && l.program_id == program).and_then(|l| listing_json(&rules, l)).ok_or_else(
+        || {
+            Refusal::new(
+                StatusCode::NOT_FOUND,
+                "unknown_program",
+                Some("program"),
+                format!("no listed program {program:?}"),
+            )
+        },
+    )
 }
 
 async fn program_page(State(m): State<Market>, Path(program): Path<String>, headers: HeaderMap) -> Response {
@@ -165,7 +172,13 @@ async fn program_page(State(m): State<Market>, Path(program): Path<String>, head
 async fn apply_form(State(m): State<Market>, Path(program): Path<String>, headers: HeaderMap, body: Bytes) -> Response {
     let f = form(&body);
     if !anon_form_ok(&headers, &f) {
-        return message(&m, StatusCode::FORBIDDEN, "Form expired", "Reload the page and send the form again.", "/marketplace");
+        return message(
+            &m,
+            StatusCode::FORBIDDEN,
+            "Form expired",
+            "Reload the page and send the form again.",
+            "/marketplace",
+        );
     }
     let get = |k: &str| f.get(k).map(|v| v.trim().to_string()).unwrap_or_default();
     let account = get("payout_account");
@@ -213,7 +226,12 @@ async fn apply_form(State(m): State<Market>, Path(program): Path<String>, header
                 .map(|k| (k.to_string(), Value::String(get(k))))
                 .collect::<serde_json::Map<_, _>>()
                 .into();
-            let error = format!("{}{}: {}", e.reason, e.field.as_deref().map(|f| format!(" ({f})")).unwrap_or_default(), e.detail);
+            let error = format!(
+                "{}{}: {}",
+                e.reason,
+                e.field.as_deref().map(|f| format!(" ({f})")).unwrap_or_default(),
+                e.detail
+            );
             let r = render(&m, "program.html", e.status, json!({ "p": p, "csrf": csrf, "form": keep, "error": error }));
             with_anon_csrf(r, &m, &csrf, new)
         }
@@ -256,10 +274,9 @@ async fn partner_page(State(m): State<Market>, headers: HeaderMap, Query(q): Que
     };
     let (me, money) = match &view {
         Some(v) => (partner_json(v, app.as_ref()), m.partner_money(&program, &partner).await),
-        None => (
-            json!({ "partner_id": partner, "application": app.as_ref().map(super::application_json) }),
-            Value::Null,
-        ),
+        None => {
+            (json!({ "partner_id": partner, "application": app.as_ref().map(super::application_json) }), Value::Null)
+        }
     };
     let ctx = json!({
         "me": me,
@@ -465,7 +482,13 @@ async fn console_decide(
         Err(r) => return r,
     };
     if user.role != KeyRole::Brand {
-        return message(&m, StatusCode::FORBIDDEN, "Not allowed", "Applications are decided with a brand key.", "/console");
+        return message(
+            &m,
+            StatusCode::FORBIDDEN,
+            "Not allowed",
+            "Applications are decided with a brand key.",
+            "/console",
+        );
     }
     let decision = match f.get("decision").map(String::as_str) {
         Some("approve") => Verdict::Approve,
@@ -503,7 +526,13 @@ async fn console_review(State(m): State<Market>, headers: HeaderMap, body: Bytes
     let order = f.get("order_id").map(|o| o.trim().to_string()).filter(|o| !o.is_empty());
     let reason = f.get("reason").map(|r| r.trim().to_string()).filter(|r| !r.is_empty());
     if decision == "approve" && order.is_some() {
-        return message(&m, StatusCode::BAD_REQUEST, "Bad form", "approve here is the bulk approval (no order)", "/console");
+        return message(
+            &m,
+            StatusCode::BAD_REQUEST,
+            "Bad form",
+            "approve here is the bulk approval (no order)",
+            "/console",
+        );
     }
     let event = json!({
         "type": "review",

@@ -10,8 +10,8 @@ use chrono::{DateTime, TimeDelta, Utc};
 
 use crate::error::{ConfigError, Problem};
 use crate::raw::{RawCode, RawConfig, RawLink, RawMarketplace, RawPartner, RawPayout, RawProgram, S};
-use serde::{Deserialize, Serialize};
 use crate::units::{parse_duration, Currency, Rate};
+use serde::{Deserialize, Serialize};
 
 /// How clicks compete for an order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1069,7 +1069,12 @@ fn compile_marketplace(cx: &mut Ctx<'_>, i: usize, m: Option<&S<RawMarketplace>>
         if name.is_empty() {
             cx.err(span.clone(), f("name"), "a listed program needs a `name`");
         }
-        out.listing = Some(Listing { name, description: text(&m.description), terms: text(&m.terms), category: text(&m.category) });
+        out.listing = Some(Listing {
+            name,
+            description: text(&m.description),
+            terms: text(&m.terms),
+            category: text(&m.category),
+        });
     }
     out.auto_approve = m.auto_approve;
     for (v, field, slot, needs) in [
@@ -1086,7 +1091,11 @@ fn compile_marketplace(cx: &mut Ctx<'_>, i: usize, m: Option<&S<RawMarketplace>>
                 format!("{p:?} must hold {needs} (or {{partner}}/{{PARTNER}}), only the placeholders {{program}}, {{partner}}, {{PARTNER}}, and at most 64 bytes"),
             );
         } else if !rest.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-            cx.err(v.span(), f(field), format!("{p:?}: outside its placeholders a pattern takes letters, digits, '-' and '_' only"));
+            cx.err(
+                v.span(),
+                f(field),
+                format!("{p:?}: outside its placeholders a pattern takes letters, digits, '-' and '_' only"),
+            );
         }
         *slot = p.clone();
     }
