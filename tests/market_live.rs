@@ -75,7 +75,10 @@ fn call(port: u16, method: &str, path: &str, key: Option<&str>, body: &str) -> (
 }
 
 /// One check per boundary: (method, path, credential, body) -> status and, when given, a reason.
-fn check(port: u16, cases: &[(&str, &str, Option<&str>, &str, u16, Option<&str>)]) {
+/// (method, path, credential, body, status, reason)
+type Case<'a> = (&'a str, &'a str, Option<&'a str>, &'a str, u16, Option<&'a str>);
+
+fn check(port: u16, cases: &[Case<'_>]) {
     for (method, path, key, body, status, reason) in cases {
         let (s, v) = call(port, method, path, *key, body);
         assert_eq!(s, *status, "{method} {path} {body}: {v}");

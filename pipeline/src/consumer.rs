@@ -81,6 +81,8 @@ pub(crate) struct Consumer {
     published_us: Vec<i64>,
     events: u64,
     ack: Option<jetstream::Message>,
+    /// The ingest tier's directory of registry links, told of new ones.
+    pub(crate) links: Arc<LinkDirectory>,
 }
 
 impl Consumer {
@@ -96,6 +98,7 @@ impl Consumer {
             published_us: Vec::new(),
             events: 0,
             ack: None,
+            links: Arc::new(LinkDirectory::default()),
         }
     }
 
@@ -252,10 +255,10 @@ pub(crate) async fn run(
     cutting: Cutting,
     tx: mpsc::Sender<Epoch>,
     mut queries: mpsc::Receiver<crate::finance::EngineQuery>,
-    links: Arc<LinkDirectory>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), PipelineError> {
     // The ingest tier learns the registry's links as they are created.
+    let links = c.links.clone();
     c.engine.set_link_feed(true);
     for l in c.engine.registry_links() {
         links.insert(&l.id, registered(&l));

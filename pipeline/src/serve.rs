@@ -98,8 +98,7 @@ pub async fn run(opts: ServeOptions, rules: Rules) -> Result<(), PipelineError> 
         shared.clone(),
         metrics.clone(),
         opts.clone(),
-        queries_rx,
-        links.clone(),
+        (queries_rx, links.clone()),
         stop_rx.clone(),
     ));
     let reloader = tokio::spawn(reload_rules(opts.config.clone(), shared.clone(), metrics.clone(), stop_rx));
@@ -157,8 +156,7 @@ async fn pipeline(
     shared: SharedRules,
     metrics: Arc<Metrics>,
     opts: ServeOptions,
-    queries: mpsc::Receiver<crate::finance::EngineQuery>,
-    links: Arc<LinkDirectory>,
+    (queries, links): (mpsc::Receiver<crate::finance::EngineQuery>, Arc<LinkDirectory>),
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), PipelineError> {
     let js = async_nats::jetstream::new(client);
@@ -199,7 +197,8 @@ async fn pipeline(
     metrics.committed_seq.store(position, Ordering::Relaxed);
     metrics.engine_events.store(restored.engine.events_read(), Ordering::Relaxed);
     let messages = consumer::messages(&js, position + 1).await?;
-    let consumer = Consumer::new(restored.engine, metrics.clone(), position, cut_points);
+    let mut consumer = Consumer::new(restored.engine, metrics.clone(), position, cut_points);
+    consumer.links = links;
     let (tx, rx) = mpsc::channel(1);
     let committer = Committer {
         store,
@@ -215,7 +214,7 @@ async fn pipeline(
     };
     let committing = tokio::spawn(committer.run(rx));
     let cutting = Cutting { interval: opts.epoch_interval, max_events: opts.max_epoch_events };
-    let consumed = consumer::run(consumer, messages, shared, cutting, tx, queries, links, stop).await;
+    let consumed = consumer::run(consumer, messages, shared, cutting, tx, queries, stop).await;
     let committed = committing.await.map_err(|e| PipelineError::Internal(format!("committer task: {e}")))?;
     consumed?;
     committed
