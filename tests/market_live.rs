@@ -290,6 +290,16 @@ fn the_marketplace_api_every_role_and_a_restart() {
         sql(&data, "SELECT count(*) AS n FROM rejections WHERE event_id = 'k3' AND reason = 'unknown_link'")
             .contains('1')
     });
+
+    // A replay of the stream (registry events included) gives what the live service gave.
+    let events = dir.path().join("stream.jsonl");
+    std::fs::write(&events, stream_events(&nats.url()).join("\n")).unwrap();
+    let (ledger_replayed, orders_replayed) = replay_ledger(dir.path(), &rules, &events);
+    assert!(ledger_replayed.lines().count() >= 2, "{ledger_replayed}");
+    assert_eq!(ledger(&data), ledger_replayed, "ledgers differ");
+    assert_eq!(orders(&data), orders_replayed, "orders differ");
+    let refusals = "SELECT event_id, reason, field FROM rejections ORDER BY event_id";
+    assert_eq!(sql(&data, refusals), sql(&dir.path().join("replay"), refusals), "refusals differ");
 }
 
 #[test]

@@ -375,3 +375,29 @@ pub fn set_cookie(head: &str, name: &str) -> Option<String> {
         (k == name).then(|| rest.split(';').next().unwrap_or("").to_string())
     })
 }
+
+/// Every event the broker's stream holds, in stream order, as JSON Lines
+/// (envelopes opened): what a replay of the live service's input reads.
+pub fn stream_events(nats_url: &str) -> Vec<String> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let client = async_nats::ConnectOptions::with_user_and_password(ENGINE_USER.0.into(), ENGINE_USER.1.into())
+            .connect(nats_url)
+            .await
+            .unwrap();
+        let js = async_nats::jetstream::new(client);
+        let mut stream = js.get_stream("AFFLIO_EVENTS").await.unwrap();
+        let last = stream.info().await.unwrap().state.last_sequence;
+        let mut out = Vec::new();
+        for seq in 1..=last {
+            let Ok(m) = stream.get_raw_message(seq).await else { continue };
+            let payload: &[u8] = m.payload.as_ref();
+            if afflio_ingest::envelope::is_envelope(payload) {
+                out.extend(afflio_ingest::envelope::decode(payload).unwrap().into_iter().map(str::to_string));
+            } else {
+                out.push(String::from_utf8(payload.to_vec()).unwrap());
+            }
+        }
+        out
+    })
+}
