@@ -275,6 +275,18 @@ fn the_marketplace_api_every_role_and_a_restart() {
         &[("POST", "/v1/partner-updates", Some(BRAND), r#"{"partner_id":"maya","rotate_token":true}"#, 200, None)],
     );
     check(port, &[("GET", "/v1/partners/maya", Some(&token), "", 401, Some("unauthorized"))]);
+    let (s, fresh) = call(port, "POST", "/v1/partner-tokens", Some(BRAND), r#"{"partner_id":"maya"}"#);
+    assert_eq!(s, 200, "{fresh}");
+    let fresh = fresh["token"].as_str().unwrap().to_string();
+    assert_ne!(fresh, token);
+    check(
+        port,
+        &[
+            ("GET", "/v1/partners/maya", Some(&fresh), "", 200, None),
+            ("POST", "/v1/partner-tokens", Some(OTHER_BRAND), r#"{"partner_id":"maya"}"#, 404, Some("unknown_partner")),
+            ("POST", "/v1/partner-tokens", Some(INGEST), r#"{"partner_id":"maya"}"#, 403, Some("forbidden")),
+        ],
+    );
     // Suspended: the link stops crediting.
     check(port, &[("POST", "/v1/partner-updates", Some(BRAND), r#"{"partner_id":"maya","active":false}"#, 200, None)]);
     let now = chrono::Utc::now().to_rfc3339();

@@ -34,6 +34,7 @@ pub(super) fn keyed(m: Market) -> Router {
         .route("/v1/links", post(create_link))
         .route("/v1/codes", post(create_code))
         .route("/v1/partner-updates", post(update_partner))
+        .route("/v1/partner-tokens", post(partner_token))
         .with_state(m)
 }
 
@@ -438,6 +439,38 @@ async fn update_partner(
         async {
             let b: UpdatePartner = parse(&body)?;
             registry_write(&m, &who, "partner_updated", json!(b), idempotency(&headers)?).await
+        }
+        .await,
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenBody {
+    partner_id: String,
+}
+
+/// A partner's current access token, for the brand to hand over (a partner
+/// of the rules file, or one whose token was rotated).
+async fn partner_token(State(m): State<Market>, Extension(who): Extension<Principal>, body: Bytes) -> Response {
+    answer(
+        async {
+            brand_only(&who)?;
+            let b: TokenBody = parse(&body)?;
+            let p = b.partner_id.clone();
+            let owner = m.read(move |e| e.partner_token_epoch(&p)).await?;
+            match owner {
+                Some((program, epoch)) if program == who.program_id => {
+                    let token = m.secret.partner_token(&program, &b.partner_id, epoch);
+                    Ok(Json(json!({ "partner_id": b.partner_id, "token": token })).into_response())
+                }
+                _ => Err(Refusal::new(
+                    StatusCode::NOT_FOUND,
+                    "unknown_partner",
+                    Some("partner_id"),
+                    format!("no partner {:?} in program {:?}", b.partner_id, who.program_id),
+                )),
+            }
         }
         .await,
     )

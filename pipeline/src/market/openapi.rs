@@ -63,6 +63,7 @@ const ROUTES: &[Route] = &[
     (HttpMethod::Post, "/v1/codes", Auth::Key, "Create a promo code for a partner (brand key)", Some((JSON, "{code, partner_id, starts_at?, expires_at?, max_uses?}")), &[(200, "applied"), (404, "unknown_partner"), (409, "duplicate_id")]),
     (HttpMethod::Post, "/v1/partner-updates", Auth::Key, "Change a marketplace partner (brand key): name, payout, identities, active, rotate_token",
      Some((JSON, "{partner_id, display_name?, payout?, email_sha256?: [hex], customer_ids?: [id], active?: bool, rotate_token?: bool}")), &[(200, "applied"), (404, "unknown_partner")]),
+    (HttpMethod::Post, "/v1/partner-tokens", Auth::Key, "A partner's current access token, to hand over (brand key)", Some((JSON, "{partner_id}")), &[(200, "{partner_id, token}"), (404, "unknown_partner")]),
     (HttpMethod::Get, "/v1/partners/{partner}", Auth::PartnerOrKey, "A partner's profile, application, links and codes", None, &[(200, "the partner"), (401, "no or bad credential"), (403, "another partner's token"), (404, "no such partner in the key's program")]),
     (HttpMethod::Get, "/v1/partners/{partner}/{part}", Auth::PartnerOrKey, "A partner's clicks, orders, commissions (by status), balance or payouts, from the store", None, &[(200, "rows"), (401, "no or bad credential"), (403, "another partner's token"), (404, "unknown part or partner")]),
 ];
