@@ -384,64 +384,43 @@ fn idempotency(headers: &HeaderMap) -> Result<Option<String>, Refusal> {
     }
 }
 
-async fn publish(
-    State(m): State<Market>,
-    Extension(who): Extension<Principal>,
+/// A registry write whose body is the event's `data`, typed as `T` (the
+/// engine's own type: the body is checked as the event will be).
+async fn typed_write<T: serde::de::DeserializeOwned + serde::Serialize>(
+    m: Market,
+    who: Principal,
     headers: HeaderMap,
     body: Bytes,
+    ty: &'static str,
 ) -> Response {
     answer(
         async {
-            let b: Publish = parse(&body)?;
-            registry_write(&m, &who, "program_published", strip_kind(json!(b)), idempotency(&headers)?).await
+            let b: T = parse(&body)?;
+            registry_write(&m, &who, ty, json!(b), idempotency(&headers)?).await
         }
         .await,
     )
 }
 
-async fn create_link(
-    State(m): State<Market>,
-    Extension(who): Extension<Principal>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    answer(
-        async {
-            let b: NewLink = parse(&body)?;
-            registry_write(&m, &who, "link_created", json!(b), idempotency(&headers)?).await
-        }
-        .await,
-    )
+async fn publish(State(m): State<Market>, Extension(w): Extension<Principal>, h: HeaderMap, b: Bytes) -> Response {
+    typed_write::<Publish>(m, w, h, b, "program_published").await
 }
 
-async fn create_code(
-    State(m): State<Market>,
-    Extension(who): Extension<Principal>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    answer(
-        async {
-            let b: NewCode = parse(&body)?;
-            registry_write(&m, &who, "code_created", json!(b), idempotency(&headers)?).await
-        }
-        .await,
-    )
+async fn create_link(State(m): State<Market>, Extension(w): Extension<Principal>, h: HeaderMap, b: Bytes) -> Response {
+    typed_write::<NewLink>(m, w, h, b, "link_created").await
+}
+
+async fn create_code(State(m): State<Market>, Extension(w): Extension<Principal>, h: HeaderMap, b: Bytes) -> Response {
+    typed_write::<NewCode>(m, w, h, b, "code_created").await
 }
 
 async fn update_partner(
     State(m): State<Market>,
-    Extension(who): Extension<Principal>,
-    headers: HeaderMap,
-    body: Bytes,
+    Extension(w): Extension<Principal>,
+    h: HeaderMap,
+    b: Bytes,
 ) -> Response {
-    answer(
-        async {
-            let b: UpdatePartner = parse(&body)?;
-            registry_write(&m, &who, "partner_updated", json!(b), idempotency(&headers)?).await
-        }
-        .await,
-    )
+    typed_write::<UpdatePartner>(m, w, h, b, "partner_updated").await
 }
 
 #[derive(Deserialize)]
