@@ -372,4 +372,19 @@ fn pages_escape_what_creators_type_and_forms_need_their_csrf_token() {
     assert_eq!(s, 200);
     assert!(page.contains("&lt;script&gt;") && !page.contains("<script>"));
     assert!(page.contains("acme-eve") && page.contains("EVE10") && page.contains(">approved<"), "{page}");
+
+    // Anyone may apply, but not in a flood: one address gets a burst, then 429 with Retry-After.
+    let mut limited = None;
+    for i in 0..40 {
+        let body = format!(r#"{{"partner_id":"flood{i}","display_name":"F","email":"f{i}@example.com"}}"#);
+        let (s, head, _) = http_full(port, "POST", "/v1/marketplace/programs/acme/applications", &[], &body);
+        if s == 429 {
+            limited = Some((i, head));
+            break;
+        }
+        assert_eq!(s, 201);
+    }
+    let (i, head) = limited.expect("the per-address limit on applying");
+    assert!(i >= 10, "a burst is allowed first ({i})");
+    assert!(head.to_ascii_lowercase().contains("retry-after"), "{head}");
 }

@@ -27,6 +27,12 @@ pub const MAX_PER_PARTNER: usize = 100;
 pub const MAX_CHANNELS: usize = 10;
 /// Free text fields (description, terms, audience, reason) are at most this long.
 pub const MAX_TEXT: usize = 4096;
+/// At most this many applications wait for a decision in one program (a
+/// flood of applications cannot grow the registry without bound).
+pub const MAX_PENDING: u64 = 100_000;
+/// At most this many applications (of any status) per program: the
+/// registry's bound (each approved one is a partner, a link and a code).
+pub const MAX_APPLICATIONS: u64 = 5_000_000;
 
 /// A registry event's content (owned: registry events are rare).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -232,9 +238,21 @@ pub(crate) struct Registry {
     pub(crate) codes: Tracked<(u32, u32), Code>,
     /// Partner ids asked for by pending or decided applications (taken).
     pub(crate) claimed: Tracked<u32, (u32, u32)>,
+    /// Per program: applications in all and pending (derived: rebuilt on restore).
+    pub(crate) counts: hashbrown::HashMap<u32, (u64, u64)>,
 }
 
 impl Registry {
+    /// Rebuilds the derived counts from the applications.
+    pub(crate) fn recount(&mut self) {
+        self.counts.clear();
+        for ((p, _), a) in self.applications.iter() {
+            let c = self.counts.entry(*p).or_default();
+            c.0 += 1;
+            c.1 += u64::from(a.status == AppStatus::Pending);
+        }
+    }
+
     pub(crate) fn set_tracking(&mut self, on: bool) {
         self.listings.set_tracking(on);
         self.applications.set_tracking(on);

@@ -665,3 +665,43 @@ fn the_registry_survives_images_and_deltas_at_every_cut_and_credits_only_from_it
         assert_eq!(restored.partner_view("maya"), view.clone().into(), "cut at {cut}");
     }
 }
+
+#[test]
+fn pending_applications_are_bounded_per_program_and_the_bound_survives_a_restore() {
+    use crate::registry::{Apply, Decide, Publish, RegistryEvent as R, Verdict, MAX_PENDING};
+    let mut e = engine();
+    apply(
+        &mut e,
+        &registry("p", 0, R::ProgramPublished(Publish { name: "Acme".into(), listed: true, ..Publish::default() })),
+    );
+    let app = |i: u64| {
+        registry(
+            &format!("a{i}"),
+            1,
+            R::PartnerApplied(Apply {
+                application_id: format!("a{i}"),
+                partner_id: format!("p{i}"),
+                display_name: "P".into(),
+                email: "p@example.com".into(),
+                ..Apply::default()
+            }),
+        )
+    };
+    for i in 0..MAX_PENDING {
+        assert_eq!(apply(&mut e, &app(i)), Outcome::Applied);
+    }
+    drop(e.take_output());
+    assert!(matches!(apply(&mut e, &app(MAX_PENDING)), Outcome::Rejected(Reason::InvalidRegistry)));
+    // A restored engine knows the count; a decision makes room for one more.
+    drop(e.take_output());
+    let mut e = Engine::restore(e.rules().clone(), &e.checkpoint().unwrap()).unwrap();
+    assert!(matches!(apply(&mut e, &app(MAX_PENDING + 1)), Outcome::Rejected(Reason::InvalidRegistry)));
+    let decide = R::ApplicationDecided(Decide {
+        application_id: "a0".into(),
+        decision: Verdict::Reject,
+        reason: Some("no".into()),
+        decided_by: "ana".into(),
+    });
+    assert_eq!(apply(&mut e, &registry("d0", 2, decide)), Outcome::Applied);
+    assert_eq!(apply(&mut e, &app(MAX_PENDING + 2)), Outcome::Applied);
+}

@@ -82,7 +82,8 @@ pub async fn run(opts: ServeOptions, rules: Rules) -> Result<(), PipelineError> 
         async_nats::jetstream::new(engine_client.clone()),
         opts.data.clone(),
         crate::market::PortalSecret::from_env(),
-        opts.http_config.redirect.cookie_secure,
+        &opts.http_config,
+        metrics.clone(),
     );
     let finance = crate::finance::Finance::new(
         shared.clone(),

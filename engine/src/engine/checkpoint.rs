@@ -347,6 +347,7 @@ impl Engine {
         self.balances.clear_changes();
         self.refunds_by_partner.clear_changes();
         self.registry.clear_changes();
+        self.registry.recount();
         self.names.take_delta();
         self.targets_mark = self.sessions.targets.len();
         self.balance_changes.clear();

@@ -12,7 +12,7 @@ use crate::event::Event;
 use crate::output::Reason;
 use crate::registry::{
     AppStatus, Application, Apply, Decide, ListingState, NewCode, NewLink, Publish, RegPartner, RegistryEvent,
-    UpdatePartner, Verdict, MAX_CHANNELS, MAX_PER_PARTNER, MAX_TEXT,
+    UpdatePartner, Verdict, MAX_APPLICATIONS, MAX_CHANNELS, MAX_PENDING, MAX_PER_PARTNER, MAX_TEXT,
 };
 
 /// How many suffixes are tried to make a generated link id or code unique.
@@ -184,6 +184,16 @@ impl Engine {
         if let Some(p) = &a.payout {
             afflio_rules::check_payout(p).map_err(|(f, d)| invalid(&format!("data.{f}"), d))?;
         }
+        let (all, pending) = self.registry.counts.get(&prog).copied().unwrap_or_default();
+        if pending >= MAX_PENDING || all >= MAX_APPLICATIONS {
+            return Err(invalid(
+                "program_id",
+                format!(
+                    "program {:?} has {pending} applications waiting ({all} in all): at most {MAX_PENDING} wait and {MAX_APPLICATIONS} are kept",
+                    program.id
+                ),
+            ));
+        }
         let app = self.names.intern(&a.application_id);
         if self.registry.applications.contains_key(&(prog, app)) {
             return Err(reject(
@@ -201,6 +211,9 @@ impl Engine {
         }
         let partner = self.names.intern(&a.partner_id);
         self.registry.claimed.insert(partner, (prog, app));
+        let c = self.registry.counts.entry(prog).or_default();
+        c.0 += 1;
+        c.1 += 1;
         self.registry.applications.insert(
             (prog, app),
             Application {
@@ -259,6 +272,9 @@ impl Engine {
         let apply = current.apply.clone();
         if d.decision == Verdict::Approve {
             self.create_partner(ts, &apply, rules, program, prog);
+        }
+        if let Some(c) = self.registry.counts.get_mut(&prog) {
+            c.1 = c.1.saturating_sub(1);
         }
         let a = self.registry.applications.get_mut(&(prog, app)).expect("checked above");
         a.status = if d.decision == Verdict::Approve { AppStatus::Approved } else { AppStatus::Rejected };

@@ -33,7 +33,7 @@ impl KeyExtractor for ByKey {
 
 /// Rate-limit key: the client's address (through trusted proxies).
 #[derive(Clone, Debug)]
-pub(crate) struct ByIp(Arc<Vec<ipnet::IpNet>>);
+pub struct ByIp(Arc<Vec<ipnet::IpNet>>);
 
 impl KeyExtractor for ByIp {
     type Key = std::net::IpAddr;
@@ -69,7 +69,19 @@ fn period(per_second: u64) -> Duration {
 }
 
 pub(crate) type KeyLimit = GovernorLayer<ByKey, NoOpMiddleware<QuantaInstant>, Body>;
-pub(crate) type IpLimit = GovernorLayer<ByIp, NoOpMiddleware<QuantaInstant>, Body>;
+pub type IpLimit = GovernorLayer<ByIp, NoOpMiddleware<QuantaInstant>, Body>;
+
+/// One request per `every`, bursts of `burst`, per client address: for
+/// routes anyone may call that write (applying to a program).
+pub fn per_address_every(every: Duration, burst: u32, metrics: &Arc<Metrics>, trusted: Vec<ipnet::IpNet>) -> IpLimit {
+    let config = GovernorConfigBuilder::default()
+        .period(every.max(Duration::from_millis(1)))
+        .burst_size(burst.max(1))
+        .key_extractor(ByIp(Arc::new(trusted)))
+        .finish()
+        .expect("a non-zero period and burst");
+    GovernorLayer::new(config).error_handler(too_many(metrics.clone(), "from this address"))
+}
 
 /// `rate.0` requests per second, bursts of `rate.1`, per API key.
 pub(crate) fn per_key(rate: (u64, u32), metrics: &Arc<Metrics>) -> KeyLimit {

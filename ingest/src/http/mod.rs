@@ -35,6 +35,7 @@ use subtle::ConstantTimeEq;
 use crate::metrics::Metrics;
 
 pub use events::RESERVED_ID_PREFIX;
+pub use limits::{per_address_every, IpLimit};
 pub use redirect::{ClickDedupe, RedirectConfig};
 
 /// Why the broker did not store a message.

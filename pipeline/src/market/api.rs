@@ -19,7 +19,7 @@ pub(super) fn open(m: Market) -> Router {
     Router::new()
         .route("/v1/marketplace/programs", get(list_programs))
         .route("/v1/marketplace/programs/{program}", get(get_program))
-        .route("/v1/marketplace/programs/{program}/applications", post(apply_json))
+        .route("/v1/marketplace/programs/{program}/applications", post(apply_json).layer((m.limit)()))
         .route("/v1/partners/{partner}", get(partner_profile))
         .route("/v1/partners/{partner}/{part}", get(partner_part))
         .route("/openapi.json", get(openapi))

@@ -47,7 +47,14 @@ pub(crate) struct Market {
     templates: Arc<minijinja::Environment<'static>>,
     /// Cookies get `Secure` (served over HTTPS).
     cookie_secure: bool,
+    /// The per-address limit on applying (anyone may apply): built per router.
+    limit: Arc<dyn Fn() -> afflio_ingest::http::IpLimit + Send + Sync>,
 }
+
+/// Applying, per client address: one every 10 s, bursts of 20 (a person
+/// applies once; an office behind one address a few times).
+const APPLY_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+const APPLY_BURST: u32 = 20;
 
 /// A refusal, as an answer.
 pub(crate) struct Refusal {
@@ -89,8 +96,13 @@ impl Market {
         js: async_nats::jetstream::Context,
         data: PathBuf,
         secret: PortalSecret,
-        cookie_secure: bool,
+        http: &afflio_ingest::http::HttpConfig,
+        metrics: Arc<afflio_ingest::metrics::Metrics>,
     ) -> Market {
+        let trusted = http.trusted_proxies.clone();
+        let limit = Arc::new(move || {
+            afflio_ingest::http::per_address_every(APPLY_EVERY, APPLY_BURST, &metrics, trusted.clone())
+        });
         Market {
             rules,
             queries,
@@ -100,7 +112,8 @@ impl Market {
             secret: Arc::new(secret),
             writes: Arc::new(tokio::sync::Mutex::new(())),
             templates: Arc::new(pages::templates()),
-            cookie_secure,
+            cookie_secure: http.redirect.cookie_secure,
+            limit,
         }
     }
 

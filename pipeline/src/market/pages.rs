@@ -43,7 +43,7 @@ pub(super) fn routes(m: Market) -> Router {
         .route("/", get(|| async { Redirect::to("/marketplace") }))
         .route("/marketplace", get(marketplace))
         .route("/marketplace/{program}", get(program_page))
-        .route("/marketplace/{program}/apply", post(apply_form))
+        .route("/marketplace/{program}/apply", post(apply_form).layer((m.limit)()))
         .route("/partner", get(partner_page))
         .route("/partner/login", post(partner_login))
         .route("/partner/logout", post(partner_logout))
