@@ -373,6 +373,44 @@ fn pages_escape_what_creators_type_and_forms_need_their_csrf_token() {
     assert!(page.contains("&lt;script&gt;") && !page.contains("<script>"));
     assert!(page.contains("acme-eve") && page.contains("EVE10") && page.contains(">approved<"), "{page}");
 
+    // The approvals queue: eve's own purchase through her code is held (self-referral: her
+    // application's e-mail); a review key sees the rule and rejects it with a reason.
+    use sha2::Digest as _;
+    let own = hex::encode(sha2::Sha256::digest(b"eve@example.com"));
+    let now = chrono::Utc::now().to_rfc3339();
+    let capture = format!(
+        r#"{{"type":"capture","event_id":"c-eve","ts":"{now}","program_id":"acme","order_id":"o-eve","amount":"80.00","currency":"USD","codes":["EVE10"],"customer":{{"email_sha256":"{own}"}}}}"#
+    );
+    assert_eq!(http(port, "POST", "/v1/events", Some(INGEST), &capture).0, 202);
+    let (s, head, _) = http_full(port, "POST", "/console/login", &with, &format!("key={REVIEW}&csrf={csrf}"));
+    assert_eq!(s, 303, "{head}");
+    let review_cookie = format!("afflio_console={}", set_cookie(&head, "afflio_console").unwrap());
+    let mut page = String::new();
+    wait_for("the held line in the approvals queue", Duration::from_secs(30), || {
+        page = http_full(port, "GET", "/console", &[("Cookie", review_cookie.as_str())], "").2;
+        page.contains("o-eve")
+    });
+    assert!(page.contains("self_referral") && page.contains("Approvals queue"), "{page}");
+    let token = page.split("name=\"csrf\" value=\"").nth(1).unwrap().split('"').next().unwrap().to_string();
+    let h = [("Content-Type", "application/x-www-form-urlencoded"), ("Cookie", review_cookie.as_str())];
+    let (s, _, _) =
+        http_full(port, "POST", "/console/review", &h, &format!("decision=reject&order_id=o-eve&csrf={token}"));
+    assert_eq!(s, 400, "a rejection needs a reason (malformed, named)");
+    let (s, head, _) = http_full(
+        port,
+        "POST",
+        "/console/review",
+        &h,
+        &format!("decision=reject&order_id=o-eve&reason=own+purchase&csrf={token}"),
+    );
+    assert_eq!(s, 303, "{head}");
+    let data = dir.path().join("data");
+    wait_for("the rejected line", Duration::from_secs(30), || {
+        sql(&data, "SELECT status FROM lines WHERE order_id = 'o-eve'").contains("rejected")
+    });
+    let decided = sql(&data, "SELECT decision, reason, reviewer FROM decisions WHERE order_id = 'o-eve'");
+    assert!(decided.contains("reject,own purchase,console:"), "{decided}");
+
     // Anyone may apply, but not in a flood: one address gets a burst, then 429 with Retry-After.
     let mut limited = None;
     for i in 0..40 {
