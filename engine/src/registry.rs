@@ -228,10 +228,11 @@ pub struct ListingState {
 pub(crate) struct Registry {
     /// Program -> its listing (when an event published one).
     pub(crate) listings: Tracked<u32, ListingState>,
-    /// (program, application id) -> application.
-    pub(crate) applications: Tracked<(u32, u32), Application>,
-    /// Partner id -> partner.
-    pub(crate) partners: Tracked<u32, RegPartner>,
+    /// (program, application id) -> application. Boxed: a map's slack
+    /// (up to half its slots) then costs a pointer, not a record.
+    pub(crate) applications: Tracked<(u32, u32), Box<Application>>,
+    /// Partner id -> partner (boxed, as above).
+    pub(crate) partners: Tracked<u32, Box<RegPartner>>,
     /// Link id -> link.
     pub(crate) links: Tracked<u32, Link>,
     /// (program, normalised code) -> code.

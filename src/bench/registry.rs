@@ -1,7 +1,9 @@
 //! `afflio bench registry`: the marketplace registry at 10k, 100k and 1M
 //! partners. Each size, in its own process: apply N applications and N
 //! approvals (each approval creates a partner, a link and a code) through
-//! JSON decoding and the engine; the RSS the registry added per partner;
+//! JSON decoding and the engine, with a checkpoint delta every 5,000
+//! partners; the RSS the registry added per partner (with the remembered
+//! event ids of its 2N events);
 //! then 1,000 more updates at that size (updates/s when the registry is
 //! full), the checkpoint delta they make, and the image. For comparison, one
 //! partner added the old way: rebuilding the rules from a file that holds
@@ -64,7 +66,9 @@ fn event(line: &mut String, i: u64, ts_ms: i64, approve: bool) {
     }
 }
 
-/// Applies applications and approvals of partners `from..to`.
+/// Applies applications and approvals of partners `from..to`, taking a
+/// checkpoint delta every 5,000 partners as the live service does every epoch
+/// (so the change sets stay an epoch's, and the deltas' cost is counted).
 fn grow(engine: &mut Engine, from: u64, to: u64) -> anyhow::Result<()> {
     let arrival = Arrival { ts: chrono::Utc::now(), origin: &NoOrigin, clock: None };
     let start = 1_793_491_200_000i64; // 2026-11-01
@@ -75,6 +79,10 @@ fn grow(engine: &mut Engine, from: u64, to: u64) -> anyhow::Result<()> {
             let ev = decode_event(&line).map_err(|e| anyhow::anyhow!("internal error: bench event: {e}"))?;
             let o = engine.apply(&ev, &line, arrival);
             anyhow::ensure!(o == Outcome::Applied, "internal error: bench registry event refused: {line}: {o:?}");
+        }
+        if (i + 1) % 5_000 == 0 && i + 1 < to {
+            drop(engine.take_output());
+            engine.checkpoint_delta()?;
         }
     }
     Ok(())

@@ -72,8 +72,8 @@ struct ImageOut<'a> {
 #[derive(Serialize)]
 struct RegistryOut<'a> {
     listings: Delta<'a, u32, ListingState, H>,
-    applications: Delta<'a, (u32, u32), Application, H>,
-    partners: Delta<'a, u32, RegPartner, H>,
+    applications: Delta<'a, (u32, u32), Box<Application>, H>,
+    partners: Delta<'a, u32, Box<RegPartner>, H>,
     links: Delta<'a, u32, afflio_rules::Link, H>,
     codes: Delta<'a, (u32, u32), afflio_rules::Code, H>,
     claimed: Delta<'a, u32, (u32, u32), H>,
@@ -82,8 +82,8 @@ struct RegistryOut<'a> {
 #[derive(Deserialize)]
 struct RegistryIn {
     listings: Entries<u32, ListingState>,
-    applications: Entries<(u32, u32), Application>,
-    partners: Entries<u32, RegPartner>,
+    applications: Entries<(u32, u32), Box<Application>>,
+    partners: Entries<u32, Box<RegPartner>>,
     links: Entries<u32, afflio_rules::Link>,
     codes: Entries<(u32, u32), afflio_rules::Code>,
     claimed: Entries<u32, (u32, u32)>,

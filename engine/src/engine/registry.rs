@@ -216,7 +216,7 @@ impl Engine {
         c.1 += 1;
         self.registry.applications.insert(
             (prog, app),
-            Application {
+            Box::new(Application {
                 program_id: program.id.clone(),
                 apply: a.clone(),
                 applied_at: ts,
@@ -224,7 +224,7 @@ impl Engine {
                 reason: None,
                 decided_by: None,
                 decided_at: None,
-            },
+            }),
         );
         if program.marketplace.auto_approve {
             let d = Decide {
@@ -341,7 +341,7 @@ impl Engine {
             reg.codes.push(c);
         }
         let p = self.names.intern(&a.partner_id);
-        self.registry.partners.insert(p, reg);
+        self.registry.partners.insert(p, Box::new(reg));
     }
 
     fn insert_link(&mut self, link: Link) {
@@ -580,7 +580,7 @@ impl Engine {
             .applications
             .iter()
             .filter(|((p, _), a)| *p == prog && status.is_none_or(|s| a.status == s))
-            .map(|(_, a)| a)
+            .map(|(_, a)| &**a)
             .collect();
         v.sort_by(|a, b| {
             b.applied_at.cmp(&a.applied_at).then_with(|| a.apply.application_id.cmp(&b.apply.application_id))
@@ -591,14 +591,14 @@ impl Engine {
     pub fn application(&self, program_id: &str, application_id: &str) -> Option<Application> {
         let prog = self.names.get(program_id)?;
         let app = self.names.get(application_id)?;
-        self.registry.applications.get(&(prog, app)).cloned()
+        self.registry.applications.get(&(prog, app)).map(|a| (**a).clone())
     }
 
     /// The application that claimed a partner id (pending, approved or rejected).
     pub fn application_of_partner(&self, partner_id: &str) -> Option<Application> {
         let p = self.names.get(partner_id)?;
         let key = self.registry.claimed.get(&p)?;
-        self.registry.applications.get(key).cloned()
+        self.registry.applications.get(key).map(|a| (**a).clone())
     }
 
     /// The program a partner id belongs to (or applied to) and its token
@@ -618,7 +618,7 @@ impl Engine {
     /// A partner's registry view: its links and codes (of the file and the registry).
     pub fn partner_view(&self, partner_id: &str) -> Option<PartnerView> {
         let partner = self.find_partner(&self.rules, partner_id)?;
-        let registry = self.names.get(partner_id).and_then(|p| self.registry.partners.get(&p)).cloned();
+        let registry = self.names.get(partner_id).and_then(|p| self.registry.partners.get(&p)).map(|r| (**r).clone());
         let mut links: Vec<Link> = self.rules.links().filter(|l| l.partner_id == partner_id).cloned().collect();
         links.sort_by(|a, b| a.id.cmp(&b.id));
         let program = self.rules.program(&partner.program_id)?;
