@@ -411,6 +411,40 @@ pub fn generate_with(
     Ok(g.events.len() as u64)
 }
 
+/// Creators applying to the demo's `acme` program (registry events, NDJSON):
+/// what the brand console shows to decide once they are posted to a running
+/// `afflio serve` with the demo's brand key.
+pub fn marketplace_applications() -> String {
+    let creators = [
+        ("maya", "Maya Rao", "120k hikers on video", "https://video.example/@maya"),
+        ("noor", "Noor Haddad", "Gear reviews, 40k newsletter readers", "https://news.example/noor"),
+        ("li-wei", "Li Wei", "Camping podcast, weekly", "https://podcast.example/liwei"),
+        ("sam", "Sam Okafor", "Trail running shorts", "https://shorts.example/@sam"),
+        ("ines", "Ines Duarte", "Family outdoor blog", "https://blog.example/ines"),
+    ];
+    let mut s = String::new();
+    for (i, (id, name, audience, channel)) in creators.iter().enumerate() {
+        let v = serde_json::json!({
+            "type": "partner_applied",
+            "event_id": format!("demo-apply-{id}"),
+            "ts": "2026-11-01T00:00:00Z",
+            "program_id": "acme",
+            "data": {
+                "application_id": format!("demo-app-{}", i + 1),
+                "partner_id": id,
+                "display_name": name,
+                "email": format!("{id}@example.com"),
+                "audience": audience,
+                "channels": [channel],
+                "payout": { "provider": "paypal", "email": format!("{id}@example.com") },
+            }
+        });
+        s.push_str(&v.to_string());
+        s.push('\n');
+    }
+    s
+}
+
 /// The SQL the demo shows after the run.
 pub const DEMO_QUERIES: [(&str, &str); 3] = [
     (
@@ -440,6 +474,9 @@ pub fn run(opts: &DemoOptions, mut progress: impl FnMut(u64, u64)) -> anyhow::Re
         r.flush()?;
         e.flush()?;
     }
+    let market_path = input.join("marketplace.ndjson");
+    fs::write(&market_path, marketplace_applications())
+        .with_context(|| format!("cannot create {}", market_path.display()))?;
     let rules = Rules::load(&rules_path)?;
     let file = File::open(&events_path)?;
     let total = file.metadata()?.len();
@@ -471,11 +508,15 @@ pub fn run(opts: &DemoOptions, mut progress: impl FnMut(u64, u64)) -> anyhow::Re
         "\nThe marketplace, the partner page and the brand console (needs `nats-server -js` on 127.0.0.1:4222):\n  \
          afflio serve --config {} --data {}/live --state {}/live-state --http 127.0.0.1:8080\n  \
          open http://127.0.0.1:8080/marketplace  (apply as a creator)\n  \
+         curl -X POST http://127.0.0.1:8080/v1/events -H 'Authorization: Bearer {}' \\\n      \
+         -H 'Content-Type: application/x-ndjson' --data-binary @{}   (five creators apply)\n  \
          open http://127.0.0.1:8080/console      (sign in with key {} to decide applications,\n  \
          {} for the approvals queue, {} for approvals and payout batches)",
         rules_path.display(),
         opts.out.display(),
         opts.out.display(),
+        demo_key("acme", "brand"),
+        market_path.display(),
         demo_key("acme", "brand"),
         demo_key("acme", "review"),
         demo_key("acme", "finance"),

@@ -186,6 +186,19 @@ fn the_demo_runs_the_whole_pipeline() {
     assert_eq!(sql(&out.join("store"), q, "csv"), sql(&again, q, "csv"));
     let n = sql(&again, "SELECT count(*) AS n FROM ledger", "csv");
     assert!(n != "n\n0\n", "the demo produces commissions");
+    // Its programs are listed, and its creators' applications are valid registry events.
+    let rules = afflio_engine::rules::Rules::load(&out.join("input/rules.toml")).unwrap();
+    assert!(rules.programs().all(|p| p.marketplace.listing.is_some()));
+    let apps = std::fs::read_to_string(out.join("input/marketplace.ndjson")).unwrap();
+    assert_eq!(apps.lines().count(), 5);
+    let mut e = afflio_engine::Engine::new(std::sync::Arc::new(rules));
+    for l in apps.lines() {
+        let ev = afflio_ingest::decode_event(l).unwrap();
+        let arrival = afflio_engine::Arrival { ts: ev.ts, origin: &"demo", clock: None };
+        assert_eq!(e.apply(&ev, l, arrival), afflio_engine::Outcome::Applied, "{l}");
+    }
+    assert_eq!(e.applications("acme", None, 10).len(), 5);
+    assert!(s.contains("marketplace.ndjson") && s.contains("demo-acme-brand-key-0001"), "{s}");
 }
 
 #[test]
