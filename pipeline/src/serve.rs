@@ -81,7 +81,6 @@ pub async fn run(opts: ServeOptions, rules: Rules) -> Result<(), PipelineError> 
         publisher.clone(),
         async_nats::jetstream::new(engine_client.clone()),
         opts.data.clone(),
-        crate::market::PortalSecret::from_env(),
         &opts.http_config,
         metrics.clone(),
     );

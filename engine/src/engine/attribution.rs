@@ -2,6 +2,8 @@
 //! visitor); an order's first capture decides its credit once, from its
 //! promo codes and its visitor's clicks in the attribution window.
 
+use std::borrow::Cow;
+
 use afflio_rules::{normalize_code, AttributionModel, FraudAction, Program, Rules};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -92,15 +94,20 @@ impl Engine {
         // 1. Promo codes, in typed order.
         let mut codes: Vec<Box<str>> = Vec::with_capacity(c.codes.len());
         let mut issues = Vec::new();
-        // Owned: a code may live in the registry, a part of the engine changed below.
-        let mut valid: Vec<afflio_rules::Code> = Vec::new();
+        // The rules file's codes are borrowed from the rules; a registry code is
+        // copied (the registry is a part of the engine changed below).
+        let mut valid: Vec<Cow<'_, afflio_rules::Code>> = Vec::new();
         for typed in &c.codes {
             let norm = normalize_code(typed);
             if norm.is_empty() || codes.iter().any(|k| **k == *norm) {
                 continue;
             }
             codes.push(norm.clone().into());
-            let issue = match self.find_code(program, prog, &norm) {
+            let found = match program.codes.get(&norm) {
+                Some(code) => Some(Cow::Borrowed(code)),
+                None => self.registry_code(prog, &norm).cloned().map(Cow::Owned),
+            };
+            let issue = match found {
                 None => Some(CodeIssue::Unknown),
                 Some(code) if code.starts_at.is_some_and(|s| ts < s) => Some(CodeIssue::NotStarted),
                 Some(code) if code.expires_at.is_some_and(|x| ts >= x) => Some(CodeIssue::Expired),
@@ -108,7 +115,7 @@ impl Engine {
                     Some(CodeIssue::Exhausted)
                 }
                 Some(code) => {
-                    valid.push(code.clone());
+                    valid.push(code);
                     None
                 }
             };
@@ -179,7 +186,7 @@ impl Engine {
         // Fraud rules, decided with the attribution.
         let mut hits: Vec<(FraudRule, Hit)> = Vec::new();
         if let Some(cr) = order.credit.clone() {
-            let valid: Vec<&afflio_rules::Code> = valid.iter().collect();
+            let valid: Vec<&afflio_rules::Code> = valid.iter().map(|c| &**c).collect();
             self.detect(&mut hits, e, c, &cr, &valid, click_ts, rules, program, prog);
         }
         let seq = self.orders.insert(prog, order);

@@ -532,9 +532,11 @@ impl Engine {
         self.find_link_any(rules, id).filter(|l| self.active(&l.partner_id))
     }
 
-    /// A code that credits orders: of the rules file, or of an active registry partner.
-    pub(crate) fn find_code<'a>(&'a self, program: &'a Program, prog: u32, norm: &str) -> Option<&'a Code> {
-        self.find_code_any(program, prog, norm).filter(|c| self.active(&c.partner_id))
+    /// A registry code that credits orders: its partner is active. (The
+    /// rules file's codes are looked up in the program first.)
+    pub(crate) fn registry_code(&self, prog: u32, norm: &str) -> Option<&Code> {
+        let k = self.names.get(norm)?;
+        self.registry.codes.get(&(prog, k)).filter(|c| self.active(&c.partner_id))
     }
 
     fn listing_of(&self, program: &Program, prog: u32) -> Option<ListingState> {

@@ -301,13 +301,21 @@ pub(crate) fn authorize(rules: &Rules, headers: &HeaderMap) -> Result<Principal,
     let Some(token) = value.strip_prefix("Bearer ").map(str::trim) else {
         return Err(unauthorized("the Authorization header must be `Bearer <key>`"));
     };
+    find_key(rules, token)
+        .map(|k| Principal { program_id: k.program_id.clone(), role: k.role })
+        .ok_or_else(|| unauthorized("unknown API key"))
+}
+
+/// The rules' API key equal to `token`, compared in constant time against
+/// every key (how long it takes does not tell which key nearly matched).
+pub fn find_key<'r>(rules: &'r Rules, token: &str) -> Option<&'r afflio_engine::rules::ApiKey> {
     let mut found = None;
     for k in rules.api_keys() {
         if bool::from(k.key.expose().as_bytes().ct_eq(token.as_bytes())) {
-            found = Some(Principal { program_id: k.program_id.clone(), role: k.role });
+            found = Some(k);
         }
     }
-    found.ok_or_else(|| unauthorized("unknown API key"))
+    found
 }
 
 /// The client's address: the peer's, or the first `X-Forwarded-For` entry

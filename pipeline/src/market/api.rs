@@ -12,14 +12,14 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::auth::{api_key, PortalSecret};
+use super::auth::PortalSecret;
 use super::{application_json, listing_json, partner_json, Market, Refusal};
 
 pub(super) fn open(m: Market) -> Router {
     Router::new()
         .route("/v1/marketplace/programs", get(list_programs))
         .route("/v1/marketplace/programs/{program}", get(get_program))
-        .route("/v1/marketplace/programs/{program}/applications", post(apply_json).layer((m.limit)()))
+        .route("/v1/marketplace/programs/{program}/applications", post(apply_json).layer(m.limit.clone()))
         .route("/v1/partners/{partner}", get(partner_profile))
         .route("/v1/partners/{partner}/{part}", get(partner_part))
         .route("/openapi.json", get(openapi))
@@ -137,7 +137,6 @@ pub(super) async fn apply(m: &Market, program: &str, b: ApplyBody) -> Result<Val
         ));
     }
     let data = serde_json::to_value(&a).map_err(|e| Refusal::unavailable(format!("internal: {e}")))?;
-    let data = strip_kind(data);
     m.submit(json!({"type": "partner_applied", "program_id": program, "data": data}), None).await?;
     let (pid, app) = (b.partner_id.clone(), application_id.clone());
     let prog = program.to_string();
@@ -151,15 +150,6 @@ pub(super) async fn apply(m: &Market, program: &str, b: ApplyBody) -> Result<Val
         "token": m.secret.partner_token(program, &b.partner_id, epoch.unwrap_or(0)),
         "partner_page": "/partner",
     }))
-}
-
-/// The typed registry event serialised with its `kind` tag: the wire's
-/// `data` is the content alone.
-fn strip_kind(mut v: Value) -> Value {
-    if let Some(o) = v.as_object_mut() {
-        o.remove("kind");
-    }
-    v
 }
 
 async fn apply_json(State(m): State<Market>, Path(program): Path<String>, body: Bytes) -> Response {
@@ -197,7 +187,9 @@ pub(super) async fn partner_access(m: &Market, credential: &str, partner: &str) 
         }
     } else {
         let rules = m.rules();
-        let Some(key) = api_key(&rules, credential) else { return Err(unauthorized("unknown API key or token")) };
+        let Some(key) = afflio_ingest::http::find_key(&rules, credential) else {
+            return Err(unauthorized("unknown API key or token"));
+        };
         match owner {
             Some((program, _)) if program == key.program_id => Ok(program),
             _ => Err(Refusal::new(

@@ -129,17 +129,6 @@ pub(crate) fn key_fingerprint(key: &str) -> String {
     hex::encode(&Sha256::digest(key.as_bytes())[..8])
 }
 
-/// The API key in `Authorization: Bearer`, if one of the rules' keys.
-pub(crate) fn api_key<'r>(rules: &'r Rules, bearer: &str) -> Option<&'r afflio_engine::rules::ApiKey> {
-    let mut found = None;
-    for k in rules.api_keys() {
-        if bool::from(k.key.expose().as_bytes().ct_eq(bearer.as_bytes())) {
-            found = Some(k);
-        }
-    }
-    found
-}
-
 /// A cookie's value from the request's `Cookie` headers.
 pub(crate) fn cookie(headers: &axum::http::HeaderMap, name: &str) -> Option<String> {
     headers.get_all(axum::http::header::COOKIE).iter().filter_map(|v| v.to_str().ok()).find_map(|c| {

@@ -31,7 +31,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::finance::{ask, caught_up, EngineQuery};
-pub(crate) use auth::PortalSecret;
+use auth::PortalSecret;
 
 /// The marketplace component's state.
 #[derive(Clone)]
@@ -47,8 +47,9 @@ pub(crate) struct Market {
     templates: Arc<minijinja::Environment<'static>>,
     /// Cookies get `Secure` (served over HTTPS).
     cookie_secure: bool,
-    /// The per-address limit on applying (anyone may apply): built per router.
-    limit: Arc<dyn Fn() -> afflio_ingest::http::IpLimit + Send + Sync>,
+    /// The per-address limit on applying (anyone may apply), one budget for
+    /// the JSON route and the form.
+    limit: afflio_ingest::http::IpLimit,
 }
 
 /// Applying, per client address: one every 10 s, bursts of 20 (a person
@@ -95,21 +96,18 @@ impl Market {
         publisher: Arc<dyn Publisher>,
         js: async_nats::jetstream::Context,
         data: PathBuf,
-        secret: PortalSecret,
         http: &afflio_ingest::http::HttpConfig,
         metrics: Arc<afflio_ingest::metrics::Metrics>,
     ) -> Market {
-        let trusted = http.trusted_proxies.clone();
-        let limit = Arc::new(move || {
-            afflio_ingest::http::per_address_every(APPLY_EVERY, APPLY_BURST, &metrics, trusted.clone())
-        });
+        let limit =
+            afflio_ingest::http::per_address_every(APPLY_EVERY, APPLY_BURST, &metrics, http.trusted_proxies.clone());
         Market {
             rules,
             queries,
             publisher,
             js,
             data,
-            secret: Arc::new(secret),
+            secret: Arc::new(PortalSecret::from_env()),
             writes: Arc::new(tokio::sync::Mutex::new(())),
             templates: Arc::new(pages::templates()),
             cookie_secure: http.redirect.cookie_secure,

@@ -14,7 +14,7 @@ use axum::Router;
 use serde_json::{json, Value};
 
 use super::api::{apply, decide_as, partner_access, ApplyBody};
-use super::auth::{api_key, cookie, ConsoleUser, PortalSecret, SESSION_SECS};
+use super::auth::{cookie, ConsoleUser, PortalSecret, SESSION_SECS};
 use super::{listing_json, lit, partner_json, Market, Refusal};
 
 const PARTNER_COOKIE: &str = "afflio_partner";
@@ -43,7 +43,7 @@ pub(super) fn routes(m: Market) -> Router {
         .route("/", get(|| async { Redirect::to("/marketplace") }))
         .route("/marketplace", get(marketplace))
         .route("/marketplace/{program}", get(program_page))
-        .route("/marketplace/{program}/apply", post(apply_form).layer((m.limit)()))
+        .route("/marketplace/{program}/apply", post(apply_form).layer(m.limit.clone()))
         .route("/partner", get(partner_page))
         .route("/partner/login", post(partner_login))
         .route("/partner/logout", post(partner_logout))
@@ -425,7 +425,7 @@ async fn console_login(State(m): State<Market>, headers: HeaderMap, body: Bytes)
     }
     let key = f.get("key").map(|k| k.trim().to_string()).unwrap_or_default();
     let rules = m.rules();
-    match api_key(&rules, &key) {
+    match afflio_ingest::http::find_key(&rules, &key) {
         Some(k) if k.role != KeyRole::Ingest => {
             let expires = chrono::Utc::now().timestamp() + SESSION_SECS;
             let session = m.secret.session(&key, expires);

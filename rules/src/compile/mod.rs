@@ -1167,29 +1167,35 @@ fn compile_payouts(cx: &mut Ctx<'_>, raw: &RawConfig) -> PayoutSettings {
 }
 
 /// Checks a payout destination given outside the file (a registry event):
-/// the same rules as `[partners.payout]`. Errors name the field.
+/// the same rules as `[partners.payout]`. The first problem, naming its
+/// field (`payout`, `payout.email`, `payout.ifsc`).
 pub fn check_payout(p: &Payout) -> Result<(), (String, String)> {
+    payout_problems(p).into_iter().next().map_or(Ok(()), Err)
+}
+
+/// Every problem of a payout destination, with its field (relative to `payout`).
+fn payout_problems(p: &Payout) -> Vec<(String, String)> {
+    let mut out = Vec::new();
     match p.provider {
-        PayoutProvider::Paypal if p.email.as_deref().is_none_or(|e| !e.contains('@')) => {
-            Err(("payout.email".into(), "a paypal payout needs an e-mail address".into()))
+        PayoutProvider::Paypal => {
+            if p.email.as_deref().is_none_or(|e| !e.contains('@')) {
+                out.push(("payout.email".into(), "a paypal payout needs an e-mail address".into()));
+            }
         }
         PayoutProvider::Razorpayx => {
             let bank = p.account_number.is_some() && p.ifsc.is_some();
             if !bank && p.vpa.is_none() {
-                return Err((
+                out.push((
                     "payout".into(),
                     "a razorpayx payout needs a UPI `vpa` or a bank `account_number` with `ifsc`".into(),
                 ));
             }
-            match &p.ifsc {
-                Some(s) if !is_ifsc(s) => {
-                    Err(("payout.ifsc".into(), format!("{s:?} is not an IFSC code (4 letters, 0, 6 characters)")))
-                }
-                _ => Ok(()),
+            if let Some(s) = p.ifsc.as_deref().filter(|s| !is_ifsc(s)) {
+                out.push(("payout.ifsc".into(), format!("{s:?} is not an IFSC code (4 letters, 0, 6 characters)")));
             }
         }
-        PayoutProvider::Paypal => Ok(()),
     }
+    out
 }
 
 fn is_ifsc(s: &str) -> bool {
@@ -1219,27 +1225,13 @@ fn compile_payout(cx: &mut Ctx<'_>, po: &S<RawPayout>, field: &str) -> Option<Pa
         ifsc: get(&r.ifsc),
         name: get(&r.name),
     };
-    match provider {
-        PayoutProvider::Paypal if payout.email.as_deref().is_none_or(|e| !e.contains('@')) => {
-            cx.err(po.span(), format!("{field}.email"), "a paypal payout needs an e-mail address");
-        }
-        PayoutProvider::Razorpayx => {
-            let bank = payout.account_number.is_some() && payout.ifsc.is_some();
-            if !bank && payout.vpa.is_none() {
-                cx.err(po.span(), field, "a razorpayx payout needs a UPI `vpa` or a bank `account_number` with `ifsc`");
-            }
-            if let Some(ifsc) = &r.ifsc {
-                let s = ifsc.get_ref();
-                if !is_ifsc(s) {
-                    cx.err(
-                        ifsc.span(),
-                        format!("{field}.ifsc"),
-                        format!("{s:?} is not an IFSC code (4 letters, 0, 6 characters)"),
-                    );
-                }
-            }
-        }
-        PayoutProvider::Paypal => {}
+    for (f, message) in payout_problems(&payout) {
+        let suffix = f.strip_prefix("payout").unwrap_or_default();
+        let span = match (&r.ifsc, suffix) {
+            (Some(ifsc), ".ifsc") => ifsc.span(),
+            _ => po.span(),
+        };
+        cx.err(span, format!("{field}{suffix}"), message);
     }
     Some(payout)
 }
