@@ -105,6 +105,19 @@ async fn until(c: &Client, url: &str, what: &str, ok: impl Fn(&str) -> bool) -> 
     }
 }
 
+/// The page's text once it holds `want` (a click's navigation may not have
+/// replaced the page yet); the text as it is after 15 s otherwise.
+async fn text_with(c: &Client, want: &str) -> String {
+    let start = Instant::now();
+    loop {
+        let t = text(c).await;
+        if t.contains(want) || start.elapsed() > Duration::from_secs(15) {
+            return t;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn fill(c: &Client, id: &str, value: &str) {
     c.find(Locator::Id(id)).await.unwrap().send_keys(value).await.unwrap();
 }
@@ -188,7 +201,7 @@ fn a_creator_applies_is_approved_earns_and_is_approved_for_payout_in_a_real_brow
         assert!(text(&c).await.contains("Acme Outdoor"));
         shot(&c, "1-marketplace").await;
         c.find(Locator::LinkText("Acme Outdoor")).await.unwrap().click().await.unwrap();
-        assert!(text(&c).await.contains("10% of each captured sale"));
+        assert!(text_with(&c, "10% of each captured sale").await.contains("10% of each captured sale"));
         fill(&c, "partner_id", "maya").await;
         fill(&c, "display_name", "Maya Rao").await;
         fill(&c, "email", "maya@example.com").await;
@@ -196,7 +209,7 @@ fn a_creator_applies_is_approved_earns_and_is_approved_for_payout_in_a_real_brow
         fill(&c, "channels", "https://video.example/@maya").await;
         shot(&c, "2-apply").await;
         c.find(Locator::Id("apply-submit")).await.unwrap().click().await.unwrap();
-        let t = text(&c).await;
+        let t = text_with(&c, "Application pending").await;
         assert!(t.contains("Application pending"), "{t}");
         let token = c.find(Locator::Id("token")).await.unwrap().text().await.unwrap();
         assert!(token.starts_with("pt_"), "{token}");
@@ -206,11 +219,11 @@ fn a_creator_applies_is_approved_earns_and_is_approved_for_payout_in_a_real_brow
         c.goto(&format!("{base}/console")).await.unwrap();
         fill(&c, "key", BRAND).await;
         c.find(Locator::Css("#console-login button")).await.unwrap().click().await.unwrap();
-        let t = text(&c).await;
+        let t = text_with(&c, "Applications to decide").await;
         assert!(t.contains("Maya Rao") && t.contains("Applications to decide"), "{t}");
         shot(&c, "4-console-applications").await;
         c.find(Locator::Css("button.approve")).await.unwrap().click().await.unwrap();
-        let t = text(&c).await;
+        let t = text_with(&c, "Application approved").await;
         assert!(t.contains("Application approved") && t.contains("None waiting"), "{t}");
 
         // 3. The creator's page has the link and the code.
@@ -248,17 +261,19 @@ fn a_creator_applies_is_approved_earns_and_is_approved_for_payout_in_a_real_brow
         c.goto(&format!("{base}/console")).await.unwrap();
         fill(&c, "key", FINANCE).await;
         c.find(Locator::Css("#console-login button")).await.unwrap().click().await.unwrap();
+        text_with(&c, "signed in with a finance key").await;
         let t = until(&c, &format!("{base}/console"), "eligible lines", |t| t.contains("2 line(s)")).await;
         assert!(t.contains("Approvals queue") && t.contains("Payout batches"), "{t}");
         shot(&c, "6-console-approvals").await;
         c.find(Locator::Css("#approve-all button")).await.unwrap().click().await.unwrap();
-        assert!(text(&c).await.contains("Every eligible line is approved"));
+        assert!(text_with(&c, "Every eligible line is approved").await.contains("Every eligible line is approved"));
 
         // 6. The creator's balance moved from pending to approved.
         c.delete_all_cookies().await.unwrap();
         c.goto(&format!("{base}/partner")).await.unwrap();
         fill(&c, "token", &token).await;
         c.find(Locator::Css("#partner-login button")).await.unwrap().click().await.unwrap();
+        text_with(&c, "Your tracking link").await;
         until(&c, &format!("{base}/partner"), "the approved balance", |t| t.contains("approved 2 25.0000 USD")).await;
         let approved = c.find(Locator::Css("#balance td.approved")).await.unwrap().text().await.unwrap();
         assert_eq!(approved, "25.0000");
