@@ -69,6 +69,7 @@ fn event(i: usize, op: &Op) -> Event<'static> {
             customer: None,
             ip: None,
             items: None,
+            extra: Default::default(),
         }),
         Op::Refund { order, cents: c, chargeback } => Body::Refund(Refund {
             order_id: format!("o{order}").into(),

@@ -21,6 +21,14 @@ pub enum EventType {
     Review,
     /// A payout item's state change (from the payouts queue or a provider).
     Payout,
+    /// A lead or signup (attributed like an order, paid a flat reward).
+    Lead,
+    /// A lead reached a stage (qualified, won, lost, disqualified, ...).
+    LeadStage,
+    /// A later payment of a subscription (renewal, upgrade, downgrade).
+    SubscriptionPayment,
+    /// A subscription was cancelled: its later payments earn nothing.
+    SubscriptionCancel,
     /// Registry changes (the marketplace): see [`crate::registry`].
     ProgramPublished,
     PartnerApplied,
@@ -39,6 +47,10 @@ impl EventType {
             EventType::Chargeback => "chargeback",
             EventType::Review => "review",
             EventType::Payout => "payout",
+            EventType::Lead => "lead",
+            EventType::LeadStage => "lead_stage",
+            EventType::SubscriptionPayment => "subscription_payment",
+            EventType::SubscriptionCancel => "subscription_cancel",
             EventType::ProgramPublished => "program_published",
             EventType::PartnerApplied => "partner_applied",
             EventType::ApplicationDecided => "application_decided",
@@ -62,7 +74,7 @@ impl EventType {
     }
 
     /// Every type's name, for messages.
-    pub const NAMES: &'static str = "click, capture, refund, chargeback, review, payout, program_published, partner_applied, application_decided, link_created, code_created, partner_updated";
+    pub const NAMES: &'static str = "click, capture, refund, chargeback, review, payout, lead, lead_stage, subscription_payment, subscription_cancel, program_published, partner_applied, application_decided, link_created, code_created, partner_updated";
 
     pub fn parse(s: &str) -> Option<EventType> {
         Some(match s {
@@ -72,6 +84,10 @@ impl EventType {
             "chargeback" => EventType::Chargeback,
             "review" => EventType::Review,
             "payout" => EventType::Payout,
+            "lead" => EventType::Lead,
+            "lead_stage" => EventType::LeadStage,
+            "subscription_payment" => EventType::SubscriptionPayment,
+            "subscription_cancel" => EventType::SubscriptionCancel,
             "program_published" => EventType::ProgramPublished,
             "partner_applied" => EventType::PartnerApplied,
             "application_decided" => EventType::ApplicationDecided,
@@ -109,6 +125,10 @@ impl Event<'_> {
             Body::Refund(_) => EventType::Refund,
             Body::Review(_) => EventType::Review,
             Body::Payout(_) => EventType::Payout,
+            Body::Lead(_) => EventType::Lead,
+            Body::LeadStage(_) => EventType::LeadStage,
+            Body::Payment(_) => EventType::SubscriptionPayment,
+            Body::Cancel(_) => EventType::SubscriptionCancel,
             Body::Registry(r) => match **r {
                 RegistryEvent::ProgramPublished(_) => EventType::ProgramPublished,
                 RegistryEvent::PartnerApplied(_) => EventType::PartnerApplied,
@@ -130,6 +150,12 @@ pub enum Body<'a> {
     Refund(Refund<'a>),
     Review(ReviewEvent<'a>),
     Payout(PayoutEvent<'a>),
+    Lead(Lead<'a>),
+    LeadStage(LeadStage<'a>),
+    /// A subscription's later payment.
+    Payment(Payment<'a>),
+    /// A subscription's cancellation.
+    Cancel(Cancel<'a>),
     /// A registry change (its content in the event's `data` object).
     Registry(Box<RegistryEvent>),
 }
@@ -274,6 +300,64 @@ pub struct Capture<'a> {
     pub customer: Option<Customer<'a>>,
     pub ip: Option<Cow<'a, str>>,
     pub items: Option<Vec<Item<'a>>>,
+    /// What else the checkout said: parts of the amount, the customer's
+    /// status, the subscription the order starts.
+    pub extra: SaleExtra<'a>,
+}
+
+/// The optional parts of a sale (a capture or a subscription payment).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SaleExtra<'a> {
+    /// Tax, shipping and brand-funded discounts (gift cards, store credit,
+    /// points) included in `amount`: left out of the commission basis when
+    /// the program's `[programs.basis]` says so.
+    pub tax: Option<Decimal>,
+    pub shipping: Option<Decimal>,
+    pub discount: Option<Decimal>,
+    /// The checkout's word on whether the customer is new (first purchase).
+    pub new_customer: Option<bool>,
+    /// A capture with a subscription id starts that subscription.
+    pub subscription_id: Option<Cow<'a, str>>,
+    pub plan: Option<Cow<'a, str>>,
+}
+
+/// A lead or signup, attributed like an order.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Lead<'a> {
+    pub lead_id: Cow<'a, str>,
+    /// `lead` unless said (`signup`, `demo_request`, ...): rewards may differ per kind.
+    pub kind: Cow<'a, str>,
+    pub visitor_id: Option<Cow<'a, str>>,
+    pub codes: Vec<Cow<'a, str>>,
+    pub customer: Option<Customer<'a>>,
+    pub ip: Option<Cow<'a, str>>,
+}
+
+/// A lead reached a stage.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LeadStage<'a> {
+    pub lead_id: Cow<'a, str>,
+    pub stage: Cow<'a, str>,
+}
+
+/// A subscription's later payment.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Payment<'a> {
+    pub subscription_id: Cow<'a, str>,
+    /// The payment's own id: refunds name it as their `order_id`.
+    pub payment_id: Cow<'a, str>,
+    /// `renewal`, `upgrade` or `downgrade`.
+    pub kind: afflio_rules::PaymentKind,
+    pub amount: Decimal,
+    pub currency: Cow<'a, str>,
+    pub items: Option<Vec<Item<'a>>>,
+    pub extra: SaleExtra<'a>,
+}
+
+/// A subscription was cancelled.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cancel<'a> {
+    pub subscription_id: Cow<'a, str>,
 }
 
 /// Who bought.
@@ -345,6 +429,38 @@ pub fn fingerprint(e: &Event<'_>) -> u128 {
             }
             h.opt(29, &c.ip);
             h.items(&c.items);
+            h.extra(&c.extra);
+        }
+        Body::Lead(l) => {
+            h.str(90, &l.lead_id);
+            h.str(91, &l.kind);
+            h.opt(92, &l.visitor_id);
+            h.int(93, l.codes.len() as i64);
+            for code in &l.codes {
+                h.str(94, code);
+            }
+            if let Some(cu) = &l.customer {
+                h.int(95, 1);
+                h.opt(96, &cu.id);
+                h.opt(97, &cu.email_sha256);
+            }
+            h.opt(98, &l.ip);
+        }
+        Body::LeadStage(l) => {
+            h.str(100, &l.lead_id);
+            h.str(101, &l.stage);
+        }
+        Body::Payment(p) => {
+            h.str(110, &p.subscription_id);
+            h.str(111, &p.payment_id);
+            h.str(112, p.kind.as_str());
+            h.money(113, p.amount);
+            h.str(114, &p.currency);
+            h.items(&p.items);
+            h.extra(&p.extra);
+        }
+        Body::Cancel(c) => {
+            h.str(120, &c.subscription_id);
         }
         Body::Refund(r) => {
             h.str(40, &r.order_id);
@@ -451,6 +567,23 @@ impl Fp {
         self.update(&n.scale().to_le_bytes());
     }
 
+    fn extra(&mut self, x: &SaleExtra<'_>) {
+        if *x == SaleExtra::default() {
+            // Fingerprints of plain sales stay what they were.
+            return;
+        }
+        for (tag, v) in [(130, x.tax), (131, x.shipping), (132, x.discount)] {
+            if let Some(v) = v {
+                self.money(tag, v);
+            }
+        }
+        if let Some(n) = x.new_customer {
+            self.int(133, i64::from(n));
+        }
+        self.opt(134, &x.subscription_id);
+        self.opt(135, &x.plan);
+    }
+
     fn items(&mut self, items: &Option<Vec<Item<'_>>>) {
         let Some(items) = items else { return };
         self.int(30, items.len() as i64);
@@ -482,6 +615,7 @@ mod tests {
                 customer: None,
                 ip: None,
                 items: None,
+                extra: SaleExtra::default(),
             }),
         }
     }

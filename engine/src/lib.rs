@@ -24,15 +24,15 @@ pub use engine::{
     PayoutItem, StateChanges,
 };
 pub use event::{
-    fingerprint, Body, Capture, Click, Customer, Decision, Event, EventType, Item, PayoutEvent, PayoutStatus, Refund,
-    ReviewEvent,
+    fingerprint, Body, Cancel, Capture, Click, Customer, Decision, Event, EventType, Item, Lead, LeadStage, Payment,
+    PayoutEvent, PayoutStatus, Refund, ReviewEvent, SaleExtra,
 };
 pub use money::round_money;
 pub use output::{
     Arrival, AttributionKind, Balance, ClickColumns, DecisionRow, EntryKind, Flag, FraudRule, LedgerEntry, Outcome,
     Output, PayoutRow, Reason, Rejection, Stats, StrColumn,
 };
-pub use state::{ClosedOrder, CodeIssue, Credit, Line, LineStatus, Order, Review};
+pub use state::{ClosedOrder, CodeIssue, Credit, Line, LineStatus, Order, OrderExtra, OrderKind, Review};
 
 #[cfg(test)]
 mod tests;

@@ -47,10 +47,24 @@ pub enum Reason {
     /// A registry event that cannot apply: a program not listed, a bad
     /// value (payout destination, identity hash), a limit reached.
     InvalidRegistry,
+    /// A lead stage naming a lead the program does not have (open).
+    UnknownLead,
+    /// A subscription payment or cancellation naming a subscription the
+    /// program does not have.
+    UnknownSubscription,
+    /// A stage the program does not define, one the lead reached before, or
+    /// any stage after a disqualifying one.
+    InvalidStage,
+    /// A lead or subscription event for a program without `[programs.leads]`
+    /// or `[programs.subscriptions]`.
+    NotConfigured,
+    /// A bounded table of the engine is full (subscriptions): the event is
+    /// kept and can be sent again once there is room.
+    LimitReached,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 18] = [
+    pub const ALL: [Reason; 23] = [
         Reason::Malformed,
         Reason::UnknownProgram,
         Reason::UnknownLink,
@@ -69,6 +83,11 @@ impl Reason {
         Reason::UnknownPartner,
         Reason::DuplicateId,
         Reason::InvalidRegistry,
+        Reason::UnknownLead,
+        Reason::UnknownSubscription,
+        Reason::InvalidStage,
+        Reason::NotConfigured,
+        Reason::LimitReached,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -91,6 +110,11 @@ impl Reason {
             Reason::UnknownPartner => "unknown_partner",
             Reason::DuplicateId => "duplicate_id",
             Reason::InvalidRegistry => "invalid_registry",
+            Reason::UnknownLead => "unknown_lead",
+            Reason::UnknownSubscription => "unknown_subscription",
+            Reason::InvalidStage => "invalid_stage",
+            Reason::NotConfigured => "not_configured",
+            Reason::LimitReached => "limit_reached",
         }
     }
 }
@@ -194,6 +218,9 @@ pub struct LedgerEntry {
     /// The rate applied (accruals) as a fraction, e.g. 0.125.
     pub rate: Option<Decimal>,
     pub rules_version: u64,
+    /// What earned it, beyond the program's rates: a reward rule's name,
+    /// `renewal_rate`, `lead:<kind>`, `stage:<name>`, `disqualified`.
+    pub reward: Option<Arc<str>>,
 }
 
 /// A fraud rule.
@@ -467,6 +494,18 @@ pub struct Stats {
     /// Registry events applied.
     #[serde(default)]
     pub applied_registry: u64,
+    /// Leads, lead stages, subscription payments and cancellations applied,
+    /// and subscriptions started.
+    #[serde(default)]
+    pub applied_leads: u64,
+    #[serde(default)]
+    pub applied_stages: u64,
+    #[serde(default)]
+    pub applied_payments: u64,
+    #[serde(default)]
+    pub applied_cancels: u64,
+    #[serde(default)]
+    pub subscriptions_started: u64,
     pub duplicates: u64,
     pub rejected: BTreeMap<Reason, u64>,
     pub orders_by_link: u64,

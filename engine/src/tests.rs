@@ -77,6 +77,7 @@ fn capture(id: &str, mins: i64, order: &str, amount: &str, visitor: Option<&str>
             customer: None,
             ip: None,
             items: None,
+            extra: Default::default(),
         }),
     }
 }

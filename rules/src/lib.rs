@@ -13,9 +13,10 @@ mod raw;
 mod units;
 
 pub use compile::{
-    check_payout, ApiKey, AttributionModel, Code, EngineSettings, FraudAction, FraudSettings, KeyRole, Link, Listing,
-    Marketplace, Partner, Payout, PayoutProvider, PayoutSettings, PaypalSettings, Program, RazorpayxSettings, Rules,
-    Secret,
+    check_payout, webhook_problems, ApiKey, AttributionModel, Basis, Code, EngineSettings, FraudAction, FraudSettings,
+    KeyRole, Leads, Link, Listing, Marketplace, MaxDuration, Partner, PaymentKind, Payout, PayoutProvider,
+    PayoutSettings, PaypalSettings, Program, RazorpayxSettings, Reward, RewardPay, Rules, Secret, Stage, Subscriptions,
+    WebhookConfig, WEBHOOK_BRAND_ONLY, WEBHOOK_EVENT_TYPES,
 };
 pub use error::{ConfigError, Problem};
 pub use units::{format_duration, parse_duration, Currency, Rate};

@@ -25,6 +25,8 @@ pub(crate) struct RawConfig {
     pub(crate) codes: Vec<S<RawCode>>,
     #[serde(default)]
     pub(crate) api_keys: Vec<S<RawApiKey>>,
+    #[serde(default)]
+    pub(crate) webhooks: Vec<S<RawWebhook>>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -76,6 +78,91 @@ pub(crate) struct RawProgram {
     pub(crate) min_payout: Option<S<String>>,
     /// The program's marketplace listing and how approved creators are set up.
     pub(crate) marketplace: Option<S<RawMarketplace>>,
+    /// Leads and signups: flat rewards, deal stages.
+    pub(crate) leads: Option<S<RawLeads>>,
+    /// Subscriptions: how long renewals earn, at what rate.
+    pub(crate) subscriptions: Option<S<RawSubscriptions>>,
+    /// Reward rules, first match wins (before the category rates and the program rate).
+    #[serde(default)]
+    pub(crate) rewards: Vec<S<RawReward>>,
+    /// What the commission basis leaves out of the captured amount.
+    pub(crate) basis: Option<S<RawBasis>>,
+}
+
+/// `[programs.leads]`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLeads {
+    /// The flat reward of an accepted lead (a decimal in the program's currency).
+    pub(crate) reward: S<String>,
+    /// Rewards per lead kind (`lead`, `signup`, ...), instead of `reward`.
+    #[serde(default)]
+    pub(crate) kinds: BTreeMap<String, S<String>>,
+    /// How long a lead's reward is held before it is eligible (default: the program's hold).
+    pub(crate) hold: Option<S<String>>,
+    /// The stages a lead can reach, each once.
+    #[serde(default)]
+    pub(crate) stages: Vec<S<RawStage>>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawStage {
+    pub(crate) name: S<String>,
+    pub(crate) reward: Option<S<String>>,
+    /// Reaching this stage reverses everything the lead earned and ends it.
+    #[serde(default)]
+    pub(crate) disqualify: bool,
+}
+
+/// `[programs.subscriptions]`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSubscriptions {
+    /// How long after the first payment later payments earn: `"12mo"`,
+    /// `"365d"` or `"lifetime"`.
+    pub(crate) max_duration: S<String>,
+    /// The rate of renewals (default: the rate the first payment earned by).
+    pub(crate) renewal_rate: Option<S<String>>,
+}
+
+/// `[[programs.rewards]]`: conditions (all must hold) and a rate or a flat amount.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawReward {
+    pub(crate) name: Option<S<String>>,
+    /// `new` or `returning` (the event's `new_customer`).
+    pub(crate) customer: Option<S<String>>,
+    /// `first`, `renewal`, `upgrade` or `downgrade` (subscription payments).
+    pub(crate) payment: Option<S<String>>,
+    pub(crate) plan: Option<S<String>>,
+    pub(crate) category: Option<S<String>>,
+    pub(crate) product: Option<S<String>>,
+    pub(crate) rate: Option<S<String>>,
+    pub(crate) flat: Option<S<String>>,
+}
+
+/// `[programs.basis]`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawBasis {
+    /// Any of `tax`, `shipping`, `discount`.
+    #[serde(default)]
+    pub(crate) exclude: Vec<S<String>>,
+}
+
+/// `[[webhooks]]`: an endpoint configured in the file.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawWebhook {
+    pub(crate) id: S<String>,
+    pub(crate) program_id: S<String>,
+    /// Only this partner's events (a partner's endpoint); none: the brand's.
+    pub(crate) partner_id: Option<S<String>>,
+    pub(crate) url: S<String>,
+    pub(crate) events: Vec<S<String>>,
+    /// The environment variable holding the `whsec_` signing secret.
+    pub(crate) secret_env: S<String>,
 }
 
 /// `[programs.marketplace]`: the listing seed and the setup of approved creators.
@@ -196,6 +283,8 @@ pub(crate) struct RawPartner {
     #[serde(default)]
     pub(crate) customer_ids: Vec<S<String>>,
     pub(crate) payout: Option<S<RawPayout>>,
+    /// This partner's flat reward per accepted lead (beats the program's).
+    pub(crate) lead_reward: Option<S<String>>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]

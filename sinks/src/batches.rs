@@ -127,6 +127,7 @@ pub fn schema(t: Table) -> SchemaRef {
             f("eligible_at", ts_type(), false),
             f("rate", RATE, true),
             f("rules_version", Int64, false),
+            f("reward", Utf8, true),
         ],
         Table::Orders => vec![
             f("program_id", Utf8, false),
@@ -148,6 +149,11 @@ pub fn schema(t: Table) -> SchemaRef {
             f("flags", list_of_strings(), false),
             f("captures", Int32, false),
             f("refunds", Int32, false),
+            f("kind", Utf8, false),
+            f("subtype", Utf8, true),
+            f("subscription_id", Utf8, true),
+            f("stage", Utf8, true),
+            f("uncredited", Utf8, true),
             f("order_hour", Utf8, false),
         ],
         Table::Flags => vec![
@@ -326,6 +332,7 @@ pub(crate) fn ledger(rows: &[LedgerEntry]) -> Result<RecordBatch, ArrowError> {
             times(rows.iter().map(|r| r.eligible_at)),
             decimals(rows.iter().map(|r| r.rate), 8)?,
             Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.rules_version as i64))),
+            opt_strings(rows.iter().map(|r| r.reward.as_deref())),
         ],
     )
 }
@@ -589,6 +596,11 @@ pub(crate) fn orders(rows: &[&Order]) -> Result<RecordBatch, ArrowError> {
             lists(rows.iter().map(|r| r.flags.iter().map(|f| f.as_str()))),
             Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.captures as i32))),
             Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.refunds as i32))),
+            strings(rows.iter().map(|r| r.kind().as_str())),
+            opt_strings(rows.iter().map(|r| r.extra.as_deref().and_then(|x| x.subtype.as_deref()))),
+            opt_strings(rows.iter().map(|r| r.extra.as_deref().and_then(|x| x.subscription_id.as_deref()))),
+            opt_strings(rows.iter().map(|r| r.extra.as_deref().and_then(|x| x.stages.last().map(|s| &**s)))),
+            opt_strings(rows.iter().map(|r| r.extra.as_deref().and_then(|x| x.uncredited.as_deref()))),
             strings_owned(rows.iter().map(|r| order_hour(r.first_capture_ts))),
         ],
     )

@@ -147,6 +147,20 @@ async fn open_or_create(
     std::fs::create_dir_all(dir).map_err(|source| StoreError::Io { path: dir.to_path_buf(), source })?;
     let table = DeltaTable::try_from_url(url_of(dir)?).await.map_err(delta(name))?;
     if table.version().is_some() {
+        // A table of an earlier format is refused, naming what differs.
+        let want: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
+        let have: Vec<String> = match table.snapshot() {
+            Ok(s) => s.schema().fields().map(|f| f.name().clone()).collect(),
+            Err(_) => want.clone(),
+        };
+        if have != want {
+            let missing: Vec<&String> = want.iter().filter(|w| !have.contains(w)).collect();
+            let extra: Vec<&String> = have.iter().filter(|h| !want.contains(h)).collect();
+            return Err(StoreError::Invalid(format!(
+                "table {name} at {} was written by another Afflio version (columns missing: {missing:?}, unexpected: {extra:?}): write to a fresh --store",
+                dir.display()
+            )));
+        }
         return Ok(table);
     }
     let kernel: StructType = schema.as_ref().try_into_kernel().map_err(|e| delta(name)(e.into()))?;

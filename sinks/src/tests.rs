@@ -43,6 +43,7 @@ fn capture(e: &mut Engine, id: &str, order: &str, at: &str, amount: &str) {
             customer: None,
             ip: None,
             items: None,
+            extra: Default::default(),
         }),
     };
     e.apply(&ev, "{}", Arrival { ts: ts(at), origin: &Origin, clock: None });

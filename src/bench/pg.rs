@@ -355,9 +355,7 @@ pub fn run_pg(w: &Workload, rules: &afflio_engine::rules::Rules, url: &str, batc
                     let amount = r.amount.to_string();
                     tx.execute(&refund, &[&&*e.event_id, line, &ts, &&*e.program_id, &&*r.order_id, &amount])?;
                 }
-                Body::Review(_) | Body::Payout(_) | Body::Registry(_) => {
-                    anyhow::bail!("internal error: the workload has no reviews")
-                }
+                _ => anyhow::bail!("internal error: the workload has clicks, captures and refunds only"),
             }
             statement_us.saturating_record(t0.elapsed().as_micros() as u64);
         }

@@ -61,10 +61,31 @@ impl Engine {
         prog: u32,
     ) -> Result<(), Reject> {
         self.check_capture_totals(c, program, prog)?;
+        let existing = self.orders.seq_of(prog, &c.order_id);
+        if let Some(o) = existing.and_then(|s| self.orders.get(s)) {
+            if o.kind() != crate::state::OrderKind::Sale {
+                return Err(super::validate::reject(
+                    crate::output::Reason::DuplicateId,
+                    "order_id",
+                    format!("order_id {:?} is a {} of program {:?}, not an order", c.order_id, o.kind().as_str(), program.id),
+                ));
+            }
+        }
+        if existing.is_none() {
+            if let Some(sub) = &c.extra.subscription_id {
+                self.check_new_subscription(prog, program, sub)?;
+            }
+        }
         // Validated: from here on nothing can fail.
-        let seq = match self.orders.seq_of(prog, &c.order_id) {
+        let seq = match existing {
             Some(s) => s,
-            None => self.open_order(e, c, rules, program, prog),
+            None => {
+                let seq = self.open_order(e, c, rules, program, prog);
+                if let Some(sub) = &c.extra.subscription_id {
+                    self.start_subscription(seq, e, prog, sub, c.extra.plan.as_deref());
+                }
+                seq
+            }
         };
         let order = self.orders.get_mut(seq).expect("open order");
         order.captured += c.amount;
@@ -84,12 +105,19 @@ impl Engine {
                 }
             }
         }
-        self.accrue(seq, e, c, rules, program);
+        self.accrue(seq, e, &super::commission::Sale::of_capture(c), rules, program);
         Ok(())
     }
 
     /// The first capture of an order: decides attribution, once.
-    fn open_order(&mut self, e: &Event<'_>, c: &Capture<'_>, rules: &Rules, program: &Program, prog: u32) -> u64 {
+    pub(super) fn open_order(
+        &mut self,
+        e: &Event<'_>,
+        c: &Capture<'_>,
+        rules: &Rules,
+        program: &Program,
+        prog: u32,
+    ) -> u64 {
         let ts = e.ts;
         // 1. Promo codes, in typed order.
         let mut codes: Vec<Box<str>> = Vec::with_capacity(c.codes.len());
@@ -145,44 +173,9 @@ impl Engine {
             Some(AttributionKind::Link) => self.meta.stats.orders_by_link += 1,
             None => self.meta.stats.orders_unattributed += 1,
         }
-        // Lines: the credited partner (tier 0) and its ancestors for each override tier.
-        let mut lines = Vec::new();
-        if let Some(cr) = &credit {
-            let line = |partner_id, tier| Line {
-                partner_id,
-                tier,
-                accrued: Decimal::ZERO,
-                net: Decimal::ZERO,
-                review: None,
-                paid: false,
-            };
-            lines.push(line(cr.partner_id.clone(), 0));
-            for (i, anc) in rules.ancestors(&cr.partner_id, program.overrides.len()).enumerate() {
-                lines.push(line(anc.id.as_str().into(), (i + 1) as u8));
-            }
-        }
-        let order = Order {
-            seq: 0,
-            program_id: self.names.name(prog).clone(),
-            order_id: c.order_id.as_ref().into(),
-            currency: program.currency,
-            first_capture_ts: ts,
-            last_capture_ts: ts,
-            eligible_at: ts + program.hold,
-            credit,
-            captured: Decimal::ZERO,
-            refunded: Decimal::ZERO,
-            chargeback_amount: Decimal::ZERO,
-            chargeback: false,
-            codes,
-            code_issues: issues,
-            flags: Vec::new(),
-            lines,
-            captures: 0,
-            refunds: 0,
-            last_activity: ts,
-            held: false,
-        };
+        let mut order = self.new_order(prog, &c.order_id, ts, credit, rules, program);
+        order.codes = codes;
+        order.code_issues = issues;
         // Fraud rules, decided with the attribution.
         let mut hits: Vec<(FraudRule, Hit)> = Vec::new();
         if let Some(cr) = order.credit.clone() {
@@ -205,6 +198,57 @@ impl Engine {
             self.flag_order(seq, &flag, e, false);
         }
         seq
+    }
+
+    /// A new order with no money yet: lines for the credited partner (tier 0)
+    /// and its ancestors for each override tier.
+    pub(super) fn new_order(
+        &self,
+        prog: u32,
+        order_id: &str,
+        ts: DateTime<Utc>,
+        credit: Option<Credit>,
+        rules: &Rules,
+        program: &Program,
+    ) -> Order {
+        let mut lines = Vec::new();
+        if let Some(cr) = &credit {
+            let line = |partner_id, tier| Line {
+                partner_id,
+                tier,
+                accrued: Decimal::ZERO,
+                net: Decimal::ZERO,
+                review: None,
+                paid: false,
+            };
+            lines.push(line(cr.partner_id.clone(), 0));
+            for (i, anc) in rules.ancestors(&cr.partner_id, program.overrides.len()).enumerate() {
+                lines.push(line(anc.id.as_str().into(), (i + 1) as u8));
+            }
+        }
+        Order {
+            seq: 0,
+            program_id: self.names.name(prog).clone(),
+            order_id: order_id.into(),
+            currency: program.currency,
+            first_capture_ts: ts,
+            last_capture_ts: ts,
+            eligible_at: ts + program.hold,
+            credit,
+            captured: Decimal::ZERO,
+            refunded: Decimal::ZERO,
+            chargeback_amount: Decimal::ZERO,
+            chargeback: false,
+            codes: Vec::new(),
+            code_issues: Vec::new(),
+            flags: Vec::new(),
+            lines,
+            captures: 0,
+            refunds: 0,
+            last_activity: ts,
+            held: false,
+            extra: None,
+        }
     }
 
     fn code_uses(&self, prog: u32, norm: &str) -> u64 {

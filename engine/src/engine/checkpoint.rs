@@ -16,6 +16,7 @@ use std::sync::Arc;
 use afflio_rules::Rules;
 use serde::{Deserialize, Serialize};
 
+use super::conversions::Subscription;
 use super::payouts::PartnerBalance;
 use super::{Engine, Meta};
 use crate::dedupe::LogDelta;
@@ -43,7 +44,7 @@ pub enum CheckpointError {
     Encoding(#[from] postcard::Error),
 }
 
-const MAGIC: &[u8] = b"AFFLIO-ENGINE-CKPT-4\n";
+const MAGIC: &[u8] = b"AFFLIO-ENGINE-CKPT-5\n";
 
 type H = hashbrown::DefaultHashBuilder;
 
@@ -67,6 +68,7 @@ struct ImageOut<'a> {
     balances: Delta<'a, (u32, u32), PartnerBalance, H>,
     refunds: Delta<'a, (u32, u32), RefundWindow, H>,
     registry: RegistryOut<'a>,
+    subscriptions: Delta<'a, u128, Box<Subscription>, H>,
 }
 
 #[derive(Serialize)]
@@ -204,6 +206,7 @@ struct ImageIn {
     balances: Entries<(u32, u32), PartnerBalance>,
     refunds: Entries<(u32, u32), RefundWindow>,
     registry: RegistryIn,
+    subscriptions: Entries<u128, Box<Subscription>>,
 }
 
 fn encode(img: &ImageOut<'_>) -> Result<Vec<u8>, CheckpointError> {
@@ -237,6 +240,7 @@ impl Engine {
             balances: self.balances.full(),
             refunds: self.refunds_by_partner.full(),
             registry: self.registry.full(),
+            subscriptions: self.subscriptions.full(),
         })
     }
 
@@ -269,6 +273,7 @@ impl Engine {
             balances: self.balances.take_delta(),
             refunds: self.refunds_by_partner.take_delta(),
             registry: self.registry.take_delta(),
+            subscriptions: self.subscriptions.take_delta(),
         })
     }
 
@@ -282,6 +287,7 @@ impl Engine {
             + self.balances.changed()
             + self.refunds_by_partner.changed()
             + self.registry.changed()
+            + self.subscriptions.changed()
     }
 
     /// An engine in the state of `checkpoint` (an image), with `rules`.
@@ -329,6 +335,7 @@ impl Engine {
         self.balances.apply(img.balances);
         self.refunds_by_partner.apply(img.refunds);
         self.registry.apply(img.registry);
+        self.subscriptions.apply(img.subscriptions);
         Ok(())
     }
 
@@ -348,6 +355,7 @@ impl Engine {
         self.refunds_by_partner.clear_changes();
         self.registry.clear_changes();
         self.registry.recount();
+        self.subscriptions.clear_changes();
         self.names.take_delta();
         self.targets_mark = self.sessions.targets.len();
         self.balance_changes.clear();
@@ -394,6 +402,7 @@ impl Engine {
             .collect();
         let _ = writeln!(s, "balances {balances:?}");
         let _ = writeln!(s, "refunds {:?}", sorted(self.refunds_by_partner.iter().map(|(k, v)| (*k, v))));
+        let _ = writeln!(s, "subscriptions {:?}", sorted(self.subscriptions.iter().map(|(k, v)| (*k, v))));
         s.push_str(&self.registry.canonical());
         s
     }

@@ -2,12 +2,12 @@
 //! for every refund or chargeback, each rounded once to the currency's minor
 //! units.
 
-use afflio_rules::{Program, Rules};
+use afflio_rules::{PaymentKind, Program, RewardPay, Rules};
 use rust_decimal::Decimal;
 
 use super::validate::{reject, Reject};
 use super::Engine;
-use crate::event::{Capture, Event, Item, Refund};
+use crate::event::{Capture, Event, Item, Refund, SaleExtra};
 use crate::money::{max_amount, round_money};
 use crate::output::{EntryKind, LedgerEntry, Reason};
 use crate::state::{Credit, Line, Order};
@@ -35,24 +35,89 @@ impl Engine {
         Ok(())
     }
 
-    pub(super) fn accrue(&mut self, seq: u64, e: &Event<'_>, c: &Capture<'_>, rules: &Rules, program: &Program) {
+    /// Accrues a sale's commission on every line of the order: tier 0 by the
+    /// rates and reward rules, each override tier its rate of the basis.
+    pub(super) fn accrue(&mut self, seq: u64, e: &Event<'_>, sale: &Sale<'_, '_>, rules: &Rules, program: &Program) {
         let (names, registry) = (&self.names, &self.registry);
         let Some(order) = self.orders.get_mut(seq) else { return };
         let Some(credit) = order.credit.clone() else { return };
+        let basis = basis_of(program, sale.amount, sale.extra);
+        let first = order.captures == 1;
         for i in 0..order.lines.len() {
             let line = &mut order.lines[i];
-            let (exact, rate) = if line.tier == 0 {
+            let (exact, rate, reward) = if line.tier == 0 {
                 let partner = super::registry::lookup_partner(names, registry, rules, &line.partner_id);
-                tier0_commission(partner, program, c.amount, &c.items)
+                tier0_commission(partner, program, sale, basis, first)
             } else {
                 let r = program.overrides.get(usize::from(line.tier) - 1).map_or(Decimal::ZERO, |r| r.fraction());
-                (c.amount * r, Some(r))
+                (basis * r, Some(r), None)
             };
             let amount = round_money(exact, order.currency);
             line.accrued += amount;
             line.net += amount;
-            let row =
-                Posting { kind: EntryKind::Accrual, basis: c.amount, amount, rate, rules_version: rules.version() };
+            let row = Posting { kind: EntryKind::Accrual, basis, amount, rate, rules_version: rules.version(), reward };
+            self.out.ledger.push(row.entry(e, order, &order.lines[i], &credit));
+            self.meta.stats.ledger_entries += 1;
+        }
+        self.note_lines_changed(seq);
+    }
+
+    /// Accrues a flat reward (a lead, a stage): tier 0 gets `reward`, each
+    /// override tier its rate of it.
+    pub(super) fn accrue_flat(
+        &mut self,
+        seq: u64,
+        e: &Event<'_>,
+        reward: Decimal,
+        label: &str,
+        rules: &Rules,
+        program: &Program,
+    ) {
+        let Some(order) = self.orders.get_mut(seq) else { return };
+        let Some(credit) = order.credit.clone() else { return };
+        let label: std::sync::Arc<str> = label.into();
+        for i in 0..order.lines.len() {
+            let line = &mut order.lines[i];
+            let (exact, rate) = if line.tier == 0 {
+                (reward, None)
+            } else {
+                let r = program.overrides.get(usize::from(line.tier) - 1).map_or(Decimal::ZERO, |r| r.fraction());
+                (reward * r, Some(r))
+            };
+            let amount = round_money(exact, order.currency);
+            line.accrued += amount;
+            line.net += amount;
+            let row = Posting {
+                kind: EntryKind::Accrual,
+                basis: reward,
+                amount,
+                rate,
+                rules_version: rules.version(),
+                reward: Some(label.clone()),
+            };
+            self.out.ledger.push(row.entry(e, order, &order.lines[i], &credit));
+            self.meta.stats.ledger_entries += 1;
+        }
+        self.note_lines_changed(seq);
+    }
+
+    /// Reverses every line's net (a disqualified lead): one reversal per line.
+    pub(super) fn reverse_all(&mut self, seq: u64, e: &Event<'_>, label: &str, rules: &Rules) {
+        let Some(order) = self.orders.get_mut(seq) else { return };
+        let Some(credit) = order.credit.clone() else { return };
+        let label: std::sync::Arc<str> = label.into();
+        for i in 0..order.lines.len() {
+            let line = &mut order.lines[i];
+            let amount = -line.net;
+            line.net = Decimal::ZERO;
+            let row = Posting {
+                kind: EntryKind::Reversal,
+                basis: -line.accrued,
+                amount,
+                rate: None,
+                rules_version: rules.version(),
+                reward: Some(label.clone()),
+            };
             self.out.ledger.push(row.entry(e, order, &order.lines[i], &credit));
             self.meta.stats.ledger_entries += 1;
         }
@@ -75,6 +140,13 @@ impl Engine {
             )
         })?;
         let order = self.orders.get(seq).expect("indexed order");
+        if order.kind() == crate::state::OrderKind::Lead {
+            return Err(reject(
+                Reason::UnknownOrder,
+                "order_id",
+                format!("order_id {:?} is a lead: a lead is disqualified by a stage, not refunded", r.order_id),
+            ));
+        }
         let open = order.captured - order.refunded;
         if r.amount > open {
             return Err(reject(
@@ -117,6 +189,7 @@ impl Engine {
                 amount,
                 rate: None,
                 rules_version: rules.version(),
+                reward: None,
             };
             self.out.ledger.push(row.entry(e, order, &order.lines[i], &credit));
             self.meta.stats.ledger_entries += 1;
@@ -138,6 +211,7 @@ struct Posting {
     amount: Decimal,
     rate: Option<Decimal>,
     rules_version: u64,
+    reward: Option<std::sync::Arc<str>>,
 }
 
 impl Posting {
@@ -159,51 +233,131 @@ impl Posting {
             eligible_at: order.eligible_at,
             rate: self.rate,
             rules_version: self.rules_version,
+            reward: self.reward,
         }
     }
 }
 
-/// Tier-0 commission before rounding, and the rate when one rate applies to
-/// the whole amount. First match wins: partner's category rate, partner's
-/// rate, program's category rate, program's rate.
+/// A sale as commission sees it: a capture or a subscription payment.
+pub(super) struct Sale<'a, 'e> {
+    pub(super) amount: Decimal,
+    pub(super) items: &'a Option<Vec<Item<'e>>>,
+    pub(super) extra: &'a SaleExtra<'e>,
+    /// `First` for a capture that starts a subscription.
+    pub(super) payment: Option<PaymentKind>,
+}
+
+impl<'a, 'e> Sale<'a, 'e> {
+    pub(super) fn of_capture(c: &'a Capture<'e>) -> Sale<'a, 'e> {
+        let payment = c.extra.subscription_id.as_ref().map(|_| PaymentKind::First);
+        Sale { amount: c.amount, items: &c.items, extra: &c.extra, payment }
+    }
+}
+
+/// The commission basis: the amount less the parts the program leaves out.
+pub(super) fn basis_of(program: &Program, amount: Decimal, x: &SaleExtra<'_>) -> Decimal {
+    let b = &program.basis;
+    let mut basis = amount;
+    for (on, part) in [(b.exclude_tax, x.tax), (b.exclude_shipping, x.shipping), (b.exclude_discount, x.discount)] {
+        if on {
+            basis -= part.unwrap_or(Decimal::ZERO);
+        }
+    }
+    basis
+}
+
+/// Tier-0 commission before rounding, the rate when one rate applies to the
+/// whole basis, and the reward rule that decided it. Per item (or for the
+/// whole basis when there are no items), first match wins: the partner's
+/// category rate, the partner's rate, the program's reward rules in order,
+/// the program's renewal rate (renewals), the program's category rate, the
+/// program's rate. A flat reward rule pays its amount once per order (on its
+/// first capture) instead of a rate. Items share the basis in proportion to
+/// their amounts.
 pub(super) fn tier0_commission(
     partner: Option<&afflio_rules::Partner>,
     program: &Program,
-    amount: Decimal,
-    items: &Option<Vec<Item<'_>>>,
-) -> (Decimal, Option<Decimal>) {
+    sale: &Sale<'_, '_>,
+    basis: Decimal,
+    first_capture: bool,
+) -> (Decimal, Option<Decimal>, Option<std::sync::Arc<str>>) {
     let partner = partner.filter(|p| p.program_id == program.id);
-    let rate_for = |category: Option<&str>| -> Decimal {
-        let cat = category.and_then(|c| {
-            partner.and_then(|p| p.category_rates.get(c)).or_else(|| {
-                // Partner's own rate beats the program's category rate.
-                if partner.and_then(|p| p.rate).is_some() {
-                    None
-                } else {
-                    program.category_rates.get(c)
-                }
-            })
-        });
-        cat.copied().or_else(|| partner.and_then(|p| p.rate)).unwrap_or(program.rate).fraction()
+    let plan = sale.extra.plan.as_deref();
+    let order_matches = |r: &afflio_rules::Reward| {
+        r.new_customer.is_none_or(|n| sale.extra.new_customer == Some(n))
+            && r.payment.is_none_or(|p| sale.payment == Some(p))
+            && r.plan.as_deref().is_none_or(|p| plan == Some(p))
     };
-    match items {
+    let renewal = matches!(sale.payment, Some(PaymentKind::Renewal));
+    // What decides the rate of one item: (rate, the reward rule's index).
+    let decide = |category: Option<&str>, sku: Option<&str>| -> (Decimal, Option<usize>) {
+        if let Some(r) = category.and_then(|c| partner.and_then(|p| p.category_rates.get(c))) {
+            return (r.fraction(), None);
+        }
+        if let Some(r) = partner.and_then(|p| p.rate) {
+            return (r.fraction(), None);
+        }
+        for (i, rw) in program.rewards.iter().enumerate() {
+            let item_ok = rw.category.as_deref().is_none_or(|c| category == Some(c))
+                && rw.product.as_deref().is_none_or(|s| sku == Some(s));
+            if item_ok && order_matches(rw) {
+                return match rw.pay {
+                    RewardPay::Rate(r) => (r.fraction(), Some(i)),
+                    RewardPay::Flat(_) => (Decimal::ZERO, Some(i)),
+                };
+            }
+        }
+        if renewal {
+            if let Some(r) = program.subscriptions.as_ref().and_then(|s| s.renewal_rate) {
+                return (r.fraction(), Some(usize::MAX));
+            }
+        }
+        let cat = category.and_then(|c| program.category_rates.get(c));
+        (cat.copied().unwrap_or(program.rate).fraction(), None)
+    };
+    let whole = [(None, None, sale.amount)];
+    let units: Vec<(Option<&str>, Option<&str>, Decimal)> = match sale.items {
         Some(items) if !items.is_empty() => {
-            let mut total = Decimal::ZERO;
-            let mut uniform: Option<Option<Decimal>> = None;
-            for it in items {
-                let r = rate_for(it.category.as_deref());
-                total += it.amount * r;
+            items.iter().map(|it| (it.category.as_deref(), it.sku.as_deref(), it.amount)).collect()
+        }
+        _ => whole.to_vec(),
+    };
+    let mut total = Decimal::ZERO;
+    let mut uniform: Option<Option<Decimal>> = None;
+    let mut flats: Vec<usize> = Vec::new();
+    let mut decided_by: Option<usize> = None;
+    for (category, sku, amount) in units {
+        let (r, rule) = decide(category, sku);
+        // The item's share of the basis (the whole basis when one unit).
+        let share = if sale.amount.is_zero() || basis == sale.amount { amount } else { amount * basis / sale.amount };
+        match rule.and_then(|i| program.rewards.get(i)) {
+            Some(rw) if matches!(rw.pay, RewardPay::Flat(_)) => {
+                if !flats.contains(&rule.unwrap_or(0)) {
+                    flats.push(rule.unwrap_or(0));
+                }
+                uniform = Some(None);
+            }
+            _ => {
+                total += share * r;
                 uniform = match uniform {
                     None => Some(Some(r)),
                     Some(Some(u)) if u == r => Some(Some(u)),
                     Some(_) => Some(None),
                 };
             }
-            (total, uniform.flatten())
         }
-        _ => {
-            let r = rate_for(None);
-            (amount * r, Some(r))
+        decided_by = decided_by.or(rule);
+    }
+    if first_capture {
+        for i in &flats {
+            if let Some(RewardPay::Flat(f)) = program.rewards.get(*i).map(|r| r.pay) {
+                total += f;
+            }
         }
     }
+    let label = decided_by.map(|i| match program.rewards.get(i) {
+        Some(rw) => std::sync::Arc::<str>::from(rw.name.as_str()),
+        None => std::sync::Arc::<str>::from("renewal_rate"),
+    });
+    (total, uniform.flatten(), label)
 }

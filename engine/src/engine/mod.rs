@@ -26,6 +26,7 @@ mod attribution;
 mod changes;
 mod checkpoint;
 mod commission;
+mod conversions;
 mod detect;
 mod lifecycle;
 mod payouts;
@@ -96,6 +97,9 @@ pub struct Engine {
     targets_mark: usize,
     /// Listings, applications, and the partners, links and codes of the marketplace.
     registry: crate::registry::Registry,
+    /// Subscriptions by (program, id) hash: who earns on their payments.
+    /// Bounded by [`conversions::MAX_SUBSCRIPTIONS`].
+    subscriptions: Tracked<u128, Box<conversions::Subscription>>,
     /// Links created since the ingest tier last asked (kept only when
     /// [`Engine::set_link_feed`] is on: a replay has no one to ask).
     new_links: Vec<afflio_rules::Link>,
@@ -134,6 +138,7 @@ impl Engine {
             link_targets: HashMap::new(),
             targets_mark: 0,
             registry: Default::default(),
+            subscriptions: Tracked::default(),
             new_links: Vec::new(),
             link_feed: false,
             registry_refusals: Default::default(),
@@ -378,6 +383,10 @@ impl Engine {
             Body::Refund(r) => self.apply_refund(e, r, rules, program, prog),
             Body::Review(r) => self.apply_review(e, r, program, prog),
             Body::Payout(p) => self.apply_payout(e, p, program, prog),
+            Body::Lead(l) => self.apply_lead(e, l, rules, program, prog),
+            Body::LeadStage(s) => self.apply_lead_stage(e, s, rules, program, prog),
+            Body::Payment(p) => self.apply_payment(e, p, rules, program, prog),
+            Body::Cancel(c) => self.apply_cancel(e, c, program, prog),
             Body::Registry(r) => self.apply_registry(e, r, rules, program, prog),
         }
     }
@@ -403,7 +412,11 @@ impl Engine {
         }
         self.dedupe.evict_before(prog, wm.saturating_sub(micros(cfg.dedupe_retention)));
         if sweep_due {
-            self.close_orders_before(prog, wm.saturating_sub(micros(cfg.order_retention)));
+            let cutoff = wm.saturating_sub(micros(cfg.order_retention));
+            self.close_orders_before(prog, cutoff);
+            if let Some(at) = DateTime::from_timestamp_micros(cutoff) {
+                self.forget_subscriptions_before(prog, program, at);
+            }
             let window = micros(program.fraud.velocity_window);
             self.velocity.sweep(|p| (p == prog).then(|| wm.saturating_sub(window)));
         }
@@ -436,6 +449,7 @@ impl Engine {
         self.balances.set_tracking(on);
         self.refunds_by_partner.set_tracking(on);
         self.registry.set_tracking(on);
+        self.subscriptions.set_tracking(on);
         if !on {
             self.balance_changes.clear();
         }

@@ -305,6 +305,7 @@ impl Engine {
             email_sha256: [email_sha256(&a.email)].into_iter().collect(),
             customer_ids: Default::default(),
             payout: a.payout.clone(),
+            lead_reward: None,
         };
         let mut reg = RegPartner {
             partner,

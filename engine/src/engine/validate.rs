@@ -73,10 +73,75 @@ pub(crate) fn unknown_link(program: &Program, link_id: &str) -> Invalid {
 pub(crate) fn check_body(_rules: &Rules, program: &Program, e: &Event<'_>) -> Result<(), Invalid> {
     match &e.body {
         Body::Click(_) => Ok(()),
-        Body::Capture(c) => check_money(program, &c.currency, c.amount, &c.items),
+        Body::Capture(c) => {
+            check_money(program, &c.currency, c.amount, &c.items)?;
+            check_parts(c.amount, &c.extra)?;
+            if c.extra.subscription_id.is_some() {
+                subscriptions(program)?;
+            }
+            Ok(())
+        }
         Body::Refund(r) => check_money(program, &r.currency, r.amount, &r.items),
+        Body::Lead(_) => leads(program).map(|_| ()),
+        Body::LeadStage(s) => {
+            let leads = leads(program)?;
+            if leads.stage(&s.stage).is_none() {
+                let names: Vec<&str> = leads.stages.iter().map(|s| s.name.as_str()).collect();
+                return Err(reject(
+                    Reason::InvalidStage,
+                    "stage",
+                    format!("stage {:?} is not a stage of program {:?} ({})", s.stage, program.id, names.join(", ")),
+                ));
+            }
+            Ok(())
+        }
+        Body::Payment(p) => {
+            subscriptions(program)?;
+            check_money(program, &p.currency, p.amount, &p.items)?;
+            check_parts(p.amount, &p.extra)
+        }
+        Body::Cancel(_) => subscriptions(program).map(|_| ()),
         Body::Review(_) | Body::Payout(_) | Body::Registry(_) => Ok(()),
     }
+}
+
+fn leads(program: &Program) -> Result<&afflio_rules::Leads, Invalid> {
+    program.leads.as_ref().ok_or_else(|| {
+        reject(
+            Reason::NotConfigured,
+            "type",
+            format!("program {:?} takes no leads (it has no [programs.leads])", program.id),
+        )
+    })
+}
+
+fn subscriptions(program: &Program) -> Result<&afflio_rules::Subscriptions, Invalid> {
+    program.subscriptions.as_ref().ok_or_else(|| {
+        reject(
+            Reason::NotConfigured,
+            "subscription_id",
+            format!("program {:?} takes no subscriptions (it has no [programs.subscriptions])", program.id),
+        )
+    })
+}
+
+/// Tax, shipping and discount are parts of the amount: each a valid amount,
+/// together no more than it.
+fn check_parts(amount: Decimal, x: &crate::event::SaleExtra<'_>) -> Result<(), Reject> {
+    let mut sum = Decimal::ZERO;
+    for (field, v) in [("tax", x.tax), ("shipping", x.shipping), ("discount", x.discount)] {
+        let Some(v) = v else { continue };
+        check_amount(v, true).map_err(|m| reject(Reason::InvalidAmount, field, format!("{field} {m}")))?;
+        sum += v;
+    }
+    if sum > amount {
+        return Err(reject(
+            Reason::InvalidAmount,
+            "amount",
+            format!("tax, shipping and discount ({sum}) are parts of amount {amount} and exceed it"),
+        ));
+    }
+    Ok(())
 }
 
 fn check_money(

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use hashbrown::HashMap;
 
-pub use order::{ClosedOrder, CodeIssue, Credit, Line, LineStatus, Order, Review};
+pub use order::{ClosedOrder, CodeIssue, Credit, Line, LineStatus, Order, OrderExtra, OrderKind, Review};
 
 /// Interned names (programs, partners, links, codes): small, bounded by the
 /// rules, append-only (a checkpoint delta holds the names added since the

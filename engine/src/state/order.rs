@@ -115,6 +115,54 @@ pub struct Order {
     /// The newest capture, refund or chargeback time: the order is closed
     /// `order_retention` after it.
     pub last_activity: DateTime<Utc>,
+    /// A lead or a subscription payment (`None`: a sale).
+    #[serde(default)]
+    pub extra: Option<Box<OrderExtra>>,
+}
+
+impl Order {
+    pub fn kind(&self) -> OrderKind {
+        self.extra.as_ref().map_or(OrderKind::Sale, |x| x.kind)
+    }
+}
+
+/// What an order is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum OrderKind {
+    /// A capture's order (a subscription's first payment included).
+    #[default]
+    Sale,
+    /// A lead or signup.
+    Lead,
+    /// A subscription's later payment.
+    Payment,
+}
+
+impl OrderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrderKind::Sale => "sale",
+            OrderKind::Lead => "lead",
+            OrderKind::Payment => "payment",
+        }
+    }
+}
+
+/// The parts of a lead, a subscription's payment or a subscription's first
+/// order that plain sales do not have.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct OrderExtra {
+    pub kind: OrderKind,
+    /// The lead's kind (`lead`, `signup`, ...) or the payment's (`first`,
+    /// `renewal`, `upgrade`, `downgrade`).
+    pub subtype: Option<Box<str>>,
+    pub subscription_id: Option<Box<str>>,
+    /// The stages a lead reached, in order.
+    pub stages: Vec<Box<str>>,
+    /// A disqualifying stage was reached: the lead earns nothing more.
+    pub disqualified: bool,
+    /// Why a subscription payment earned nothing (`cancelled`, `ended`).
+    pub uncredited: Option<Box<str>>,
 }
 
 /// An order closed by retention: its final state and its lines' status.

@@ -3,9 +3,11 @@
 use std::borrow::Cow;
 
 use afflio_engine::{
-    Body, Capture, Click, Customer, Decision, Event, EventType, Item, PayoutEvent, PayoutStatus, Reason, Refund,
+    Body, Cancel, Capture, Click, Customer, Decision, Event, EventType, Item, Lead, LeadStage, Payment, PayoutEvent,
+    PayoutStatus, Reason, Refund, SaleExtra,
     ReviewEvent,
 };
+use afflio_engine::rules::PaymentKind;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::Deserialize;
@@ -103,6 +105,64 @@ struct Wire<'a> {
     /// A registry event's content.
     #[serde(borrow, default)]
     data: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    tax: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    shipping: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    discount: Option<&'a RawValue>,
+    #[serde(default)]
+    new_customer: Option<bool>,
+    #[serde(borrow, default, deserialize_with = "opt_cow")]
+    subscription_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "opt_cow")]
+    plan: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "opt_cow")]
+    lead_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "opt_cow")]
+    kind: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "opt_cow")]
+    stage: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "opt_cow")]
+    payment_id: Option<Cow<'a, str>>,
+}
+
+/// The optional parts of a sale, read strictly.
+fn sale_extra<'a>(
+    tax: Option<&RawValue>,
+    shipping: Option<&RawValue>,
+    discount: Option<&RawValue>,
+    new_customer: Option<bool>,
+    subscription_id: Option<Cow<'a, str>>,
+    plan: Option<Cow<'a, str>>,
+) -> Result<SaleExtra<'a>, DecodeError> {
+    let part = |v: Option<&RawValue>, f: &str| v.map(|v| parse_money(v.get(), f)).transpose();
+    Ok(SaleExtra {
+        tax: part(tax, "tax")?,
+        shipping: part(shipping, "shipping")?,
+        discount: part(discount, "discount")?,
+        new_customer,
+        subscription_id: optional_id(subscription_id, "subscription_id")?.filter(|s| !s.is_empty()),
+        plan: optional_id(plan, "plan")?.filter(|s| !s.is_empty()),
+    })
+}
+
+fn customer<'a>(c: Option<WireCustomer<'a>>) -> Result<Option<Customer<'a>>, DecodeError> {
+    match c {
+        None => Ok(None),
+        Some(c) => Ok(Some(Customer {
+            id: optional_id(c.id, "customer.id")?,
+            email_sha256: optional_id(c.email_sha256, "customer.email_sha256")?,
+        })),
+    }
+}
+
+fn codes(v: Option<Vec<Cow<'_, str>>>) -> Result<Vec<Cow<'_, str>>, DecodeError> {
+    let codes = v.unwrap_or_default();
+    if codes.len() > LIMITS.codes {
+        return Err(malformed("codes", format!("{} codes, over the limit of {}", codes.len(), LIMITS.codes)));
+    }
+    codes.into_iter().map(|c| no_controls(bounded(c, "codes")?, "codes")).collect()
 }
 
 #[derive(Deserialize)]
@@ -365,31 +425,59 @@ fn convert(w: Wire<'_>) -> Result<Event<'_>, DecodeError> {
             landing_url: optional(w.landing_url, "landing_url")?,
             sub_id: optional(w.sub_id, "sub_id")?,
         }),
-        EventType::Capture => {
-            let codes = w.codes.unwrap_or_default();
-            if codes.len() > LIMITS.codes {
-                return Err(malformed("codes", format!("{} codes, over the limit of {}", codes.len(), LIMITS.codes)));
-            }
-            let codes =
-                codes.into_iter().map(|c| no_controls(bounded(c, "codes")?, "codes")).collect::<Result<Vec<_>, _>>()?;
-            let customer = match w.customer {
-                None => None,
-                Some(c) => Some(Customer {
-                    id: optional_id(c.id, "customer.id")?,
-                    email_sha256: optional_id(c.email_sha256, "customer.email_sha256")?,
-                }),
+        EventType::Capture => Body::Capture(Capture {
+            order_id: required(w.order_id, "order_id", ty)?,
+            amount: money(w.amount, "amount", ty)?,
+            currency: required(w.currency, "currency", ty)?,
+            visitor_id: optional_id(w.visitor_id, "visitor_id")?.filter(|v| !v.is_empty()),
+            codes: codes(w.codes)?,
+            customer: customer(w.customer)?,
+            ip: optional_id(w.ip, "ip")?,
+            items: items(w.items)?,
+            extra: sale_extra(w.tax, w.shipping, w.discount, w.new_customer, w.subscription_id, w.plan)?,
+        }),
+        EventType::Lead => Body::Lead(Lead {
+            lead_id: required(w.lead_id, "lead_id", ty)?,
+            kind: match optional_id(w.kind, "kind")? {
+                None => Cow::Borrowed("lead"),
+                Some(k) if !k.is_empty() && k.len() <= 64 => k,
+                Some(k) => return Err(malformed("kind", format!("kind {k:?} must be 1 to 64 bytes"))),
+            },
+            visitor_id: optional_id(w.visitor_id, "visitor_id")?.filter(|v| !v.is_empty()),
+            codes: codes(w.codes)?,
+            customer: customer(w.customer)?,
+            ip: optional_id(w.ip, "ip")?,
+        }),
+        EventType::LeadStage => Body::LeadStage(LeadStage {
+            lead_id: required(w.lead_id, "lead_id", ty)?,
+            stage: required(w.stage, "stage", ty)?,
+        }),
+        EventType::SubscriptionPayment => {
+            let kind = match w.kind.as_deref() {
+                None => PaymentKind::Renewal,
+                Some(k) => match PaymentKind::parse(k) {
+                    Some(PaymentKind::First) | None => {
+                        return Err(malformed(
+                            "kind",
+                            format!("kind {k:?} is not renewal, upgrade or downgrade (the first payment is the capture)"),
+                        ))
+                    }
+                    Some(k) => k,
+                },
             };
-            Body::Capture(Capture {
-                order_id: required(w.order_id, "order_id", ty)?,
+            Body::Payment(Payment {
+                subscription_id: required(w.subscription_id, "subscription_id", ty)?,
+                payment_id: required(w.payment_id, "payment_id", ty)?,
+                kind,
                 amount: money(w.amount, "amount", ty)?,
                 currency: required(w.currency, "currency", ty)?,
-                visitor_id: optional_id(w.visitor_id, "visitor_id")?.filter(|v| !v.is_empty()),
-                codes,
-                customer,
-                ip: optional_id(w.ip, "ip")?,
                 items: items(w.items)?,
+                extra: sale_extra(w.tax, w.shipping, w.discount, w.new_customer, None, w.plan)?,
             })
         }
+        EventType::SubscriptionCancel => Body::Cancel(Cancel {
+            subscription_id: required(w.subscription_id, "subscription_id", ty)?,
+        }),
         EventType::Refund | EventType::Chargeback => Body::Refund(Refund {
             order_id: required(w.order_id, "order_id", ty)?,
             amount: money(w.amount, "amount", ty)?,

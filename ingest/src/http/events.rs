@@ -68,11 +68,23 @@ fn split_body<'a>(headers: &HeaderMap, body: &'a str) -> Result<Vec<&'a str>, Re
 /// What a role may send.
 fn allowed(role: KeyRole, ty: EventType) -> Result<(), &'static str> {
     match (role, ty) {
-        (KeyRole::Ingest, EventType::Click | EventType::Capture | EventType::Refund | EventType::Chargeback) => Ok(()),
+        (
+            KeyRole::Ingest,
+            EventType::Click
+            | EventType::Capture
+            | EventType::Refund
+            | EventType::Chargeback
+            | EventType::Lead
+            | EventType::LeadStage
+            | EventType::SubscriptionPayment
+            | EventType::SubscriptionCancel,
+        ) => Ok(()),
         (KeyRole::Review, EventType::Review) => Ok(()),
         (KeyRole::Finance, EventType::Payout) => Ok(()),
         (KeyRole::Brand, t) if t.is_registry() => Ok(()),
-        (KeyRole::Ingest, _) => Err("an ingest key sends checkout events only (click, capture, refund, chargeback)"),
+        (KeyRole::Ingest, _) => Err(
+            "an ingest key sends checkout events only (click, capture, refund, chargeback, lead, lead_stage, subscription_payment, subscription_cancel)",
+        ),
         (KeyRole::Review, _) => Err("a review key sends review events only"),
         (KeyRole::Finance, _) => Err("a finance key sends payout events only"),
         (KeyRole::Brand, _) => Err("a brand key sends registry events only"),

@@ -77,7 +77,170 @@ pub struct Program {
     pub min_payout: rust_decimal::Decimal,
     /// Its marketplace listing and how approved creators are set up.
     pub marketplace: Marketplace,
+    /// `[programs.leads]`: `None`, the program takes no leads.
+    pub leads: Option<Leads>,
+    /// `[programs.subscriptions]`: `None`, the program takes no subscription payments.
+    pub subscriptions: Option<Subscriptions>,
+    /// Reward rules, first match wins.
+    pub rewards: Vec<Reward>,
+    /// What the commission basis leaves out of the captured amount.
+    pub basis: Basis,
 }
+
+/// `[programs.leads]`: what leads and their stages earn.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Leads {
+    /// The flat reward of an accepted lead.
+    pub reward: rust_decimal::Decimal,
+    /// Rewards per lead kind, instead of `reward`.
+    pub kinds: HashMap<String, rust_decimal::Decimal>,
+    pub hold: TimeDelta,
+    pub stages: Vec<Stage>,
+}
+
+impl Leads {
+    /// The reward of a lead of `kind` (the kind's, else the program's).
+    pub fn reward_of(&self, kind: &str) -> rust_decimal::Decimal {
+        self.kinds.get(kind).copied().unwrap_or(self.reward)
+    }
+
+    pub fn stage(&self, name: &str) -> Option<&Stage> {
+        self.stages.iter().find(|s| s.name == name)
+    }
+}
+
+/// A stage a lead can reach (each once).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stage {
+    pub name: String,
+    pub reward: rust_decimal::Decimal,
+    /// Reverses what the lead earned and ends it.
+    pub disqualify: bool,
+}
+
+/// How long a subscription's payments earn after its first payment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MaxDuration {
+    Lifetime,
+    /// Calendar months.
+    Months(u32),
+    Fixed(TimeDelta),
+}
+
+impl MaxDuration {
+    /// The first instant at which payments no longer earn (`None`: never).
+    pub fn end(self, start: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        match self {
+            MaxDuration::Lifetime => None,
+            MaxDuration::Months(n) => start.checked_add_months(chrono::Months::new(n)),
+            MaxDuration::Fixed(d) => Some(start + d),
+        }
+    }
+}
+
+/// `[programs.subscriptions]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Subscriptions {
+    pub max_duration: MaxDuration,
+    pub renewal_rate: Option<Rate>,
+}
+
+/// The kind of a payment, for reward conditions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum PaymentKind {
+    /// The subscription's first payment (the capture that started it).
+    First,
+    Renewal,
+    Upgrade,
+    Downgrade,
+}
+
+impl PaymentKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PaymentKind::First => "first",
+            PaymentKind::Renewal => "renewal",
+            PaymentKind::Upgrade => "upgrade",
+            PaymentKind::Downgrade => "downgrade",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<PaymentKind> {
+        Some(match s {
+            "first" => PaymentKind::First,
+            "renewal" => PaymentKind::Renewal,
+            "upgrade" => PaymentKind::Upgrade,
+            "downgrade" => PaymentKind::Downgrade,
+            _ => return None,
+        })
+    }
+}
+
+/// A reward rule: every condition set must hold; then the rule's rate (of
+/// the matching items, or of the whole basis) or its flat amount (once per
+/// order) is the tier-0 commission.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reward {
+    pub name: String,
+    /// `Some(true)`: new customers only; `Some(false)`: returning only.
+    pub new_customer: Option<bool>,
+    pub payment: Option<PaymentKind>,
+    pub plan: Option<String>,
+    pub category: Option<String>,
+    pub product: Option<String>,
+    pub pay: RewardPay,
+}
+
+impl Reward {
+    /// Whether the rule looks at items (category or product).
+    pub fn per_item(&self) -> bool {
+        self.category.is_some() || self.product.is_some()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RewardPay {
+    Rate(Rate),
+    Flat(rust_decimal::Decimal),
+}
+
+/// `[programs.basis]`: parts of the captured amount left out of the basis.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Basis {
+    pub exclude_tax: bool,
+    pub exclude_shipping: bool,
+    pub exclude_discount: bool,
+}
+
+/// An endpoint configured in the rules file (`[[webhooks]]`).
+#[derive(Clone, Debug)]
+pub struct WebhookConfig {
+    pub id: String,
+    pub program_id: String,
+    pub partner_id: Option<String>,
+    pub url: String,
+    pub events: Vec<String>,
+    pub secret: Secret,
+}
+
+/// The event types a webhook endpoint can ask for.
+pub const WEBHOOK_EVENT_TYPES: [&str; 12] = [
+    "order.attributed",
+    "commission.created",
+    "commission.reversed",
+    "commission.approved",
+    "lead.created",
+    "lead.stage_changed",
+    "flag.raised",
+    "payout.sent",
+    "payout.paid",
+    "payout.failed",
+    "partner.applied",
+    "partner.approved",
+];
+
+/// The types a partner's endpoint may not receive (fraud flags are for the brand).
+pub const WEBHOOK_BRAND_ONLY: [&str; 2] = ["flag.raised", "partner.applied"];
 
 /// What a marketplace listing shows (beyond the program's own settings:
 /// currency, rates, window and hold come from the program).
@@ -394,6 +557,9 @@ pub struct Partner {
     pub email_sha256: HashSet<String>,
     pub customer_ids: HashSet<String>,
     pub payout: Option<Payout>,
+    /// The partner's flat reward per accepted lead (beats the program's).
+    #[serde(default)]
+    pub lead_reward: Option<rust_decimal::Decimal>,
 }
 
 /// A tracking link (`/r/{id}`).
@@ -477,6 +643,7 @@ pub struct Rules {
     links: HashMap<String, Link>,
     api_keys: Vec<ApiKey>,
     payouts: PayoutSettings,
+    webhooks: Vec<WebhookConfig>,
     file: String,
     raw: RawConfig,
 }
@@ -514,6 +681,7 @@ impl Rules {
         merge(&mut merged.partners, add.partners, |p| p.get_ref().id.get_ref().clone());
         merge(&mut merged.links, add.links, |l| l.get_ref().id.get_ref().clone());
         merged.api_keys.extend(add.api_keys);
+        merge(&mut merged.webhooks, add.webhooks, |w| w.get_ref().id.get_ref().clone());
         merge(&mut merged.codes, add.codes, |c| {
             let c = c.get_ref();
             format!("{}\u{0}{}", c.partner_id.get_ref(), crate::normalize_code(c.code.get_ref()))
@@ -594,6 +762,11 @@ impl Rules {
         &self.api_keys
     }
 
+    /// Webhook endpoints configured in the file (`[[webhooks]]`).
+    pub fn webhooks(&self) -> &[WebhookConfig] {
+        &self.webhooks
+    }
+
     /// The file the rules were read from.
     pub fn file(&self) -> &str {
         &self.file
@@ -659,6 +832,21 @@ impl Ctx<'_> {
 
     fn rate(&mut self, v: &S<String>, field: impl Into<String>) -> Option<Rate> {
         v.get_ref().parse::<Rate>().map_err(|m| self.err(v.span(), field, m)).ok()
+    }
+
+    /// A non-negative decimal amount (a reward), at most 4 decimal places.
+    fn amount(&mut self, v: &S<String>, field: impl Into<String>) -> rust_decimal::Decimal {
+        match rust_decimal::Decimal::from_str_exact(v.get_ref().trim()) {
+            Ok(d) if !d.is_sign_negative() && d.scale() <= 4 && d < rust_decimal::Decimal::from(1_000_000_000i64) => d,
+            _ => {
+                self.err(
+                    v.span(),
+                    field,
+                    format!("{:?} is not a non-negative decimal amount (at most 4 decimals, under 1e9)", v.get_ref()),
+                );
+                rust_decimal::Decimal::ZERO
+            }
+        }
     }
 
     fn duration(&mut self, v: Option<&S<String>>, default: TimeDelta, field: &str) -> TimeDelta {
@@ -738,6 +926,7 @@ fn compile(file: &str, text: &str, raw: RawConfig, version: u64) -> Result<Rules
             email_sha256.insert(v);
         }
         let customer_ids = rp.customer_ids.iter().map(|c| c.get_ref().clone()).collect();
+        let lead_reward = rp.lead_reward.as_ref().map(|m| cx.amount(m, f("lead_reward")));
         let payout = rp.payout.as_ref().and_then(|po| compile_payout(&mut cx, po, &f("payout")));
         if partners.contains_key(&id) {
             cx.err(rp.id.span(), f("id"), format!("duplicate partner id {id:?}"));
@@ -746,7 +935,7 @@ fn compile(file: &str, text: &str, raw: RawConfig, version: u64) -> Result<Rules
         let parent = rp.parent.as_ref().map(|s| s.get_ref().clone());
         partners.insert(
             id.clone(),
-            Partner { id, program_id, parent, rate, category_rates, email_sha256, customer_ids, payout },
+            Partner { id, program_id, parent, rate, category_rates, email_sha256, customer_ids, payout, lead_reward },
         );
     }
     // Parents: known, in the same program, no cycles.
@@ -938,6 +1127,7 @@ fn compile(file: &str, text: &str, raw: RawConfig, version: u64) -> Result<Rules
     }
 
     let payouts = compile_payouts(&mut cx, &raw);
+    let webhooks = compile_webhooks(&mut cx, &raw, &programs, &partners);
     if !cx.problems.is_empty() {
         cx.problems.sort_by_key(|p| (p.line, p.column));
         return Err(ConfigError::Invalid { file: file.to_string(), problems: cx.problems });
@@ -950,9 +1140,86 @@ fn compile(file: &str, text: &str, raw: RawConfig, version: u64) -> Result<Rules
         links,
         api_keys,
         payouts,
+        webhooks,
         file: file.to_string(),
         raw,
     })
+}
+
+/// Checks an endpoint's URL and event types (shared with the HTTP API):
+/// every problem, as (field, message).
+pub fn webhook_problems(url: &str, events: &[String], partner_endpoint: bool) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    if !(url.starts_with("https://") || url.starts_with("http://")) || url.len() > 2048 || url.contains(char::is_whitespace) {
+        out.push(("url".into(), format!("{url:?} is not an http(s) URL of at most 2048 bytes")));
+    }
+    if events.is_empty() {
+        out.push(("events".into(), "name at least one event type".into()));
+    }
+    for (j, e) in events.iter().enumerate() {
+        if !WEBHOOK_EVENT_TYPES.contains(&e.as_str()) {
+            out.push((format!("events[{j}]"), format!("{e:?} is not one of {}", WEBHOOK_EVENT_TYPES.join(", "))));
+        } else if partner_endpoint && WEBHOOK_BRAND_ONLY.contains(&e.as_str()) {
+            out.push((format!("events[{j}]"), format!("{e:?} is for the brand's endpoints only")));
+        }
+    }
+    out
+}
+
+fn compile_webhooks(
+    cx: &mut Ctx<'_>,
+    raw: &RawConfig,
+    programs: &HashMap<String, Program>,
+    partners: &HashMap<String, Partner>,
+) -> Vec<WebhookConfig> {
+    let mut out: Vec<WebhookConfig> = Vec::new();
+    for (i, w) in raw.webhooks.iter().enumerate() {
+        let span = w.span();
+        let w = w.get_ref();
+        let f = |name: &str| format!("webhooks[{i}].{name}");
+        let id = cx.id(&w.id, f("id"));
+        if out.iter().any(|o| o.id == id) {
+            cx.err(w.id.span(), f("id"), format!("duplicate webhook id {id:?}"));
+        }
+        if !programs.contains_key(w.program_id.get_ref()) {
+            cx.err(w.program_id.span(), f("program_id"), format!("unknown program {:?}", w.program_id.get_ref()));
+        }
+        if let Some(p) = &w.partner_id {
+            match partners.get(p.get_ref()) {
+                Some(pp) if pp.program_id == *w.program_id.get_ref() => {}
+                _ => cx.err(p.span(), f("partner_id"), format!("{:?} is no partner of program {:?}", p.get_ref(), w.program_id.get_ref())),
+            }
+        }
+        let events: Vec<String> = w.events.iter().map(|e| e.get_ref().clone()).collect();
+        for (field, message) in webhook_problems(w.url.get_ref(), &events, w.partner_id.is_some()) {
+            cx.err(span.clone(), f(&field), message);
+        }
+        let secret = match std::env::var(w.secret_env.get_ref()) {
+            Ok(v) if v.starts_with("whsec_") && v.len() >= 6 + 24 => Some(v),
+            Ok(_) => {
+                // Never quote the secret itself.
+                cx.err(
+                    w.secret_env.span(),
+                    f("secret_env"),
+                    format!("{:?} does not hold a `whsec_` secret (whsec_ and at least 24 base64 characters)", w.secret_env.get_ref()),
+                );
+                None
+            }
+            Err(_) => {
+                cx.err(w.secret_env.span(), f("secret_env"), format!("environment variable {:?} is not set", w.secret_env.get_ref()));
+                None
+            }
+        };
+        out.push(WebhookConfig {
+            id,
+            program_id: w.program_id.get_ref().clone(),
+            partner_id: w.partner_id.as_ref().map(|p| p.get_ref().clone()),
+            url: w.url.get_ref().clone(),
+            events,
+            secret: Secret(secret.unwrap_or_default()),
+        });
+    }
+    out
 }
 
 fn compile_engine(cx: &mut Ctx<'_>, raw: &RawConfig) -> EngineSettings {
@@ -1054,7 +1321,134 @@ fn compile_program(cx: &mut Ctx<'_>, i: usize, p: &S<RawProgram>) -> Option<Prog
             },
         },
         marketplace: compile_marketplace(cx, i, rp.marketplace.as_ref()),
+        leads: rp.leads.as_ref().map(|l| compile_leads(cx, i, l, hold)),
+        subscriptions: rp.subscriptions.as_ref().map(|s| compile_subscriptions(cx, i, s)),
+        rewards: rp.rewards.iter().enumerate().map(|(j, r)| compile_reward(cx, i, j, r)).collect(),
+        basis: compile_basis(cx, i, rp.basis.as_ref()),
     })
+}
+
+fn compile_leads(cx: &mut Ctx<'_>, i: usize, l: &S<crate::raw::RawLeads>, program_hold: TimeDelta) -> Leads {
+    let l = l.get_ref();
+    let f = |name: &str| format!("programs[{i}].leads.{name}");
+    let reward = cx.amount(&l.reward, f("reward"));
+    let kinds = l.kinds.iter().map(|(k, v)| (k.clone(), cx.amount(v, f(&format!("kinds.{k}"))))).collect();
+    let hold = cx.duration(l.hold.as_ref(), program_hold, &f("hold"));
+    let mut stages: Vec<Stage> = Vec::new();
+    for (j, st) in l.stages.iter().enumerate() {
+        let sf = |name: &str| format!("programs[{i}].leads.stages[{j}].{name}");
+        let r = st.get_ref();
+        let name = r.name.get_ref().trim().to_string();
+        if name.is_empty() || name.len() > 64 {
+            cx.err(r.name.span(), sf("name"), format!("stage name {:?} must be 1 to 64 bytes", r.name.get_ref()));
+        } else if stages.iter().any(|s| s.name == name) {
+            cx.err(r.name.span(), sf("name"), format!("duplicate stage {name:?}"));
+        }
+        let reward = r.reward.as_ref().map_or(rust_decimal::Decimal::ZERO, |v| cx.amount(v, sf("reward")));
+        if r.disqualify && !reward.is_zero() {
+            cx.err(st.span(), sf("reward"), format!("a disqualifying stage reverses rewards; it cannot pay {reward}"));
+        }
+        stages.push(Stage { name, reward, disqualify: r.disqualify });
+    }
+    if stages.len() > 32 {
+        cx.err(0..0, f("stages"), format!("{} stages; at most 32", stages.len()));
+    }
+    Leads { reward, kinds, hold, stages }
+}
+
+fn compile_subscriptions(cx: &mut Ctx<'_>, i: usize, s: &S<crate::raw::RawSubscriptions>) -> Subscriptions {
+    let s = s.get_ref();
+    let f = |name: &str| format!("programs[{i}].subscriptions.{name}");
+    let raw = s.max_duration.get_ref().trim();
+    let max_duration = if raw == "lifetime" {
+        MaxDuration::Lifetime
+    } else if let Some(n) = raw.strip_suffix("mo") {
+        match n.parse::<u32>() {
+            Ok(n) if (1..=120).contains(&n) => MaxDuration::Months(n),
+            _ => {
+                cx.err(s.max_duration.span(), f("max_duration"), format!("{raw:?}: months must be 1 to 120, e.g. \"12mo\""));
+                MaxDuration::Lifetime
+            }
+        }
+    } else {
+        match parse_duration(raw) {
+            Ok(d) => MaxDuration::Fixed(d),
+            Err(m) => {
+                cx.err(
+                    s.max_duration.span(),
+                    f("max_duration"),
+                    format!("{m}; or months (\"12mo\"), or \"lifetime\""),
+                );
+                MaxDuration::Lifetime
+            }
+        }
+    };
+    let renewal_rate = s.renewal_rate.as_ref().and_then(|r| cx.rate(r, f("renewal_rate")));
+    Subscriptions { max_duration, renewal_rate }
+}
+
+fn compile_reward(cx: &mut Ctx<'_>, i: usize, j: usize, r: &S<crate::raw::RawReward>) -> Reward {
+    let span = r.span();
+    let r = r.get_ref();
+    let f = |name: &str| format!("programs[{i}].rewards[{j}].{name}");
+    let text = |v: &Option<S<String>>| v.as_ref().map(|s| s.get_ref().trim().to_string());
+    let new_customer = r.customer.as_ref().and_then(|c| match c.get_ref().as_str() {
+        "new" => Some(true),
+        "returning" => Some(false),
+        other => {
+            cx.err(c.span(), f("customer"), format!("{other:?} is not \"new\" or \"returning\""));
+            None
+        }
+    });
+    let payment = r.payment.as_ref().and_then(|p| {
+        PaymentKind::parse(p.get_ref()).or_else(|| {
+            cx.err(
+                p.span(),
+                f("payment"),
+                format!("{:?} is not \"first\", \"renewal\", \"upgrade\" or \"downgrade\"", p.get_ref()),
+            );
+            None
+        })
+    });
+    let pay = match (&r.rate, &r.flat) {
+        (Some(rate), None) => cx.rate(rate, f("rate")).map(RewardPay::Rate),
+        (None, Some(flat)) => Some(RewardPay::Flat(cx.amount(flat, f("flat")))),
+        _ => {
+            cx.err(span.clone(), f("rate"), "set exactly one of `rate` and `flat`");
+            None
+        }
+    };
+    let rw = Reward {
+        name: text(&r.name).unwrap_or_else(|| format!("rewards[{j}]")),
+        new_customer,
+        payment,
+        plan: text(&r.plan),
+        category: text(&r.category),
+        product: text(&r.product),
+        pay: pay.unwrap_or(RewardPay::Flat(rust_decimal::Decimal::ZERO)),
+    };
+    if rw.new_customer.is_none() && rw.payment.is_none() && rw.plan.is_none() && !rw.per_item() {
+        cx.err(span, f("customer"), "a reward rule needs a condition: customer, payment, plan, category or product");
+    }
+    rw
+}
+
+fn compile_basis(cx: &mut Ctx<'_>, i: usize, b: Option<&S<crate::raw::RawBasis>>) -> Basis {
+    let mut out = Basis::default();
+    let Some(b) = b else { return out };
+    for (j, x) in b.get_ref().exclude.iter().enumerate() {
+        match x.get_ref().as_str() {
+            "tax" => out.exclude_tax = true,
+            "shipping" => out.exclude_shipping = true,
+            "discount" => out.exclude_discount = true,
+            other => cx.err(
+                x.span(),
+                format!("programs[{i}].basis.exclude[{j}]"),
+                format!("{other:?} is not \"tax\", \"shipping\" or \"discount\""),
+            ),
+        }
+    }
+    out
 }
 
 fn compile_marketplace(cx: &mut Ctx<'_>, i: usize, m: Option<&S<RawMarketplace>>) -> Marketplace {

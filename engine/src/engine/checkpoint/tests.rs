@@ -196,6 +196,7 @@ impl Gen {
                     customer: Some(Customer { id: Some(s(format!("c{customer}"))), email_sha256: None }),
                     ip: Some(s(format!("10.0.0.{customer}"))),
                     items: None,
+                    extra: Default::default(),
                 }),
             },
             Op::Refund { p, order, amount, chargeback, dt } => Event {
