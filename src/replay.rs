@@ -100,6 +100,13 @@ impl fmt::Display for Summary {
             s.applied_refunds,
             s.applied_chargebacks
         )?;
+        if s.applied_leads + s.applied_payments + s.applied_cancels > 0 {
+            writeln!(
+                f,
+                "                                  (leads {}, lead stages {}, subscription payments {}, cancellations {})",
+                s.applied_leads, s.applied_stages, s.applied_payments, s.applied_cancels
+            )?;
+        }
         writeln!(f, "duplicates         {:>12}", s.duplicates)?;
         writeln!(f, "rejected           {:>12}", s.rejections())?;
         for (reason, n) in &s.rejected {

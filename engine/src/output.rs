@@ -533,6 +533,10 @@ impl Stats {
             + self.applied_reviews
             + self.applied_payouts
             + self.applied_registry
+            + self.applied_leads
+            + self.applied_stages
+            + self.applied_payments
+            + self.applied_cancels
     }
 
     pub fn rejections(&self) -> u64 {
