@@ -706,3 +706,129 @@ fn pending_applications_are_bounded_per_program_and_the_bound_survives_a_restore
     assert_eq!(apply(&mut e, &registry("d0", 2, decide)), Outcome::Applied);
     assert_eq!(apply(&mut e, &app(MAX_PENDING + 2)), Outcome::Applied);
 }
+
+const SAAS: &str = r#"
+[engine]
+order_retention = "2d"
+[[programs]]
+id = "saas"
+currency = "USD"
+rate = "20%"
+hold = "1d"
+[programs.subscriptions]
+max_duration = "60d"
+renewal_rate = "10%"
+[programs.leads]
+reward = "3.00"
+hold = "1d"
+[[programs.leads.stages]]
+name = "won"
+reward = "10.00"
+[[partners]]
+id = "alice"
+program_id = "saas"
+[[codes]]
+code = "ALICE"
+partner_id = "alice"
+"#;
+
+fn saas_event(id: &str, mins: i64, body: Body<'static>) -> Event<'static> {
+    Event { event_id: id.to_string().into(), ts: at(mins), program_id: "saas".into(), body }
+}
+
+fn saas_stream() -> Vec<Event<'static>> {
+    use crate::event::{Cancel, Lead, LeadStage, Payment, SaleExtra};
+    let day = 24 * 60;
+    let payment = |sub: &str, id: &str| {
+        Body::Payment(Payment {
+            subscription_id: sub.to_string().into(),
+            payment_id: id.to_string().into(),
+            kind: afflio_rules::PaymentKind::Renewal,
+            amount: "10.00".parse().unwrap(),
+            currency: "USD".into(),
+            items: None,
+            extra: SaleExtra::default(),
+        })
+    };
+    let start = |order: &str, sub: &str| {
+        Body::Capture(Capture {
+            order_id: order.to_string().into(),
+            amount: "50.00".parse().unwrap(),
+            currency: "USD".into(),
+            visitor_id: None,
+            codes: vec!["ALICE".into()],
+            customer: None,
+            ip: None,
+            items: None,
+            extra: SaleExtra { subscription_id: Some(sub.to_string().into()), ..SaleExtra::default() },
+        })
+    };
+    vec![
+        saas_event("s1", 0, start("o1", "S1")),
+        saas_event("s2", 10, start("o2", "S2")),
+        saas_event(
+            "l1",
+            20,
+            Body::Lead(Lead {
+                lead_id: "L1".into(),
+                kind: "lead".into(),
+                codes: vec!["ALICE".into()],
+                ..Lead::default()
+            }),
+        ),
+        saas_event("p1", day, payment("S1", "p1")),
+        saas_event("g1", day + 5, Body::LeadStage(LeadStage { lead_id: "L1".into(), stage: "won".into() })),
+        saas_event("x2", day + 10, Body::Cancel(Cancel { subscription_id: "S2".into() })),
+        saas_event("p2", 2 * day, payment("S2", "p2")),
+        // Far later: S2 (cancelled) is forgotten by the sweep; S1 still runs.
+        saas_event("p3", 5 * day, payment("S1", "p3")),
+        saas_event("p4", 5 * day + 1, payment("S2", "p4")),
+    ]
+}
+
+#[test]
+fn subscriptions_and_leads_survive_images_and_deltas_at_every_cut_and_ended_ones_are_forgotten() {
+    let rules = Arc::new(Rules::parse("saas.toml", SAAS).unwrap());
+    let events = saas_stream();
+    let mut straight = Engine::new(rules.clone());
+    let outcomes: Vec<Outcome> =
+        events.iter().map(|ev| straight.apply(ev, "{}", Arrival { ts: ev.ts, origin: &Origin, clock: None })).collect();
+    let out = straight.take_output();
+    // p2 after S2's cancellation earns nothing; p4 names a subscription
+    // forgotten (cancelled, idle past order_retention): refused, kept.
+    assert_eq!(outcomes[..8], [Outcome::Applied; 8]);
+    assert_eq!(outcomes[8], Outcome::Rejected(Reason::UnknownSubscription));
+    assert_eq!(straight.subscriptions_tracked(), 1, "S1 runs on, S2 is forgotten");
+    let earned: Vec<(&str, String)> = out.ledger.iter().map(|l| (l.entry_id.as_str(), l.amount.to_string())).collect();
+    assert_eq!(
+        earned,
+        [
+            ("s1:0", "10.00".to_string()),
+            ("s2:0", "10.00".into()),
+            ("l1:0", "3.00".into()),
+            ("p1:0", "1.00".into()),
+            ("g1:0", "10.00".into()),
+            ("p3:0", "1.00".into()),
+        ]
+    );
+    let state = straight.state_fingerprint();
+    let apply = |e: &mut Engine, ev: &Event<'_>| {
+        e.apply(ev, "{}", Arrival { ts: ev.ts, origin: &Origin, clock: None });
+    };
+    for cut in 0..=events.len() {
+        let mut first = Engine::new(rules.clone());
+        for ev in &events[..cut] {
+            apply(&mut first, ev);
+        }
+        first.take_output();
+        let image = first.checkpoint().unwrap();
+        first.checkpoint_delta().unwrap();
+        for ev in &events[cut..] {
+            apply(&mut first, ev);
+        }
+        first.take_output();
+        let delta = first.checkpoint_delta().unwrap();
+        let restored = Engine::restore_chain(rules.clone(), &image, [&delta[..]]).unwrap();
+        assert_eq!(restored.state_fingerprint(), state, "cut at {cut}");
+    }
+}

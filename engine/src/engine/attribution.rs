@@ -67,7 +67,12 @@ impl Engine {
                 return Err(super::validate::reject(
                     crate::output::Reason::DuplicateId,
                     "order_id",
-                    format!("order_id {:?} is a {} of program {:?}, not an order", c.order_id, o.kind().as_str(), program.id),
+                    format!(
+                        "order_id {:?} is a {} of program {:?}, not an order",
+                        c.order_id,
+                        o.kind().as_str(),
+                        program.id
+                    ),
                 ));
             }
         }

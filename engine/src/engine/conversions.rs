@@ -270,7 +270,13 @@ impl Engine {
         Ok(())
     }
 
-    pub(super) fn apply_cancel(&mut self, e: &Event<'_>, c: &Cancel<'_>, program: &Program, prog: u32) -> Result<(), Reject> {
+    pub(super) fn apply_cancel(
+        &mut self,
+        e: &Event<'_>,
+        c: &Cancel<'_>,
+        program: &Program,
+        prog: u32,
+    ) -> Result<(), Reject> {
         let Some(sub) = self.subscription(prog, &c.subscription_id) else {
             return Err(reject(
                 Reason::UnknownSubscription,

@@ -2,12 +2,11 @@
 
 use std::borrow::Cow;
 
+use afflio_engine::rules::PaymentKind;
 use afflio_engine::{
     Body, Cancel, Capture, Click, Customer, Decision, Event, EventType, Item, Lead, LeadStage, Payment, PayoutEvent,
-    PayoutStatus, Reason, Refund, SaleExtra,
-    ReviewEvent,
+    PayoutStatus, Reason, Refund, ReviewEvent, SaleExtra,
 };
-use afflio_engine::rules::PaymentKind;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::Deserialize;
@@ -453,18 +452,19 @@ fn convert(w: Wire<'_>) -> Result<Event<'_>, DecodeError> {
             stage: required(w.stage, "stage", ty)?,
         }),
         EventType::SubscriptionPayment => {
-            let kind = match w.kind.as_deref() {
-                None => PaymentKind::Renewal,
-                Some(k) => match PaymentKind::parse(k) {
-                    Some(PaymentKind::First) | None => {
-                        return Err(malformed(
+            let kind =
+                match w.kind.as_deref() {
+                    None => PaymentKind::Renewal,
+                    Some(k) => match PaymentKind::parse(k) {
+                        Some(PaymentKind::First) | None => return Err(malformed(
                             "kind",
-                            format!("kind {k:?} is not renewal, upgrade or downgrade (the first payment is the capture)"),
-                        ))
-                    }
-                    Some(k) => k,
-                },
-            };
+                            format!(
+                                "kind {k:?} is not renewal, upgrade or downgrade (the first payment is the capture)"
+                            ),
+                        )),
+                        Some(k) => k,
+                    },
+                };
             Body::Payment(Payment {
                 subscription_id: required(w.subscription_id, "subscription_id", ty)?,
                 payment_id: required(w.payment_id, "payment_id", ty)?,
@@ -475,9 +475,9 @@ fn convert(w: Wire<'_>) -> Result<Event<'_>, DecodeError> {
                 extra: sale_extra(w.tax, w.shipping, w.discount, w.new_customer, None, w.plan)?,
             })
         }
-        EventType::SubscriptionCancel => Body::Cancel(Cancel {
-            subscription_id: required(w.subscription_id, "subscription_id", ty)?,
-        }),
+        EventType::SubscriptionCancel => {
+            Body::Cancel(Cancel { subscription_id: required(w.subscription_id, "subscription_id", ty)? })
+        }
         EventType::Refund | EventType::Chargeback => Body::Refund(Refund {
             order_id: required(w.order_id, "order_id", ty)?,
             amount: money(w.amount, "amount", ty)?,

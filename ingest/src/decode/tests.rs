@@ -170,3 +170,35 @@ fn ids_with_control_characters_are_refused_with_the_field_named() {
         Ok(r#"user_agent: Some("a\tb")"#),
     );
 }
+
+#[test]
+fn leads_subscriptions_and_sale_parts_decode_and_name_the_field_at_fault() {
+    let ev = |rest: &str| format!(r#"{{"event_id":"e1","ts":"2026-11-01T10:00:00Z","program_id":"acme",{rest}}}"#);
+    check(&ev(r#""type":"lead","lead_id":"L1","codes":["A"]"#), Ok(r#"kind: "lead""#));
+    check(&ev(r#""type":"lead","lead_id":"L1","kind":"signup""#), Ok(r#"kind: "signup""#));
+    check(&ev(r#""type":"lead""#), Err((Reason::Malformed, "lead_id")));
+    check(&ev(r#""type":"lead_stage","lead_id":"L1","stage":"won""#), Ok(r#"stage: "won""#));
+    check(&ev(r#""type":"lead_stage","lead_id":"L1""#), Err((Reason::Malformed, "stage")));
+    let pay =
+        r#""type":"subscription_payment","subscription_id":"S","payment_id":"p","amount":"9.99","currency":"USD""#;
+    check(&ev(pay), Ok("kind: Renewal"));
+    check(&ev(&format!(r#"{pay},"kind":"upgrade","plan":"pro""#)), Ok("kind: Upgrade"));
+    check(&ev(&format!(r#"{pay},"kind":"first""#)), Err((Reason::Malformed, "kind")));
+    check(&ev(&format!(r#"{pay},"kind":"sideways""#)), Err((Reason::Malformed, "kind")));
+    check(
+        &ev(r#""type":"subscription_payment","payment_id":"p","amount":"1","currency":"USD""#),
+        Err((Reason::Malformed, "subscription_id")),
+    );
+    check(&ev(r#""type":"subscription_cancel","subscription_id":"S""#), Ok("Cancel"));
+    check(
+        &format!(
+            r#"{{{CAP},"amount":"10","tax":"1.5","shipping":"2","discount":"0.5","new_customer":true,"subscription_id":"S1","plan":"pro"}}"#
+        ),
+        Ok(
+            r#"tax: Some(1.5), shipping: Some(2), discount: Some(0.5), new_customer: Some(true), subscription_id: Some("S1"), plan: Some("pro")"#,
+        ),
+    );
+    check(&format!(r#"{{{CAP},"amount":"10","tax":"ten"}}"#), Err((Reason::InvalidAmount, "tax")));
+    check(&format!(r#"{{{CAP},"amount":"10","shipping":true}}"#), Err((Reason::Malformed, "shipping")));
+    check(&format!(r#"{{{CAP},"amount":"10","new_customer":"yes"}}"#), Err((Reason::Malformed, "new_customer")));
+}

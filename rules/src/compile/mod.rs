@@ -1150,7 +1150,10 @@ fn compile(file: &str, text: &str, raw: RawConfig, version: u64) -> Result<Rules
 /// every problem, as (field, message).
 pub fn webhook_problems(url: &str, events: &[String], partner_endpoint: bool) -> Vec<(String, String)> {
     let mut out = Vec::new();
-    if !(url.starts_with("https://") || url.starts_with("http://")) || url.len() > 2048 || url.contains(char::is_whitespace) {
+    if !(url.starts_with("https://") || url.starts_with("http://"))
+        || url.len() > 2048
+        || url.contains(char::is_whitespace)
+    {
         out.push(("url".into(), format!("{url:?} is not an http(s) URL of at most 2048 bytes")));
     }
     if events.is_empty() {
@@ -1187,7 +1190,11 @@ fn compile_webhooks(
         if let Some(p) = &w.partner_id {
             match partners.get(p.get_ref()) {
                 Some(pp) if pp.program_id == *w.program_id.get_ref() => {}
-                _ => cx.err(p.span(), f("partner_id"), format!("{:?} is no partner of program {:?}", p.get_ref(), w.program_id.get_ref())),
+                _ => cx.err(
+                    p.span(),
+                    f("partner_id"),
+                    format!("{:?} is no partner of program {:?}", p.get_ref(), w.program_id.get_ref()),
+                ),
             }
         }
         let events: Vec<String> = w.events.iter().map(|e| e.get_ref().clone()).collect();
@@ -1201,12 +1208,19 @@ fn compile_webhooks(
                 cx.err(
                     w.secret_env.span(),
                     f("secret_env"),
-                    format!("{:?} does not hold a `whsec_` secret (whsec_ and at least 24 base64 characters)", w.secret_env.get_ref()),
+                    format!(
+                        "{:?} does not hold a `whsec_` secret (whsec_ and at least 24 base64 characters)",
+                        w.secret_env.get_ref()
+                    ),
                 );
                 None
             }
             Err(_) => {
-                cx.err(w.secret_env.span(), f("secret_env"), format!("environment variable {:?} is not set", w.secret_env.get_ref()));
+                cx.err(
+                    w.secret_env.span(),
+                    f("secret_env"),
+                    format!("environment variable {:?} is not set", w.secret_env.get_ref()),
+                );
                 None
             }
         };
@@ -1366,7 +1380,11 @@ fn compile_subscriptions(cx: &mut Ctx<'_>, i: usize, s: &S<crate::raw::RawSubscr
         match n.parse::<u32>() {
             Ok(n) if (1..=120).contains(&n) => MaxDuration::Months(n),
             _ => {
-                cx.err(s.max_duration.span(), f("max_duration"), format!("{raw:?}: months must be 1 to 120, e.g. \"12mo\""));
+                cx.err(
+                    s.max_duration.span(),
+                    f("max_duration"),
+                    format!("{raw:?}: months must be 1 to 120, e.g. \"12mo\""),
+                );
                 MaxDuration::Lifetime
             }
         }
@@ -1374,11 +1392,7 @@ fn compile_subscriptions(cx: &mut Ctx<'_>, i: usize, s: &S<crate::raw::RawSubscr
         match parse_duration(raw) {
             Ok(d) => MaxDuration::Fixed(d),
             Err(m) => {
-                cx.err(
-                    s.max_duration.span(),
-                    f("max_duration"),
-                    format!("{m}; or months (\"12mo\"), or \"lifetime\""),
-                );
+                cx.err(s.max_duration.span(), f("max_duration"), format!("{m}; or months (\"12mo\"), or \"lifetime\""));
                 MaxDuration::Lifetime
             }
         }

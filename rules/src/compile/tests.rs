@@ -344,3 +344,72 @@ fn the_future_skew_is_configured() {
     assert_eq!(r.engine().max_future_skew, chrono::TimeDelta::minutes(2));
     assert_eq!(Rules::parse("k.toml", "").unwrap().engine().max_future_skew, chrono::TimeDelta::minutes(5));
 }
+
+#[test]
+fn leads_subscriptions_rewards_basis_and_webhooks_report_every_problem() {
+    check(
+        r#"[[programs]]
+id = "acme"
+currency = "USD"
+rate = "10%"
+[programs.leads]
+reward = "-5"
+[[programs.leads.stages]]
+name = "won"
+[[programs.leads.stages]]
+name = "won"
+[[programs.leads.stages]]
+name = "dq"
+reward = "1.00"
+disqualify = true
+[programs.subscriptions]
+max_duration = "13 months"
+[[programs.rewards]]
+rate = "5%"
+flat = "1.00"
+customer = "new"
+[[programs.rewards]]
+rate = "5%"
+[programs.basis]
+exclude = ["vat"]
+
+[[webhooks]]
+id = "w1"
+program_id = "acme"
+url = "ftp://x"
+events = ["order.paid"]
+secret_env = "AFFLIO_TEST_UNSET_WHSEC"
+"#,
+        &[
+            (6, "programs[0].leads.reward", "\"-5\""),
+            (10, "programs[0].leads.stages[1].name", "duplicate stage \"won\""),
+            (11, "programs[0].leads.stages[2].reward", "cannot pay 1.00"),
+            (16, "programs[0].subscriptions.max_duration", "\"13 months\""),
+            (17, "programs[0].rewards[0].rate", "exactly one of `rate` and `flat`"),
+            (21, "programs[0].rewards[1].customer", "needs a condition"),
+            (24, "programs[0].basis.exclude[0]", "\"vat\""),
+            (26, "webhooks[0].url", "\"ftp://x\""),
+            (26, "webhooks[0].events[0]", "\"order.paid\""),
+            (31, "webhooks[0].secret_env", "is not set"),
+        ],
+    );
+}
+
+#[test]
+fn subscription_terms_are_calendar_months_fixed_durations_or_lifetime() {
+    use chrono::TimeZone;
+    let rules = |d: &str| {
+        Rules::parse(
+            "t.toml",
+            &format!("[[programs]]\nid = \"s\"\ncurrency = \"USD\"\nrate = \"10%\"\n[programs.subscriptions]\nmax_duration = \"{d}\"\n"),
+        )
+        .unwrap()
+    };
+    let start = Utc.with_ymd_and_hms(2026, 1, 31, 12, 0, 0).unwrap();
+    let end = |d: &str| rules(d).program("s").unwrap().subscriptions.as_ref().unwrap().max_duration.end(start);
+    // One calendar month after January 31 is the last day of February.
+    assert_eq!(end("1mo"), Some(Utc.with_ymd_and_hms(2026, 2, 28, 12, 0, 0).unwrap()));
+    assert_eq!(end("12mo"), Some(Utc.with_ymd_and_hms(2027, 1, 31, 12, 0, 0).unwrap()));
+    assert_eq!(end("30d"), Some(Utc.with_ymd_and_hms(2026, 3, 2, 12, 0, 0).unwrap()));
+    assert_eq!(end("lifetime"), None);
+}
