@@ -72,6 +72,11 @@ enum Command {
     /// The live service: HTTP ingest and tracking redirects, NATS JetStream,
     /// the engine, the Delta Lake store. Stops cleanly on SIGTERM.
     Serve(Box<ServeArgs>),
+    /// Webhooks out: send an endpoint's messages again by hand.
+    Webhooks {
+        #[command(subcommand)]
+        command: WebhooksCommand,
+    },
     /// Generates labelled traffic: normal shopping with daily seasonality and
     /// injected attacks of every fraud kind; writes rules.toml, events.jsonl
     /// and labels.csv (the attacked orders).
@@ -237,6 +242,21 @@ struct ServeArgs {
     /// Files older versions no longer need are deleted after this long (e.g. 7d, 1h).
     #[arg(long, default_value = "7d", value_parser = parse_duration)]
     vacuum_retention: chrono::TimeDelta,
+    /// A webhook request times out after this long, seconds.
+    #[arg(long, default_value_t = 10)]
+    webhook_timeout_secs: u64,
+    /// The first webhook retry waits this long (each next one doubles, with jitter), milliseconds.
+    #[arg(long, default_value_t = 5_000)]
+    webhook_retry_base_ms: u64,
+    /// The longest wait between webhook attempts, seconds.
+    #[arg(long, default_value_t = 6 * 3600)]
+    webhook_retry_max_secs: u64,
+    /// A webhook message is given up this long after it was published (e.g. 3d, 10m).
+    #[arg(long, default_value = "3d", value_parser = parse_duration)]
+    webhook_retry_window: chrono::TimeDelta,
+    /// Messages of different subjects delivered at once, per endpoint.
+    #[arg(long, default_value_t = 8)]
+    webhook_lanes: usize,
 }
 
 impl ServeArgs {
@@ -284,8 +304,47 @@ impl ServeArgs {
                 min_files: self.optimize_min_files.max(2),
                 ..afflio_sinks::Maintenance::default()
             },
+            webhooks: afflio_pipeline::webhooks::DeliverySettings {
+                timeout: Duration::from_secs(self.webhook_timeout_secs.max(1)),
+                retry_base: Duration::from_millis(self.webhook_retry_base_ms.max(1)),
+                retry_max: Duration::from_secs(self.webhook_retry_max_secs.max(1)),
+                retry_window: self.webhook_retry_window.to_std().unwrap_or(Duration::from_secs(3 * 86_400)),
+                lanes: self.webhook_lanes.clamp(1, 64),
+            },
         }
     }
+}
+
+#[derive(Subcommand)]
+enum WebhooksCommand {
+    /// Sends an endpoint's messages again from the outbox (kept 7 days), once
+    /// each, whatever their earlier outcome; logged in `deliveries` as
+    /// `replayed` or `replay_failed`.
+    Replay {
+        #[arg(long, default_value = "nats://127.0.0.1:4222")]
+        nats: String,
+        /// The store directory (where `deliveries` is).
+        #[arg(long)]
+        data: PathBuf,
+        /// The endpoint's id.
+        #[arg(long)]
+        endpoint: String,
+        /// Messages published at or after this time (RFC 3339); default: all kept.
+        #[arg(long, value_parser = parse_ts)]
+        since: Option<DateTime<Utc>>,
+        /// ... and before this time.
+        #[arg(long, value_parser = parse_ts)]
+        until: Option<DateTime<Utc>>,
+        /// Only this message (its `webhook-id`).
+        #[arg(long)]
+        message_id: Option<String>,
+        /// Only this event type (default: the endpoint's types).
+        #[arg(long = "type")]
+        event_type: Option<String>,
+        /// Per request, seconds.
+        #[arg(long, default_value_t = 10)]
+        timeout_secs: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -834,6 +893,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(afflio_pipeline::run(args.options(), rules))?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Webhooks {
+            command: WebhooksCommand::Replay { nats, data, endpoint, since, until, message_id, event_type, timeout_secs },
+        } => {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            let opts = afflio_pipeline::webhooks::ReplayOptions {
+                nats,
+                data,
+                endpoint,
+                since,
+                until,
+                message_id,
+                event_type,
+                timeout: std::time::Duration::from_secs(timeout_secs.max(1)),
+            };
+            let s = rt.block_on(afflio_pipeline::webhooks::replay(opts))?;
+            println!("matched {}, delivered {}, failed {}", s.matched, s.delivered, s.failed);
+            Ok(if s.failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
         }
         Command::Gen { seed, days, orders_per_day, creators, no_fraud, out } => {
             let o = GenOptions { seed, days, orders_per_day, creators, fraud: !no_fraud };

@@ -457,6 +457,27 @@ pub struct Output {
     pub payouts: Vec<PayoutRow>,
     /// Orders closed by retention, with their final line status.
     pub closed: Vec<crate::state::ClosedOrder>,
+    /// What happened that no table row says by itself (an order attributed,
+    /// a lead created or moved, a partner applied or approved): for
+    /// webhooks. Only kept when [`crate::Engine::set_notices`] is on.
+    pub notices: Vec<Notice>,
+}
+
+/// Something that happened, for webhooks.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Notice {
+    /// `order.attributed`, `lead.created`, `lead.stage_changed`,
+    /// `partner.applied` or `partner.approved`.
+    pub kind: &'static str,
+    pub event_id: String,
+    pub ts: DateTime<Utc>,
+    pub program_id: Arc<str>,
+    /// Whom it concerns (the credited partner; the applicant).
+    pub partner_id: Option<Arc<str>>,
+    /// The order, lead or application id.
+    pub subject: String,
+    /// Named details (attribution kind and source, lead kind, stage, e-mail-less applicant name).
+    pub detail: Vec<(&'static str, String)>,
 }
 
 impl Output {
@@ -472,6 +493,7 @@ impl Output {
             + self.decisions.len()
             + self.payouts.len()
             + self.closed.len()
+            + self.notices.len()
     }
 }
 

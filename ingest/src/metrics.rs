@@ -58,6 +58,8 @@ pub struct Metrics {
     pub state_delta_bytes: AtomicU64,
     pub state_deltas: AtomicU64,
     pub state_folds: AtomicU64,
+    /// Webhook messages published to the outbox.
+    pub webhook_messages: AtomicU64,
     /// How long the last start took to restore the engine, milliseconds.
     pub recovery_ms: AtomicU64,
     pub maintenance_runs: AtomicU64,
@@ -116,6 +118,7 @@ impl Default for Metrics {
             state_delta_bytes: AtomicU64::new(0),
             state_deltas: AtomicU64::new(0),
             state_folds: AtomicU64::new(0),
+            webhook_messages: AtomicU64::new(0),
             recovery_ms: AtomicU64::new(0),
             maintenance_runs: AtomicU64::new(0),
             maintenance_failures: AtomicU64::new(0),
@@ -295,6 +298,7 @@ impl Metrics {
         );
         g(&mut s, "afflio_state_deltas", "Checkpoint deltas after the image.", get(&self.state_deltas));
         c(&mut s, "afflio_state_folds_total", "Deltas folded into a new image.", get(&self.state_folds));
+        c(&mut s, "afflio_webhook_messages_total", "Webhook messages published to the outbox.", get(&self.webhook_messages));
         g(
             &mut s,
             "afflio_recovery_duration_ms",

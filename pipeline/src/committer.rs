@@ -1,5 +1,7 @@
 //! The committer: makes each epoch durable, in this order:
 //!
+//! 0. the webhook outbox: the epoch's messages (ids derived from the
+//!    effects, so a re-published epoch is recognised by the broker);
 //! 1. the store: every table's rows of the epoch, each table's commit
 //!    carrying the epoch's last stream position (tables that already hold
 //!    it are skipped), then the commit record in `epochs` (readers switch
@@ -59,6 +61,8 @@ pub(crate) struct Committer {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) rules: SharedRules,
     pub(crate) app: String,
+    /// The webhook outbox: an epoch's messages are published before it is committed.
+    pub(crate) outbox: Option<crate::webhooks::outbox::Outbox>,
     pub(crate) upkeep: Upkeep,
 }
 
@@ -96,6 +100,14 @@ impl Committer {
     async fn commit(&mut self, epoch: Epoch) -> Result<(), PipelineError> {
         let started = Instant::now();
         let normal = epoch.delta.is_some();
+        // Webhooks first: an epoch in the store has its messages in the
+        // outbox, so a catch-up epoch (already in the store) publishes none.
+        if normal {
+            if let Some(outbox) = &self.outbox {
+                let n = outbox.publish(&epoch.output).await;
+                self.metrics.webhook_messages.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }
         let position = Position { app: self.app.clone(), seq: epoch.last as i64 };
         let mut attempt = 0u32;
         loop {

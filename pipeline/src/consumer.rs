@@ -260,6 +260,7 @@ pub(crate) async fn run(
     // The ingest tier learns the registry's links as they are created.
     let links = c.links.clone();
     c.engine.set_link_feed(true);
+    c.engine.set_notices(true);
     for l in c.engine.registry_links() {
         links.insert(&l.id, registered(&l));
     }

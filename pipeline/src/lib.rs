@@ -16,6 +16,7 @@ mod finance;
 mod market;
 mod serve;
 pub mod state;
+pub mod webhooks;
 
 pub use error::PipelineError;
 pub use serve::{run, ServeOptions};

@@ -45,6 +45,8 @@ pub struct ServeOptions {
     pub maintenance: Maintenance,
     /// How the payout providers are called (time limits, 429 backoff).
     pub payouts_http: afflio_payouts::HttpSettings,
+    /// Webhook delivery: timeouts, retries, lanes.
+    pub webhooks: crate::webhooks::DeliverySettings,
 }
 
 /// Runs until SIGTERM or SIGINT: then drains HTTP (for a bounded time),
@@ -92,13 +94,14 @@ pub async fn run(opts: ServeOptions, rules: Rules) -> Result<(), PipelineError> 
         async_nats::jetstream::new(engine_client.clone()),
         opts.payouts_http.clone(),
     );
+    let hooks = market.hooks.clone();
     let pipeline = tokio::spawn(pipeline(
         engine_client.clone(),
         stream_ready,
         shared.clone(),
         metrics.clone(),
         opts.clone(),
-        (queries_rx, links.clone()),
+        (queries_rx, links.clone(), hooks),
         stop_rx.clone(),
     ));
     let reloader = tokio::spawn(reload_rules(opts.config.clone(), shared.clone(), metrics.clone(), stop_rx));
@@ -156,7 +159,11 @@ async fn pipeline(
     shared: SharedRules,
     metrics: Arc<Metrics>,
     opts: ServeOptions,
-    (queries, links): (mpsc::Receiver<crate::finance::EngineQuery>, Arc<LinkDirectory>),
+    (queries, links, hooks): (
+        mpsc::Receiver<crate::finance::EngineQuery>,
+        Arc<LinkDirectory>,
+        Arc<std::sync::OnceLock<Arc<crate::webhooks::endpoints::Endpoints>>>,
+    ),
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), PipelineError> {
     let js = async_nats::jetstream::new(client);
@@ -178,6 +185,8 @@ async fn pipeline(
     }
     stream_ready.store(true, Ordering::Relaxed);
     let rules = shared.read().map(|r| r.clone()).map_err(|_| PipelineError::Internal("rules lock poisoned".into()))?;
+    let webhooks = crate::webhooks::start(&js, &rules, &opts.data, opts.webhooks.clone(), stop.clone()).await?;
+    let _ = hooks.set(webhooks.endpoints.clone());
     let mut state = FileBackend::open(&opts.state)?;
     let restored = tokio::task::block_in_place(|| state.restore(rules))?;
     metrics.recovery_ms.store(restored.took.as_millis() as u64, Ordering::Relaxed);
@@ -206,6 +215,7 @@ async fn pipeline(
         metrics,
         rules: shared.clone(),
         app,
+        outbox: Some(webhooks.outbox),
         upkeep: Upkeep {
             every: opts.maintenance_every,
             vacuum_every: opts.vacuum_every,

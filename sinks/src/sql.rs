@@ -88,6 +88,17 @@ pub async fn sql_context(dir: &Path, at: At) -> Result<(SessionContext, Snapshot
             .map_err(|e| SqlError::Store(StoreError::Delta { table: name.clone(), source: Box::new(e.into()) }))?;
         ctx.register_table(name.as_str(), provider)?;
     }
+    // The webhook delivery log, at its latest version, when there is one.
+    if dir.join(crate::DELIVERIES).join("_delta_log").is_dir() {
+        let table = open_table_at(dir, crate::DELIVERIES, -1).await?;
+        table
+            .update_datafusion_session(&ctx.state())
+            .map_err(|e| SqlError::Store(StoreError::Delta { table: crate::DELIVERIES.into(), source: Box::new(e) }))?;
+        let provider = table.table_provider().await.map_err(|e| {
+            SqlError::Store(StoreError::Delta { table: crate::DELIVERIES.into(), source: Box::new(e.into()) })
+        })?;
+        ctx.register_table(crate::DELIVERIES, provider)?;
+    }
     if let Some(v) = snap.version {
         let table = open_table_at(dir, EPOCHS, v).await?;
         table

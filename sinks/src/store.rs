@@ -62,7 +62,7 @@ pub enum StoreError {
     Invalid(String),
 }
 
-fn delta(table: impl Into<String>) -> impl FnOnce(DeltaTableError) -> StoreError {
+pub(crate) fn delta(table: impl Into<String>) -> impl FnOnce(DeltaTableError) -> StoreError {
     let table = table.into();
     move |source| StoreError::Delta { table, source: Box::new(source) }
 }
@@ -138,7 +138,7 @@ pub(crate) fn writer_properties() -> WriterProperties {
 
 /// Opens the Delta table at `dir`, creating it with `schema` (and
 /// `partitions`) when there is none.
-async fn open_or_create(
+pub(crate) async fn open_or_create(
     dir: &Path,
     name: &str,
     schema: datafusion::arrow::datatypes::SchemaRef,

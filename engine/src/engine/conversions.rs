@@ -134,6 +134,7 @@ impl Engine {
         let credited = order.credit.as_ref().map(|c| c.partner_id.clone());
         self.orders.set_eligible_at(seq, e.ts + leads.hold);
         self.meta.stats.applied_leads += 1;
+        self.notice("lead.created", e, credited.clone(), &l.lead_id, vec![("kind", l.kind.to_string())]);
         let Some(partner) = credited else {
             self.orders.touch_for_store(seq);
             return Ok(());
@@ -189,10 +190,13 @@ impl Engine {
         let x = order.extra.as_deref_mut().expect("a lead has its extra part");
         x.stages.push(stage.name.as_str().into());
         x.disqualified = stage.disqualify;
+        let partner = order.credit.as_ref().map(|c| c.partner_id.clone());
         self.meta.stats.applied_stages += 1;
+        let credited = partner.is_some();
+        self.notice("lead.stage_changed", e, partner, &s.lead_id, vec![("stage", stage.name.clone())]);
         if stage.disqualify {
             self.reverse_all(seq, e, "disqualified", rules);
-        } else if !stage.reward.is_zero() && order.credit.is_some() {
+        } else if !stage.reward.is_zero() && credited {
             self.orders.set_eligible_at(seq, e.ts + leads.hold);
             self.accrue_flat(seq, e, stage.reward, &format!("stage:{}", stage.name), rules, program);
         }
@@ -248,6 +252,10 @@ impl Engine {
         order.captures = 1;
         let credited = order.credit.as_ref().map(|c| c.partner_id.clone());
         let seq = self.orders.insert(prog, order);
+        if let Some(c) = credited.clone() {
+            let detail = vec![("subscription_id", p.subscription_id.to_string()), ("payment", p.kind.as_str().to_string())];
+            self.notice("order.attributed", e, Some(c), &p.payment_id, detail);
+        }
         let key = sub_key(prog, &p.subscription_id);
         if let Some(s) = self.subscriptions.get_mut(&key) {
             s.payments += 1;

@@ -104,6 +104,8 @@ pub struct Engine {
     /// [`Engine::set_link_feed`] is on: a replay has no one to ask).
     new_links: Vec<afflio_rules::Link>,
     link_feed: bool,
+    /// Whether notices (for webhooks) are kept in the output.
+    notices: bool,
     /// The last registry and review events refused (event id, the refusal),
     /// so that the API or page that sent one can say why. Not checkpointed;
     /// at most 256.
@@ -141,8 +143,39 @@ impl Engine {
             subscriptions: Tracked::default(),
             new_links: Vec::new(),
             link_feed: false,
+            notices: false,
             registry_refusals: Default::default(),
             out: Output::default(),
+        }
+    }
+
+    /// Keeps notices (order attributed, lead created or moved, partner
+    /// applied or approved) in the output, for webhooks. Off by default: a
+    /// replay has no one to tell.
+    pub fn set_notices(&mut self, on: bool) {
+        self.notices = on;
+    }
+
+    /// Pushes a notice when notices are on.
+    pub(super) fn notice(
+        &mut self,
+        kind: &'static str,
+        e: &Event<'_>,
+        partner: Option<Arc<str>>,
+        subject: &str,
+        detail: Vec<(&'static str, String)>,
+    ) {
+        if self.notices {
+            let program_id = self.rules.program(&e.program_id).map_or_else(|| e.program_id.as_ref().into(), |p| p.id.as_str().into());
+            self.out.notices.push(crate::output::Notice {
+                kind,
+                event_id: e.event_id.to_string(),
+                ts: e.ts,
+                program_id,
+                partner_id: partner,
+                subject: subject.to_string(),
+                detail,
+            });
         }
     }
 

@@ -135,6 +135,23 @@ impl Engine {
             RegistryEvent::PartnerUpdated(u) => self.update_partner(u, rules, program),
         }?;
         self.meta.stats.applied_registry += 1;
+        if self.notices {
+            let app_id = match r {
+                RegistryEvent::PartnerApplied(a) => {
+                    let detail = vec![("display_name", a.display_name.clone())];
+                    self.notice("partner.applied", e, Some(a.partner_id.as_str().into()), &a.application_id, detail);
+                    Some(a.application_id.as_str())
+                }
+                RegistryEvent::ApplicationDecided(d) => Some(d.application_id.as_str()),
+                _ => None,
+            };
+            if let Some(app) = app_id.and_then(|id| self.application(&program.id, id)) {
+                if app.status == crate::registry::AppStatus::Approved && app.decided_at == Some(e.ts) {
+                    let partner = Some(app.apply.partner_id.as_str().into());
+                    self.notice("partner.approved", e, partner, &app.apply.application_id, Vec::new());
+                }
+            }
+        }
         Ok(())
     }
 

@@ -48,7 +48,7 @@ pub(super) fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Re
     })
 }
 
-fn answer(r: Result<Response, Refusal>) -> Response {
+pub(super) fn answer(r: Result<Response, Refusal>) -> Response {
     r.unwrap_or_else(|e| e.answer())
 }
 
@@ -202,7 +202,7 @@ pub(super) async fn partner_access(m: &Market, credential: &str, partner: &str) 
     }
 }
 
-fn bearer(headers: &HeaderMap) -> Result<String, Refusal> {
+pub(super) fn bearer(headers: &HeaderMap) -> Result<String, Refusal> {
     headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

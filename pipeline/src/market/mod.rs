@@ -14,6 +14,7 @@
 
 mod api;
 mod auth;
+mod hooks;
 mod openapi;
 mod pages;
 
@@ -50,6 +51,8 @@ pub(crate) struct Market {
     /// The per-address limit on applying (anyone may apply), one budget for
     /// the JSON route and the form.
     limit: afflio_ingest::http::IpLimit,
+    /// The webhook endpoints, once the broker is reachable.
+    pub(crate) hooks: Arc<std::sync::OnceLock<Arc<crate::webhooks::endpoints::Endpoints>>>,
 }
 
 /// Applying, per client address: one every 10 s, bursts of 20 (a person
@@ -66,11 +69,11 @@ pub(crate) struct Refusal {
 }
 
 impl Refusal {
-    fn new(status: StatusCode, reason: &str, field: Option<&str>, detail: impl Into<String>) -> Refusal {
+    pub(super) fn new(status: StatusCode, reason: &str, field: Option<&str>, detail: impl Into<String>) -> Refusal {
         Refusal { status, reason: reason.into(), field: field.map(Into::into), detail: detail.into() }
     }
 
-    fn unavailable(detail: impl Into<String>) -> Refusal {
+    pub(super) fn unavailable(detail: impl Into<String>) -> Refusal {
         Refusal::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", None, detail)
     }
 
@@ -112,6 +115,7 @@ impl Market {
             templates: Arc::new(pages::templates()),
             cookie_secure: http.redirect.cookie_secure,
             limit,
+            hooks: Arc::new(std::sync::OnceLock::new()),
         }
     }
 
@@ -123,7 +127,10 @@ impl Market {
     /// `open` ones check their own credentials (partner tokens, console
     /// sessions) or none (the marketplace, applying).
     pub(crate) fn routes(self) -> Extra {
-        Extra { keyed: api::keyed(self.clone()), open: api::open(self.clone()).merge(pages::routes(self)) }
+        Extra {
+            keyed: api::keyed(self.clone()).merge(hooks::keyed(self.clone())),
+            open: api::open(self.clone()).merge(hooks::open(self.clone())).merge(pages::routes(self)),
+        }
     }
 
     /// Reads the engine once it has applied everything the stream holds.

@@ -1,0 +1,224 @@
+//! Webhook endpoints: those of the rules file (`[[webhooks]]`) and those
+//! registered over HTTP, kept in a NATS key-value bucket so that a restart
+//! keeps them, their secrets and whether they are disabled (a 410).
+
+use std::collections::BTreeMap;
+use std::sync::RwLock;
+
+use async_nats::jetstream::{self, kv};
+use base64::Engine as _;
+use chrono::{DateTime, Duration, Utc};
+use futures::StreamExt;
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+
+use crate::error::PipelineError;
+
+const BUCKET: &str = "afflio_webhooks";
+
+/// At most this many endpoints per program (each has its own consumer).
+pub(crate) const MAX_PER_PROGRAM: usize = 1_000;
+
+/// How long a rotated-out secret still signs (receivers switch over).
+pub(crate) fn rotation_overlap() -> Duration {
+    Duration::hours(24)
+}
+
+/// A signing secret; `expires_at` is set when it was rotated out.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct SigningSecret {
+    pub(crate) secret: String,
+    pub(crate) expires_at: Option<DateTime<Utc>>,
+}
+
+/// Why and when an endpoint was disabled.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Disabled {
+    pub(crate) at: DateTime<Utc>,
+    pub(crate) reason: String,
+}
+
+/// An endpoint, as kept.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Endpoint {
+    pub(crate) id: String,
+    pub(crate) program_id: String,
+    /// A partner's endpoint: only that partner's messages.
+    pub(crate) partner_id: Option<String>,
+    pub(crate) url: String,
+    pub(crate) events: Vec<String>,
+    pub(crate) secrets: Vec<SigningSecret>,
+    pub(crate) disabled: Option<Disabled>,
+    pub(crate) created_at: DateTime<Utc>,
+    /// `config` (the rules file) or `api`.
+    pub(crate) source: String,
+    /// The outbox stream position it starts from (its first message).
+    pub(crate) start_seq: u64,
+}
+
+impl std::fmt::Debug for SigningSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print a secret.
+        write!(f, "SigningSecret(whsec_***, expires_at: {:?})", self.expires_at)
+    }
+}
+
+impl std::fmt::Debug for SecretsRedacted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} secret(s)", self.0.len())
+    }
+}
+struct SecretsRedacted<'a>(&'a [SigningSecret]);
+
+impl Endpoint {
+    /// The secrets that sign now (the current one first).
+    pub(crate) fn signing(&self, now: DateTime<Utc>) -> impl Iterator<Item = &str> {
+        self.secrets.iter().filter(move |s| s.expires_at.is_none_or(|x| now < x)).map(|s| s.secret.as_str())
+    }
+
+    /// The endpoint as the API shows it: never a secret.
+    pub(crate) fn view(&self) -> serde_json::Value {
+        serde_json::json!({
+            "id": self.id, "program_id": self.program_id, "partner_id": self.partner_id, "url": self.url,
+            "events": self.events, "enabled": self.disabled.is_none(),
+            "disabled": self.disabled.as_ref().map(|d| serde_json::json!({"at": d.at.to_rfc3339(), "reason": d.reason})),
+            "created_at": self.created_at.to_rfc3339(), "source": self.source,
+            "secrets": format!("{:?}", SecretsRedacted(&self.secrets)),
+        })
+    }
+
+    pub(crate) fn wants(&self, kind: &str) -> bool {
+        self.events.iter().any(|e| e == kind)
+    }
+}
+
+/// A new `whsec_` secret: 32 random bytes, base64.
+pub(crate) fn new_secret() -> String {
+    let mut b = [0u8; 32];
+    rand::rng().fill_bytes(&mut b);
+    format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(b))
+}
+
+/// Every endpoint, in memory and in the bucket.
+pub(crate) struct Endpoints {
+    kv: kv::Store,
+    map: RwLock<BTreeMap<String, Endpoint>>,
+}
+
+fn key_of(id: &str) -> String {
+    hex::encode(id.as_bytes())
+}
+
+impl Endpoints {
+    /// Opens the bucket, loads the endpoints, and merges the rules file's
+    /// (their URL, events and secret come from the file; whether they are
+    /// disabled from the bucket).
+    pub(crate) async fn open(
+        js: &jetstream::Context,
+        configured: &[afflio_engine::rules::WebhookConfig],
+        outbox_next: u64,
+    ) -> Result<Endpoints, PipelineError> {
+        let kv = match js.get_key_value(BUCKET).await {
+            Ok(kv) => kv,
+            Err(_) => js
+                .create_key_value(kv::Config { bucket: BUCKET.to_string(), history: 1, ..Default::default() })
+                .await
+                .map_err(|e| PipelineError::Broker(format!("webhook endpoints bucket {BUCKET}: {e}")))?,
+        };
+        let mut map = BTreeMap::new();
+        let mut keys = kv.keys().await.map_err(|e| PipelineError::Broker(format!("{BUCKET} keys: {e}")))?;
+        while let Some(k) = keys.next().await {
+            let Ok(k) = k else { continue };
+            if let Ok(Some(bytes)) = kv.get(&k).await {
+                match serde_json::from_slice::<Endpoint>(&bytes) {
+                    Ok(ep) => {
+                        map.insert(ep.id.clone(), ep);
+                    }
+                    Err(e) => eprintln!("afflio: webhook endpoint record {k} is unreadable, skipped: {e}"),
+                }
+            }
+        }
+        let eps = Endpoints { kv, map: RwLock::new(map) };
+        for c in configured {
+            let existing = eps.get(&c.id);
+            let mut secrets = vec![SigningSecret { secret: c.secret.expose().to_string(), expires_at: None }];
+            if let Some(old) = &existing {
+                // A secret changed in the file keeps signing for the overlap.
+                for s in &old.secrets {
+                    if s.secret != secrets[0].secret && s.expires_at.is_none() {
+                        secrets.push(SigningSecret { secret: s.secret.clone(), expires_at: Some(Utc::now() + rotation_overlap()) });
+                    } else if s.secret != secrets[0].secret && s.expires_at.is_some_and(|x| x > Utc::now()) {
+                        secrets.push(s.clone());
+                    }
+                }
+            }
+            let ep = Endpoint {
+                id: c.id.clone(),
+                program_id: c.program_id.clone(),
+                partner_id: c.partner_id.clone(),
+                url: c.url.clone(),
+                events: c.events.clone(),
+                secrets,
+                disabled: existing.as_ref().and_then(|e| e.disabled.clone()),
+                created_at: existing.as_ref().map_or_else(Utc::now, |e| e.created_at),
+                source: "config".into(),
+                start_seq: existing.as_ref().map_or(outbox_next, |e| e.start_seq),
+            };
+            if existing.as_ref() != Some(&ep) {
+                eps.put(ep).await?;
+            }
+        }
+        Ok(eps)
+    }
+
+    pub(crate) fn get(&self, id: &str) -> Option<Endpoint> {
+        self.map.read().ok()?.get(id).cloned()
+    }
+
+    pub(crate) fn all(&self) -> Vec<Endpoint> {
+        self.map.read().map(|m| m.values().cloned().collect()).unwrap_or_default()
+    }
+
+    pub(crate) fn of_program(&self, program: &str) -> Vec<Endpoint> {
+        self.all().into_iter().filter(|e| e.program_id == program).collect()
+    }
+
+    /// Whether a program has any endpoint (its messages go to the outbox).
+    pub(crate) fn program_has_endpoints(&self, program: &str) -> bool {
+        self.map.read().map(|m| m.values().any(|e| e.program_id == program)).unwrap_or(false)
+    }
+
+    /// Stores an endpoint (new or changed), durably first.
+    pub(crate) async fn put(&self, ep: Endpoint) -> Result<(), PipelineError> {
+        let bytes = serde_json::to_vec(&ep).map_err(|e| PipelineError::Internal(format!("endpoint record: {e}")))?;
+        self.kv
+            .put(key_of(&ep.id), bytes.into())
+            .await
+            .map_err(|e| PipelineError::Broker(format!("store webhook endpoint {:?}: {e}", ep.id)))?;
+        if let Ok(mut m) = self.map.write() {
+            m.insert(ep.id.clone(), ep);
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn remove(&self, id: &str) -> Result<(), PipelineError> {
+        self.kv
+            .purge(key_of(id))
+            .await
+            .map_err(|e| PipelineError::Broker(format!("remove webhook endpoint {id:?}: {e}")))?;
+        if let Ok(mut m) = self.map.write() {
+            m.remove(id);
+        }
+        Ok(())
+    }
+
+    /// Disables an endpoint (a 410 answer, or by hand).
+    pub(crate) async fn disable(&self, id: &str, reason: String) -> Result<(), PipelineError> {
+        let Some(mut ep) = self.get(id) else { return Ok(()) };
+        if ep.disabled.is_none() {
+            ep.disabled = Some(Disabled { at: Utc::now(), reason });
+            self.put(ep).await?;
+        }
+        Ok(())
+    }
+}
