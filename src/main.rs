@@ -895,7 +895,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Webhooks {
-            command: WebhooksCommand::Replay { nats, data, endpoint, since, until, message_id, event_type, timeout_secs },
+            command:
+                WebhooksCommand::Replay { nats, data, endpoint, since, until, message_id, event_type, timeout_secs },
         } => {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             let opts = afflio_pipeline::webhooks::ReplayOptions {

@@ -29,8 +29,8 @@ pub use event::{
 };
 pub use money::round_money;
 pub use output::{
-    Arrival, AttributionKind, Balance, ClickColumns, DecisionRow, EntryKind, Flag, FraudRule, LedgerEntry, Notice, Outcome,
-    Output, PayoutRow, Reason, Rejection, Stats, StrColumn,
+    Arrival, AttributionKind, Balance, ClickColumns, DecisionRow, EntryKind, Flag, FraudRule, LedgerEntry, Notice,
+    Outcome, Output, PayoutRow, Reason, Rejection, Stats, StrColumn,
 };
 pub use state::{ClosedOrder, CodeIssue, Credit, Line, LineStatus, Order, OrderExtra, OrderKind, Review};
 

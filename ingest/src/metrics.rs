@@ -298,7 +298,12 @@ impl Metrics {
         );
         g(&mut s, "afflio_state_deltas", "Checkpoint deltas after the image.", get(&self.state_deltas));
         c(&mut s, "afflio_state_folds_total", "Deltas folded into a new image.", get(&self.state_folds));
-        c(&mut s, "afflio_webhook_messages_total", "Webhook messages published to the outbox.", get(&self.webhook_messages));
+        c(
+            &mut s,
+            "afflio_webhook_messages_total",
+            "Webhook messages published to the outbox.",
+            get(&self.webhook_messages),
+        );
         g(
             &mut s,
             "afflio_recovery_duration_ms",

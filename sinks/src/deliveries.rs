@@ -66,10 +66,15 @@ pub fn deliveries_schema() -> SchemaRef {
 }
 
 fn batch(rows: &[DeliveryRow]) -> Result<RecordBatch, datafusion::arrow::error::ArrowError> {
-    let s = |f: &dyn Fn(&DeliveryRow) -> &str| -> ArrayRef { Arc::new(StringArray::from_iter_values(rows.iter().map(f))) };
-    let o = |f: &dyn Fn(&DeliveryRow) -> Option<&str>| -> ArrayRef { Arc::new(StringArray::from_iter(rows.iter().map(f))) };
+    let s =
+        |f: &dyn Fn(&DeliveryRow) -> &str| -> ArrayRef { Arc::new(StringArray::from_iter_values(rows.iter().map(f))) };
+    let o =
+        |f: &dyn Fn(&DeliveryRow) -> Option<&str>| -> ArrayRef { Arc::new(StringArray::from_iter(rows.iter().map(f))) };
     let t = |f: &dyn Fn(&DeliveryRow) -> Option<DateTime<Utc>>| -> ArrayRef {
-        Arc::new(TimestampMicrosecondArray::from_iter(rows.iter().map(|r| f(r).map(|t| t.timestamp_micros()))).with_timezone("UTC"))
+        Arc::new(
+            TimestampMicrosecondArray::from_iter(rows.iter().map(|r| f(r).map(|t| t.timestamp_micros())))
+                .with_timezone("UTC"),
+        )
     };
     RecordBatch::try_new(
         deliveries_schema(),

@@ -92,7 +92,7 @@ authorization {{
     {{ user: "{iu}", password: "{ip}",
        permissions: {{ publish: {{ allow: ["afflio.events.>"] }}, subscribe: {{ allow: ["_INBOX.>"] }} }} }}
     {{ user: "{eu}", password: "{ep}",
-       permissions: {{ publish: {{ allow: ["$JS.API.>", "$JS.ACK.AFFLIO_EVENTS.>"] }}, subscribe: {{ allow: ["_INBOX.>"] }} }} }}
+       permissions: {{ publish: {{ allow: ["$JS.API.>", "$JS.ACK.AFFLIO_EVENTS.>", "afflio.webhooks.>", "$JS.ACK.AFFLIO_WEBHOOKS.>", "afflio.webhook-endpoints.>"] }}, subscribe: {{ allow: ["_INBOX.>"] }} }} }}
   ]
 }}
 "#,

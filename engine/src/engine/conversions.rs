@@ -253,7 +253,8 @@ impl Engine {
         let credited = order.credit.as_ref().map(|c| c.partner_id.clone());
         let seq = self.orders.insert(prog, order);
         if let Some(c) = credited.clone() {
-            let detail = vec![("subscription_id", p.subscription_id.to_string()), ("payment", p.kind.as_str().to_string())];
+            let detail =
+                vec![("subscription_id", p.subscription_id.to_string()), ("payment", p.kind.as_str().to_string())];
             self.notice("order.attributed", e, Some(c), &p.payment_id, detail);
         }
         let key = sub_key(prog, &p.subscription_id);

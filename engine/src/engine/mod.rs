@@ -166,7 +166,10 @@ impl Engine {
         detail: Vec<(&'static str, String)>,
     ) {
         if self.notices {
-            let program_id = self.rules.program(&e.program_id).map_or_else(|| e.program_id.as_ref().into(), |p| p.id.as_str().into());
+            let program_id = self
+                .rules
+                .program(&e.program_id)
+                .map_or_else(|| e.program_id.as_ref().into(), |p| p.id.as_str().into());
             self.out.notices.push(crate::output::Notice {
                 kind,
                 event_id: e.event_id.to_string(),

@@ -452,19 +452,20 @@ fn convert(w: Wire<'_>) -> Result<Event<'_>, DecodeError> {
             stage: required(w.stage, "stage", ty)?,
         }),
         EventType::SubscriptionPayment => {
-            let kind =
-                match w.kind.as_deref() {
-                    None => PaymentKind::Renewal,
-                    Some(k) => match PaymentKind::parse(k) {
-                        Some(PaymentKind::First) | None => return Err(malformed(
+            let kind = match w.kind.as_deref() {
+                None => PaymentKind::Renewal,
+                Some(k) => match PaymentKind::parse(k) {
+                    Some(PaymentKind::First) | None => {
+                        return Err(malformed(
                             "kind",
                             format!(
                                 "kind {k:?} is not renewal, upgrade or downgrade (the first payment is the capture)"
                             ),
-                        )),
-                        Some(k) => k,
-                    },
-                };
+                        ))
+                    }
+                    Some(k) => k,
+                },
+            };
             Body::Payment(Payment {
                 subscription_id: required(w.subscription_id, "subscription_id", ty)?,
                 payment_id: required(w.payment_id, "payment_id", ty)?,

@@ -27,9 +27,7 @@ pub(super) fn keyed(m: Market) -> Router {
 }
 
 pub(super) fn open(m: Market) -> Router {
-    Router::new()
-        .route("/v1/partners/{partner}/webhooks", get(partner_list).post(partner_create))
-        .with_state(m)
+    Router::new().route("/v1/partners/{partner}/webhooks", get(partner_list).post(partner_create)).with_state(m)
 }
 
 #[derive(Deserialize)]
@@ -52,7 +50,10 @@ struct Change {
 }
 
 fn endpoints(m: &Market) -> Result<std::sync::Arc<Endpoints>, Refusal> {
-    m.hooks.get().cloned().ok_or_else(|| Refusal::unavailable("the webhook endpoints are not loaded yet (the broker is not reachable)"))
+    m.hooks
+        .get()
+        .cloned()
+        .ok_or_else(|| Refusal::unavailable("the webhook endpoints are not loaded yet (the broker is not reachable)"))
 }
 
 fn brand(who: &Principal) -> Result<(), Refusal> {
@@ -273,10 +274,20 @@ async fn partner_create(
             let program = partner_access(&m, &bearer(&headers)?, &partner).await?;
             let n: NewEndpoint = parse(&body)?;
             if n.partner_id.as_deref().is_some_and(|p| p != partner) {
-                return Err(Refusal::new(StatusCode::FORBIDDEN, "forbidden", Some("partner_id"), "a partner registers its own endpoints only"));
+                return Err(Refusal::new(
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    Some("partner_id"),
+                    "a partner registers its own endpoints only",
+                ));
             }
             if let Some(t) = n.events.iter().find(|e| WEBHOOK_BRAND_ONLY.contains(&e.as_str())) {
-                return Err(Refusal::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_endpoint", Some("events"), format!("{t:?} is for the brand's endpoints only")));
+                return Err(Refusal::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_endpoint",
+                    Some("events"),
+                    format!("{t:?} is for the brand's endpoints only"),
+                ));
             }
             make(&m, &program, Some(partner), &body).await
         }

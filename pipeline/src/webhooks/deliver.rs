@@ -349,7 +349,7 @@ async fn deliver(ctx: &Ctx, id: &str, m: &jetstream::Message, mut stop: watch::R
 /// Writes delivery rows to the `deliveries` table in batches.
 pub(crate) async fn log_writer(mut log: DeliveryLog, mut rx: mpsc::Receiver<DeliveryRow>) {
     let mut buf: Vec<DeliveryRow> = Vec::new();
-    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
             r = rx.recv() => match r {

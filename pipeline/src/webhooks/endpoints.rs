@@ -1,11 +1,13 @@
 //! Webhook endpoints: those of the rules file (`[[webhooks]]`) and those
-//! registered over HTTP, kept in a NATS key-value bucket so that a restart
-//! keeps them, their secrets and whether they are disabled (a 410).
+//! registered over HTTP, kept in a JetStream stream with one message per
+//! endpoint subject (the last one wins, an empty one removes it: a
+//! key-value store that NATS 2.9 serves), so that a restart keeps them,
+//! their secrets and whether they are disabled (a 410).
 
 use std::collections::BTreeMap;
 use std::sync::RwLock;
 
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream::{self, stream};
 use base64::Engine as _;
 use chrono::{DateTime, Duration, Utc};
 use futures::StreamExt;
@@ -14,7 +16,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::PipelineError;
 
-const BUCKET: &str = "afflio_webhooks";
+const STREAM: &str = "AFFLIO_WEBHOOK_ENDPOINTS";
+const SUBJECTS: &str = "afflio.webhook-endpoints.>";
 
 /// At most this many endpoints per program (each has its own consumer).
 pub(crate) const MAX_PER_PROGRAM: usize = 1_000;
@@ -101,12 +104,12 @@ pub(crate) fn new_secret() -> String {
 
 /// Every endpoint, in memory and in the bucket.
 pub(crate) struct Endpoints {
-    kv: kv::Store,
+    js: jetstream::Context,
     map: RwLock<BTreeMap<String, Endpoint>>,
 }
 
-fn key_of(id: &str) -> String {
-    hex::encode(id.as_bytes())
+fn subject_of(id: &str) -> String {
+    format!("afflio.webhook-endpoints.{}", hex::encode(id.as_bytes()))
 }
 
 impl Endpoints {
@@ -118,27 +121,37 @@ impl Endpoints {
         configured: &[afflio_engine::rules::WebhookConfig],
         outbox_next: u64,
     ) -> Result<Endpoints, PipelineError> {
-        let kv = match js.get_key_value(BUCKET).await {
-            Ok(kv) => kv,
-            Err(_) => js
-                .create_key_value(kv::Config { bucket: BUCKET.to_string(), history: 1, ..Default::default() })
-                .await
-                .map_err(|e| PipelineError::Broker(format!("webhook endpoints bucket {BUCKET}: {e}")))?,
-        };
+        let broker = |e: String| PipelineError::Broker(format!("webhook endpoints stream {STREAM}: {e}"));
+        let st = js
+            .get_or_create_stream(stream::Config {
+                name: STREAM.to_string(),
+                subjects: vec![SUBJECTS.to_string()],
+                max_messages_per_subject: 1,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| broker(e.to_string()))?;
         let mut map = BTreeMap::new();
-        let mut keys = kv.keys().await.map_err(|e| PipelineError::Broker(format!("{BUCKET} keys: {e}")))?;
-        while let Some(k) = keys.next().await {
-            let Ok(k) = k else { continue };
-            if let Ok(Some(bytes)) = kv.get(&k).await {
-                match serde_json::from_slice::<Endpoint>(&bytes) {
-                    Ok(ep) => {
-                        map.insert(ep.id.clone(), ep);
-                    }
-                    Err(e) => eprintln!("afflio: webhook endpoint record {k} is unreadable, skipped: {e}"),
+        let mut subjects = Vec::new();
+        let mut info = st.info_with_subjects(SUBJECTS).await.map_err(|e| broker(e.to_string()))?;
+        while let Some(x) = info.next().await {
+            let (subject, _) = x.map_err(|e| broker(e.to_string()))?;
+            subjects.push(subject);
+        }
+        for subject in subjects {
+            let m = st.get_last_raw_message_by_subject(&subject).await.map_err(|e| broker(e.to_string()))?;
+            if m.payload.is_empty() {
+                continue; // removed
+            }
+            match serde_json::from_slice::<Endpoint>(&m.payload) {
+                Ok(ep) => {
+                    map.insert(ep.id.clone(), ep);
                 }
+                Err(e) => eprintln!("afflio: webhook endpoint record {subject} is unreadable, skipped: {e}"),
             }
         }
-        let eps = Endpoints { kv, map: RwLock::new(map) };
+        let eps = Endpoints { js: js.clone(), map: RwLock::new(map) };
         for c in configured {
             let existing = eps.get(&c.id);
             let mut secrets = vec![SigningSecret { secret: c.secret.expose().to_string(), expires_at: None }];
@@ -146,7 +159,10 @@ impl Endpoints {
                 // A secret changed in the file keeps signing for the overlap.
                 for s in &old.secrets {
                     if s.secret != secrets[0].secret && s.expires_at.is_none() {
-                        secrets.push(SigningSecret { secret: s.secret.clone(), expires_at: Some(Utc::now() + rotation_overlap()) });
+                        secrets.push(SigningSecret {
+                            secret: s.secret.clone(),
+                            expires_at: Some(Utc::now() + rotation_overlap()),
+                        });
                     } else if s.secret != secrets[0].secret && s.expires_at.is_some_and(|x| x > Utc::now()) {
                         secrets.push(s.clone());
                     }
@@ -191,10 +207,7 @@ impl Endpoints {
     /// Stores an endpoint (new or changed), durably first.
     pub(crate) async fn put(&self, ep: Endpoint) -> Result<(), PipelineError> {
         let bytes = serde_json::to_vec(&ep).map_err(|e| PipelineError::Internal(format!("endpoint record: {e}")))?;
-        self.kv
-            .put(key_of(&ep.id), bytes.into())
-            .await
-            .map_err(|e| PipelineError::Broker(format!("store webhook endpoint {:?}: {e}", ep.id)))?;
+        self.record(&ep.id, bytes).await?;
         if let Ok(mut m) = self.map.write() {
             m.insert(ep.id.clone(), ep);
         }
@@ -202,13 +215,22 @@ impl Endpoints {
     }
 
     pub(crate) async fn remove(&self, id: &str) -> Result<(), PipelineError> {
-        self.kv
-            .purge(key_of(id))
-            .await
-            .map_err(|e| PipelineError::Broker(format!("remove webhook endpoint {id:?}: {e}")))?;
+        self.record(id, Vec::new()).await?;
         if let Ok(mut m) = self.map.write() {
             m.remove(id);
         }
+        Ok(())
+    }
+
+    /// Writes an endpoint's record (empty: removed) and waits for the broker to keep it.
+    async fn record(&self, id: &str, bytes: Vec<u8>) -> Result<(), PipelineError> {
+        let err = |e: String| PipelineError::Broker(format!("store webhook endpoint {id:?}: {e}"));
+        self.js
+            .publish(subject_of(id), bytes.into())
+            .await
+            .map_err(|e| err(e.to_string()))?
+            .await
+            .map_err(|e| err(e.to_string()))?;
         Ok(())
     }
 

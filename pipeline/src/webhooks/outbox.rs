@@ -45,7 +45,15 @@ pub(crate) fn subject_of(program: &str, partner: Option<&str>) -> String {
     format!("afflio.webhooks.{}.{}", hex_id(program), partner.map_or_else(|| "_".to_string(), hex_id))
 }
 
-fn msg(kind: &'static str, key: &str, ts: DateTime<Utc>, program: &str, partner: Option<&str>, subject: &str, data: Value) -> OutMsg {
+fn msg(
+    kind: &'static str,
+    key: &str,
+    ts: DateTime<Utc>,
+    program: &str,
+    partner: Option<&str>,
+    subject: &str,
+    data: Value,
+) -> OutMsg {
     let h = xxhash_rust::xxh3::xxh3_128(format!("{kind}\u{0}{key}").as_bytes());
     let body = json!({ "type": kind, "timestamp": ts.to_rfc3339_opts(SecondsFormat::Micros, true), "data": data });
     OutMsg {

@@ -41,13 +41,14 @@ pub struct ReplaySummary {
 }
 
 pub async fn replay(opts: ReplayOptions) -> Result<ReplaySummary, PipelineError> {
-    let client_nats = async_nats::connect(&opts.nats)
-        .await
-        .map_err(|e| PipelineError::Broker(format!("connect to {}: {e}", opts.nats)))?;
+    let client_nats = afflio_ingest::nats::connect(&opts.nats, afflio_ingest::nats::Role::Engine).await?;
     let js = jetstream::new(client_nats);
     let endpoints = Endpoints::open(&js, &[], 0).await?;
     let ep = endpoints.get(&opts.endpoint).ok_or_else(|| {
-        PipelineError::Config(format!("no webhook endpoint {:?} (afflio serve lists them at /v1/webhooks/endpoints)", opts.endpoint))
+        PipelineError::Config(format!(
+            "no webhook endpoint {:?} (afflio serve lists them at /v1/webhooks/endpoints)",
+            opts.endpoint
+        ))
     })?;
     if let Some(t) = &opts.event_type {
         if !afflio_engine::rules::WEBHOOK_EVENT_TYPES.contains(&t.as_str()) {
@@ -71,8 +72,16 @@ pub async fn replay(opts: ReplayOptions) -> Result<ReplaySummary, PipelineError>
         Some(p) => subject_of(&ep.program_id, Some(p)),
         None => format!("afflio.webhooks.{}.>", hex_id(&ep.program_id)),
     };
-    let consumer = stream
-        .create_consumer(pull::OrderedConfig { filter_subject, deliver_policy, ..Default::default() })
+    let name = format!("wh-replay-{:016x}", rand::random::<u64>());
+    let consumer: jetstream::consumer::PullConsumer = stream
+        .create_consumer(pull::Config {
+            durable_name: Some(name.clone()),
+            filter_subject,
+            deliver_policy,
+            ack_policy: jetstream::consumer::AckPolicy::None,
+            inactive_threshold: Duration::from_secs(300),
+            ..Default::default()
+        })
         .await
         .map_err(|e| PipelineError::Broker(format!("replay consumer: {e}")))?;
     let mut messages = consumer.messages().await.map_err(|e| PipelineError::Broker(e.to_string()))?;
@@ -84,7 +93,9 @@ pub async fn replay(opts: ReplayOptions) -> Result<ReplaySummary, PipelineError>
         let Ok(info) = m.info() else { break };
         let seq = info.stream_sequence;
         let published = DateTime::from_timestamp(info.published.unix_timestamp(), 0).unwrap_or_else(Utc::now);
-        let h = |name: &str| m.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().to_string()).unwrap_or_default();
+        let h = |name: &str| {
+            m.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().to_string()).unwrap_or_default()
+        };
         let (kind, id, subject) = (h("Afflio-Type"), h("Nats-Msg-Id"), h("Afflio-Subject"));
         let wanted = opts.event_type.as_ref().map_or_else(|| ep.wants(&kind), |t| *t == kind)
             && opts.message_id.as_ref().is_none_or(|mid| *mid == id)
@@ -119,6 +130,7 @@ pub async fn replay(opts: ReplayOptions) -> Result<ReplaySummary, PipelineError>
             break;
         }
     }
+    let _ = stream.delete_consumer(&name).await;
     let mut log = DeliveryLog::open(&opts.data).await?;
     log.append(&rows).await?;
     Ok(summary)
