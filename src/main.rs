@@ -381,6 +381,21 @@ enum BenchCommand {
         #[arg(long, hide = true)]
         here: bool,
     },
+    /// Webhooks: the engine's added cost per event with every effect turned
+    /// into a message, and the delivery throughput to one endpoint (a local
+    /// receiver) through the broker's outbox.
+    Webhooks {
+        #[arg(long, default_value_t = 500_000)]
+        events: u64,
+        /// Messages delivered in the throughput run.
+        #[arg(long, default_value_t = 20_000)]
+        messages: usize,
+        #[arg(long, default_value_t = 8)]
+        lanes: usize,
+        /// The broker (AFFLIO_NATS_* credentials are used when set).
+        #[arg(long, default_value = "nats://127.0.0.1:4222")]
+        nats: String,
+    },
     /// Memory per tracked visitor session: RSS growth over N one-click visitors.
     Sessions {
         #[arg(long, default_value_t = 4_000_000)]
@@ -1078,6 +1093,21 @@ fn bench_command(command: BenchCommand) -> anyhow::Result<ExitCode> {
                 results.push(bench::registry::in_child(n)?);
             }
             print!("{}", bench::registry::report(&results));
+        }
+        BenchCommand::Webhooks { events, messages, lanes, nats } => {
+            let c = bench::webhooks::cost(events)?;
+            let added_ns = 1e9 / c.with_webhooks_per_sec - 1e9 / c.plain_per_sec;
+            println!(
+                "== webhooks, engine: {} demo events: {:.0} events/s without, {:.0} events/s with notices and messages ({} messages): {:.0} ns added per event",
+                c.events, c.plain_per_sec, c.with_webhooks_per_sec, c.messages, added_ns
+            );
+            let dir = bench::scratch("webhooks")?;
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            let d = rt.block_on(afflio_pipeline::webhooks::delivery_throughput(&nats, messages, lanes, dir.path()))?;
+            println!(
+                "== webhooks, delivery: {} messages to one endpoint, {} lanes: published {:.0}/s, delivered {:.0}/s (signed, logged); from publishing to delivery p50 {:.0} ms, p99 {:.0} ms",
+                d.messages, d.lanes, d.publish_per_sec, d.delivered_per_sec, d.p50_ms, d.p99_ms
+            );
         }
         BenchCommand::Sessions { sessions } => {
             let r = bench::measure_sessions(sessions)?;

@@ -17,6 +17,7 @@ pub mod live;
 pub mod load;
 pub mod pg;
 pub mod registry;
+pub mod webhooks;
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Write};

@@ -8,6 +8,7 @@
 //! consumer per endpoint delivers them, with retries for up to three days;
 //! every attempt is a row of the `deliveries` table.
 
+pub(crate) mod bench;
 pub(crate) mod deliver;
 pub(crate) mod endpoints;
 pub(crate) mod outbox;
@@ -20,6 +21,7 @@ use afflio_engine::rules::Rules;
 use async_nats::jetstream;
 use tokio::sync::{mpsc, watch};
 
+pub use bench::{delivery_throughput, webhook_messages, DeliveryResult};
 pub use deliver::DeliverySettings;
 pub use replay::{replay, ReplayOptions, ReplaySummary};
 

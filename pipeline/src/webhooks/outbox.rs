@@ -171,19 +171,19 @@ impl Outbox {
     /// retries (the epoch waits) until it has.
     pub(crate) async fn publish(&self, out: &Output) -> usize {
         let msgs = messages(out, |p| self.endpoints.program_has_endpoints(p));
-        if msgs.is_empty() {
-            return 0;
+        if !msgs.is_empty() {
+            self.publish_msgs(&msgs).await;
         }
+        msgs.len()
+    }
+
+    /// Publishes messages (retrying until the broker has them all).
+    pub(crate) async fn publish_msgs(&self, msgs: &[OutMsg]) {
         let mut attempt = 0u32;
-        loop {
-            match self.try_publish(&msgs).await {
-                Ok(()) => return msgs.len(),
-                Err(e) => {
-                    attempt += 1;
-                    eprintln!("afflio: webhook outbox publish failed (attempt {attempt}), retrying: {e}");
-                    tokio::time::sleep(Duration::from_millis((100 * 2u64.pow(attempt.min(6))).min(5_000))).await;
-                }
-            }
+        while let Err(e) = self.try_publish(msgs).await {
+            attempt += 1;
+            eprintln!("afflio: webhook outbox publish failed (attempt {attempt}), retrying: {e}");
+            tokio::time::sleep(Duration::from_millis((100 * 2u64.pow(attempt.min(6))).min(5_000))).await;
         }
     }
 
