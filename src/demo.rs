@@ -446,7 +446,7 @@ pub fn marketplace_applications() -> String {
 }
 
 /// The SQL the demo shows after the run.
-pub const DEMO_QUERIES: [(&str, &str); 3] = [
+pub const DEMO_QUERIES: [(&str, &str); 5] = [
     (
         "Top partners by net commission",
         "SELECT partner_id, currency, count(DISTINCT order_id) AS orders, sum(amount) AS net_commission \
@@ -454,6 +454,16 @@ pub const DEMO_QUERIES: [(&str, &str); 3] = [
     ),
     ("Commission by status", "SELECT currency, status, count(*) AS lines, sum(net_amount) AS net FROM lines GROUP BY currency, status ORDER BY currency, status"),
     ("Rejections by reason", "SELECT reason, count(*) AS events FROM rejections GROUP BY reason ORDER BY events DESC"),
+    (
+        "SaaS (cloudnote): payments by kind; uncredited = after a cancellation or past the 12-month term",
+        "SELECT subtype AS payment, count(*) AS payments, sum(captured) AS captured, count(partner_id) AS credited, \
+         count(uncredited) AS uncredited FROM orders WHERE program_id = 'cloudnote' GROUP BY subtype ORDER BY payments DESC",
+    ),
+    (
+        "SaaS and B2B: what earned the commission (reward rules, renewal rate, lead kinds, deal stages)",
+        "SELECT program_id, coalesce(reward, 'program rate') AS earned_by, kind, count(*) AS entries, sum(amount) AS amount \
+         FROM ledger WHERE program_id IN ('cloudnote', 'leadgen') GROUP BY program_id, reward, kind ORDER BY program_id, amount DESC",
+    ),
 ];
 
 /// Generates, replays and reports. `progress(total_bytes, done_bytes)`.
@@ -471,6 +481,13 @@ pub fn run(opts: &DemoOptions, mut progress: impl FnMut(u64, u64)) -> anyhow::Re
             File::create(&events_path).with_context(|| format!("cannot create {}", events_path.display()))?,
         );
         generate(opts.seed, opts.events, &mut r, &mut e)?;
+        // Beyond one-off sales: a SaaS program (subscriptions) and a B2B program (leads).
+        r.write_all(crate::showcase::RULES.as_bytes())?;
+        r.write_all(crate::showcase::partners().as_bytes())?;
+        for line in crate::showcase::events(opts.seed) {
+            e.write_all(line.as_bytes())?;
+            e.write_all(b"\n")?;
+        }
         r.flush()?;
         e.flush()?;
     }

@@ -8,3 +8,4 @@ pub mod fraudlab;
 pub mod payouts;
 pub mod replay;
 pub mod review;
+pub mod showcase;

@@ -34,7 +34,12 @@ pub struct DeliveryResult {
 
 /// Publishes `n` messages for one endpoint (a local receiver answering 200
 /// at once) and measures until every one was delivered.
-pub async fn delivery_throughput(nats: &str, n: usize, lanes: usize, data: &Path) -> Result<DeliveryResult, PipelineError> {
+pub async fn delivery_throughput(
+    nats: &str,
+    n: usize,
+    lanes: usize,
+    data: &Path,
+) -> Result<DeliveryResult, PipelineError> {
     let client = afflio_ingest::nats::connect(nats, afflio_ingest::nats::Role::Engine).await?;
     let js = async_nats::jetstream::new(client);
     outbox::ensure_stream(&js).await?;
@@ -77,7 +82,13 @@ pub async fn delivery_throughput(nats: &str, n: usize, lanes: usize, data: &Path
     let (tx, rx) = mpsc::channel(10_000);
     let writer = tokio::spawn(deliver::log_writer(log, rx));
     let settings = DeliverySettings { lanes, ..DeliverySettings::default() };
-    let ctx = Arc::new(deliver::Ctx { js: js.clone(), endpoints: endpoints.clone(), http: deliver::client(), settings, log: tx });
+    let ctx = Arc::new(deliver::Ctx {
+        js: js.clone(),
+        endpoints: endpoints.clone(),
+        http: deliver::client(),
+        settings,
+        log: tx,
+    });
     let (stop_tx, stop_rx) = watch::channel(false);
     let dispatcher = tokio::spawn(deliver::dispatcher(ctx, stop_rx));
     let body = |i: usize| {
