@@ -25,6 +25,15 @@ max_duration = "12mo"
 renewal_rate = "15%"
 [programs.basis]
 exclude = ["tax"]
+[programs.marketplace]
+listed = true
+name = "CloudNote"
+description = "Note-taking for teams. 25% of the first payment (30% on annual plans), 15% of every renewal for 12 months, 20.00 for an upgrade to Team."
+terms = "Commission on the price before tax. Renewals earn while the subscription runs, up to 12 months after the first payment."
+category = "software"
+link_pattern = "cloudnote-{partner}"
+code_pattern = "CN{PARTNER}"
+destination = "https://cloudnote.example/"
 [[programs.rewards]]
 name = "annual plan"
 plan = "annual"
@@ -42,6 +51,15 @@ currency = "USD"
 rate = "0%"
 overrides = ["10%"]
 hold = "30d"
+[programs.marketplace]
+listed = true
+name = "LeadGen CRM"
+description = "A CRM for B2B sales teams. 10.00 per lead, 40.00 per demo request, 60.00 when it qualifies, 400.00 when the deal is won."
+terms = "Leads disqualified by our sales team (spam, duplicates, students) are reversed, even after payout."
+category = "software"
+link_pattern = "leadgen-{partner}"
+code_pattern = "LG{PARTNER}"
+destination = "https://leadgen.example/demo"
 [programs.leads]
 reward = "10.00"
 kinds = { demo_request = "40.00" }

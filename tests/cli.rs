@@ -186,6 +186,24 @@ fn the_demo_runs_the_whole_pipeline() {
     assert_eq!(sql(&out.join("store"), q, "csv"), sql(&again, q, "csv"));
     let n = sql(&again, "SELECT count(*) AS n FROM ledger", "csv");
     assert!(n != "n\n0\n", "the demo produces commissions");
+    // Its SaaS and B2B programs earn on renewals, upgrades, leads and stages, and reverse disqualified leads.
+    let kinds = sql(
+        &again,
+        "SELECT DISTINCT reward FROM ledger WHERE program_id IN ('cloudnote', 'leadgen') AND reward IS NOT NULL ORDER BY reward",
+        "csv",
+    );
+    for want in [
+        "annual plan",
+        "disqualified",
+        "lead:demo_request",
+        "lead:lead",
+        "renewal_rate",
+        "stage:qualified",
+        "stage:won",
+        "team upgrade",
+    ] {
+        assert!(kinds.contains(want), "{want} in {kinds}");
+    }
     // Its programs are listed, and its creators' applications are valid registry events.
     let rules = afflio_engine::rules::Rules::load(&out.join("input/rules.toml")).unwrap();
     assert!(rules.programs().all(|p| p.marketplace.listing.is_some()));
