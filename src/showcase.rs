@@ -234,8 +234,8 @@ pub fn events(seed: u64) -> Vec<String> {
             b2b.push(stage("disqualified", q + Duration::days(rng.random_range(20..45))));
         }
     }
-    saas.sort_by(|a, b| a.0.cmp(&b.0));
-    b2b.sort_by(|a, b| a.0.cmp(&b.0));
+    saas.sort_by_key(|a| a.0);
+    b2b.sort_by_key(|a| a.0);
     saas.into_iter().chain(b2b).map(|(_, l)| l).collect()
 }
 
