@@ -192,6 +192,42 @@ fn the_marketplace_api_every_role_and_a_restart() {
         assert_eq!(s, 200, "{part}: {v}");
     }
 
+    // A partner registers its own webhook endpoint with its token: never fraud flags, never for another.
+    let hook = r#"{"url":"https://maya.example/hooks","events":["commission.created","payout.paid"]}"#;
+    check(
+        port,
+        &[
+            ("POST", "/v1/partners/maya/webhooks", Some(&noor_token), hook, 403, Some("forbidden")),
+            ("POST", "/v1/partners/maya/webhooks", None, hook, 401, Some("unauthorized")),
+            (
+                "POST",
+                "/v1/partners/maya/webhooks",
+                Some(&token),
+                r#"{"url":"https://maya.example/hooks","events":["flag.raised"]}"#,
+                422,
+                Some("invalid_endpoint"),
+            ),
+            (
+                "POST",
+                "/v1/partners/maya/webhooks",
+                Some(&token),
+                r#"{"url":"https://maya.example/hooks","events":["commission.created"],"partner_id":"noor"}"#,
+                403,
+                Some("forbidden"),
+            ),
+        ],
+    );
+    let (s, v) = call(port, "POST", "/v1/partners/maya/webhooks", Some(&token), hook);
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["partner_id"], "maya");
+    assert!(v["secret"].as_str().unwrap().starts_with("whsec_"));
+    let (s, v) = call(port, "GET", "/v1/partners/maya/webhooks", Some(&token), "");
+    assert_eq!((s, v["endpoints"].as_array().unwrap().len()), (200, 1), "{v}");
+    let (_, v) = call(port, "GET", "/v1/partners/noor/webhooks", Some(&noor_token), "");
+    assert_eq!(v["endpoints"].as_array().unwrap().len(), 0, "noor sees none of maya's");
+    let (_, v) = call(port, "GET", "/v1/webhooks/endpoints", Some(BRAND), "");
+    assert_eq!(v["endpoints"][0]["partner_id"], "maya", "the brand sees its partners' endpoints: {v}");
+
     // The brand adds a link and a code; conflicts and strangers are refused.
     check(
         port,
