@@ -36,7 +36,7 @@ type Route = (
 const JSON: &str = "application/json";
 
 const ROUTES: &[Route] = &[
-    (HttpMethod::Post, "/v1/events", Auth::Key, "Send events (ingest: click, capture, refund, chargeback; review: review; finance: payout; brand: registry events)",
+    (HttpMethod::Post, "/v1/events", Auth::Key, "Send events (ingest: click, capture, refund, chargeback, lead, lead_stage, subscription_payment, subscription_cancel; review: review; finance: payout; brand: registry events)",
      Some(("application/x-ndjson", "One event, a JSON array of events, or NDJSON. Each event: type, event_id, ts, program_id and the type's fields; registry events carry `data`.")),
      &[(202, "every event accepted"), (207, "some events refused: one answer per event"), (400, "malformed"), (401, "no or unknown key"), (413, "too large"), (422, "refused (reason, field, detail)"), (429, "rate limited"), (503, "the broker is unavailable: retry with the same event_id")]),
     (HttpMethod::Get, "/r/{link_id}", Auth::None, "Tracking redirect: records a click and sends the shopper on", None, &[(302, "to the link's destination"), (404, "unknown link")]),
@@ -66,6 +66,17 @@ const ROUTES: &[Route] = &[
     (HttpMethod::Post, "/v1/partner-tokens", Auth::Key, "A partner's current access token, to hand over (brand key)", Some((JSON, "{partner_id}")), &[(200, "{partner_id, token}"), (404, "unknown_partner")]),
     (HttpMethod::Get, "/v1/partners/{partner}", Auth::PartnerOrKey, "A partner's profile, application, links and codes", None, &[(200, "the partner"), (401, "no or bad credential"), (403, "another partner's token"), (404, "no such partner in the key's program")]),
     (HttpMethod::Get, "/v1/partners/{partner}/{part}", Auth::PartnerOrKey, "A partner's clicks, orders, commissions (by status), balance or payouts, from the store", None, &[(200, "rows"), (401, "no or bad credential"), (403, "another partner's token"), (404, "unknown part or partner")]),
+    (HttpMethod::Get, "/v1/webhooks/endpoints", Auth::Key, "The program's webhook endpoints, without secrets (brand key)", None, &[(200, "{endpoints: [...]}"), (403, "not a brand key")]),
+    (HttpMethod::Post, "/v1/webhooks/endpoints", Auth::Key, "Register a webhook endpoint (brand key; partner_id for a partner's); the answer shows its whsec_ secret once",
+     Some((JSON, "{url, events: [order.attributed|commission.created|commission.reversed|commission.approved|lead.created|lead.stage_changed|flag.raised|payout.sent|payout.paid|payout.failed|partner.applied|partner.approved], partner_id?}")),
+     &[(201, "the endpoint and its secret"), (422, "invalid_endpoint (every problem named)"), (403, "not a brand key")]),
+    (HttpMethod::Get, "/v1/webhooks/endpoints/{id}", Auth::Key, "One endpoint (brand key)", None, &[(200, "the endpoint"), (404, "not in this program")]),
+    (HttpMethod::Patch, "/v1/webhooks/endpoints/{id}", Auth::Key, "Change an endpoint's url or events, enable or disable it (brand key)", Some((JSON, "{url?, events?, enabled?: bool}")), &[(200, "the endpoint"), (409, "configured in the rules file"), (422, "invalid_endpoint")]),
+    (HttpMethod::Delete, "/v1/webhooks/endpoints/{id}", Auth::Key, "Remove an endpoint (brand key)", None, &[(204, "removed"), (409, "configured in the rules file")]),
+    (HttpMethod::Post, "/v1/webhooks/endpoints/{id}/rotate", Auth::Key, "A new signing secret (shown once); the previous one keeps signing for 24 hours", None, &[(200, "the endpoint, its new secret and when the previous one expires"), (409, "configured in the rules file")]),
+    (HttpMethod::Get, "/v1/partners/{partner}/webhooks", Auth::PartnerOrKey, "A partner's own webhook endpoints", None, &[(200, "{endpoints: [...]}"), (403, "another partner's token")]),
+    (HttpMethod::Post, "/v1/partners/{partner}/webhooks", Auth::PartnerOrKey, "Register the partner's own endpoint (no flag.raised, no partner.applied); the secret is shown once",
+     Some((JSON, "{url, events}")), &[(201, "the endpoint and its secret"), (403, "another partner"), (422, "invalid_endpoint")]),
 ];
 
 pub(super) fn document() -> String {
