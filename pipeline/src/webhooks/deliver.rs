@@ -138,14 +138,25 @@ pub(crate) async fn post(http: &reqwest::Client, ep: &Endpoint, id: &str, body: 
 pub(crate) async fn dispatcher(ctx: Arc<Ctx>, mut stop: watch::Receiver<bool>) {
     let mut running: BTreeMap<String, (tokio::task::JoinHandle<()>, watch::Sender<bool>)> = BTreeMap::new();
     loop {
-        let wanted: Vec<Endpoint> = ctx.endpoints.all().into_iter().filter(|e| e.disabled.is_none()).collect();
+        let all = ctx.endpoints.all();
+        let wanted: Vec<Endpoint> = all.iter().filter(|e| e.disabled.is_none()).cloned().collect();
+        let mut removed = Vec::new();
         running.retain(|id, (h, tx)| {
             let keep = !h.is_finished() && wanted.iter().any(|e| e.id == *id);
             if !keep {
                 let _ = tx.send(true);
+                if !all.iter().any(|e| e.id == *id) {
+                    removed.push(id.clone());
+                }
             }
             keep
         });
+        // A removed endpoint's consumer goes too (a disabled one keeps its backlog).
+        for id in removed {
+            if let Ok(stream) = ctx.js.get_stream(STREAM).await {
+                let _ = stream.delete_consumer(&consumer_name(&id)).await;
+            }
+        }
         for ep in wanted {
             if running.contains_key(&ep.id) {
                 continue;
