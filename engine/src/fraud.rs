@@ -538,6 +538,28 @@ mod tests {
     }
 
     #[test]
+    fn refunds_count_on_their_orders_capture_day_so_the_share_never_exceeds_one() {
+        // The engine passes an order's first capture time: a partner whose
+        // attack stopped (its orders left the window) and whose old orders
+        // are refunded now is judged on the window's own orders only.
+        let mut w = RefundWindow::default();
+        let d = |n: i64| n * DAY;
+        for day in 0..3 {
+            w.order(d(day), 7);
+            w.captured(d(day), Decimal::from(100), 7);
+        }
+        // Day 10: a genuine order; refunds of the day-0..2 orders arrive now.
+        w.order(d(10), 7);
+        w.captured(d(10), Decimal::from(100), 7);
+        for day in 0..3 {
+            w.refunded(d(day), Decimal::from(100), 7);
+        }
+        assert_eq!(w.share(), (1, 0.0), "the refunds of orders older than the window count for none");
+        w.refunded(d(10), Decimal::from(40), 7);
+        assert_eq!(w.share(), (1, 0.4));
+    }
+
+    #[test]
     fn leak_judges_the_last_redemptions_only() {
         let mut l = LeakWindow::default();
         for i in 0..4 {

@@ -194,9 +194,13 @@ impl Engine {
             self.out.ledger.push(row.entry(e, order, &order.lines[i], &credit));
             self.meta.stats.ledger_entries += 1;
         }
+        // refund_rate counts a refund on the day its order was first captured
+        // (its cohort), so the share of the window's orders refunded never
+        // exceeds 1, and refunds of orders older than the window count for none.
+        let cohort = order.first_capture_ts.timestamp_micros();
         if let Some(pi) = self.names.get(&credit.partner_id) {
             if let Some(w) = self.refunds_by_partner.get_mut(&(prog, pi)) {
-                w.refunded(e.ts.timestamp_micros(), r.amount, program.fraud.refund_rate_window.num_days());
+                w.refunded(cohort, r.amount, program.fraud.refund_rate_window.num_days());
             }
         }
         self.note_lines_changed(seq);
