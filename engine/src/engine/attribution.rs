@@ -86,6 +86,13 @@ impl Engine {
             Some(s) => s,
             None => {
                 let seq = self.open_order(e, c, rules, program, prog);
+                if self.notices {
+                    if let Some(cr) = self.orders.get(seq).and_then(|o| o.credit.clone()) {
+                        let detail =
+                            vec![("attribution", cr.kind.as_str().to_string()), ("source", cr.source.to_string())];
+                        self.notice("order.attributed", e, Some(cr.partner_id), &c.order_id, detail);
+                    }
+                }
                 if let Some(sub) = &c.extra.subscription_id {
                     self.start_subscription(seq, e, prog, sub, c.extra.plan.as_deref());
                 }
@@ -188,12 +195,6 @@ impl Engine {
             self.detect(&mut hits, e, c, &cr, &valid, click_ts, rules, program, prog);
         }
         let seq = self.orders.insert(prog, order);
-        if self.notices {
-            if let Some(cr) = self.orders.get(seq).and_then(|o| o.credit.clone()) {
-                let detail = vec![("attribution", cr.kind.as_str().to_string()), ("source", cr.source.to_string())];
-                self.notice("order.attributed", e, Some(cr.partner_id), &c.order_id, detail);
-            }
-        }
         for (rule, hit) in hits {
             let action = super::detect::rule_action(&program.fraud, rule);
             if action == FraudAction::Off {

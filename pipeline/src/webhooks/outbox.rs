@@ -237,6 +237,8 @@ parent = "agency"
 [[codes]]
 code = "A"
 partner_id = "alice"
+[programs.leads]
+reward = "5.00"
 [[partners]]
 id = "q"
 program_id = "quiet"
@@ -252,6 +254,7 @@ partner_id = "q"
             r#"{"type":"capture","event_id":"c1","ts":"2026-11-10T10:00:00Z","program_id":"acme","order_id":"o1","amount":"50.00","currency":"USD","codes":["A"]}"#,
             r#"{"type":"refund","event_id":"r1","ts":"2026-11-10T11:00:00Z","program_id":"acme","order_id":"o1","amount":"50.00","currency":"USD"}"#,
             r#"{"type":"capture","event_id":"c2","ts":"2026-11-10T10:00:00Z","program_id":"quiet","order_id":"o2","amount":"50.00","currency":"USD","codes":["Q"]}"#,
+            r#"{"type":"lead","event_id":"l1","ts":"2026-11-10T12:00:00Z","program_id":"quiet","lead_id":"L1","codes":["Q"]}"#,
         ] {
             let ev = afflio_ingest::decode_event(l).unwrap();
             e.apply(&ev, l, Arrival { ts: ev.ts, origin: &"t", clock: None });
@@ -288,6 +291,18 @@ partner_id = "q"
         assert_eq!(
             subject_of("acme", Some("alice")),
             format!("afflio.webhooks.{}.{}", hex_id("acme"), hex_id("alice"))
+        );
+        // A lead is told as lead.created, not as an order attributed.
+        let quiet_msgs = messages(&out, |p| p == "quiet");
+        let quiet: Vec<(&str, &str)> = quiet_msgs.iter().map(|m| (m.kind, m.subject.as_str())).collect();
+        assert_eq!(
+            quiet,
+            [
+                ("order.attributed", "o2"),
+                ("lead.created", "L1"),
+                ("commission.created", "o2"),
+                ("commission.created", "L1"),
+            ]
         );
         // Without notices (a replay), no order.attributed.
         assert!(messages(&output(false), |_| true).iter().all(|m| m.kind != "order.attributed"));
