@@ -647,9 +647,17 @@ fn the_registry_survives_images_and_deltas_at_every_cut_and_credits_only_from_it
     );
     assert_eq!(straight.registry_sizes(), [2, 1, 1, 2]);
     let state = straight.state_fingerprint();
-    // An image after `cut` events, then a delta of the rest: the same state.
+    restores_at_every_cut(engine, &events, state, |restored, cut| {
+        assert_eq!(restored.partner_view("maya"), view.clone().into(), "cut at {cut}");
+    });
+}
+
+/// An image after each cut of `events`, then a delta of the rest, restores
+/// the state of applying them all (`state`); `check` looks further at each
+/// restored engine.
+fn restores_at_every_cut(make: impl Fn() -> Engine, events: &[Event<'_>], state: u128, check: impl Fn(&Engine, usize)) {
     for cut in 0..=events.len() {
-        let mut first = engine();
+        let mut first = make();
         for ev in &events[..cut] {
             apply(&mut first, ev);
         }
@@ -663,7 +671,7 @@ fn the_registry_survives_images_and_deltas_at_every_cut_and_credits_only_from_it
         let delta = first.checkpoint_delta().unwrap();
         let restored = Engine::restore_chain(first.rules().clone(), &image, [&delta[..]]).unwrap();
         assert_eq!(restored.state_fingerprint(), state, "cut at {cut}");
-        assert_eq!(restored.partner_view("maya"), view.clone().into(), "cut at {cut}");
+        check(&restored, cut);
     }
 }
 
@@ -791,8 +799,7 @@ fn subscriptions_and_leads_survive_images_and_deltas_at_every_cut_and_ended_ones
     let rules = Arc::new(Rules::parse("saas.toml", SAAS).unwrap());
     let events = saas_stream();
     let mut straight = Engine::new(rules.clone());
-    let outcomes: Vec<Outcome> =
-        events.iter().map(|ev| straight.apply(ev, "{}", Arrival { ts: ev.ts, origin: &Origin, clock: None })).collect();
+    let outcomes: Vec<Outcome> = events.iter().map(|ev| apply(&mut straight, ev)).collect();
     let out = straight.take_output();
     // p2 after S2's cancellation earns nothing; p4 names a subscription
     // forgotten (cancelled, idle past order_retention): refused, kept.
@@ -812,23 +819,5 @@ fn subscriptions_and_leads_survive_images_and_deltas_at_every_cut_and_ended_ones
         ]
     );
     let state = straight.state_fingerprint();
-    let apply = |e: &mut Engine, ev: &Event<'_>| {
-        e.apply(ev, "{}", Arrival { ts: ev.ts, origin: &Origin, clock: None });
-    };
-    for cut in 0..=events.len() {
-        let mut first = Engine::new(rules.clone());
-        for ev in &events[..cut] {
-            apply(&mut first, ev);
-        }
-        first.take_output();
-        let image = first.checkpoint().unwrap();
-        first.checkpoint_delta().unwrap();
-        for ev in &events[cut..] {
-            apply(&mut first, ev);
-        }
-        first.take_output();
-        let delta = first.checkpoint_delta().unwrap();
-        let restored = Engine::restore_chain(rules.clone(), &image, [&delta[..]]).unwrap();
-        assert_eq!(restored.state_fingerprint(), state, "cut at {cut}");
-    }
+    restores_at_every_cut(|| Engine::new(rules.clone()), &events, state, |_, _| {});
 }

@@ -319,42 +319,41 @@ pub(super) fn tier0_commission(
         let cat = category.and_then(|c| program.category_rates.get(c));
         (cat.copied().unwrap_or(program.rate).fraction(), None)
     };
-    let whole = [(None, None, sale.amount)];
-    let units: Vec<(Option<&str>, Option<&str>, Decimal)> = match sale.items {
-        Some(items) if !items.is_empty() => {
-            items.iter().map(|it| (it.category.as_deref(), it.sku.as_deref(), it.amount)).collect()
-        }
-        _ => whole.to_vec(),
-    };
+    // The items, or the whole amount as one unit (no allocation: this runs per capture).
+    let items = sale.items.as_deref().filter(|i| !i.is_empty());
+    let units = items
+        .into_iter()
+        .flatten()
+        .map(|it| (it.category.as_deref(), it.sku.as_deref(), it.amount))
+        .chain(items.is_none().then_some((None, None, sale.amount)));
     let mut total = Decimal::ZERO;
     let mut uniform: Option<Option<Decimal>> = None;
+    // Flat rules that matched (each pays once per order).
     let mut flats: Vec<usize> = Vec::new();
     let mut decided_by: Option<usize> = None;
     for (category, sku, amount) in units {
         let (r, rule) = decide(category, sku);
+        decided_by = decided_by.or(rule);
+        let flat = rule.filter(|&i| program.rewards.get(i).is_some_and(|rw| matches!(rw.pay, RewardPay::Flat(_))));
+        if let Some(i) = flat {
+            if !flats.contains(&i) {
+                flats.push(i);
+            }
+            uniform = Some(None);
+            continue;
+        }
         // The item's share of the basis (the whole basis when one unit).
         let share = if sale.amount.is_zero() || basis == sale.amount { amount } else { amount * basis / sale.amount };
-        match rule.and_then(|i| program.rewards.get(i)) {
-            Some(rw) if matches!(rw.pay, RewardPay::Flat(_)) => {
-                if !flats.contains(&rule.unwrap_or(0)) {
-                    flats.push(rule.unwrap_or(0));
-                }
-                uniform = Some(None);
-            }
-            _ => {
-                total += share * r;
-                uniform = match uniform {
-                    None => Some(Some(r)),
-                    Some(Some(u)) if u == r => Some(Some(u)),
-                    Some(_) => Some(None),
-                };
-            }
-        }
-        decided_by = decided_by.or(rule);
+        total += share * r;
+        uniform = match uniform {
+            None => Some(Some(r)),
+            Some(Some(u)) if u == r => Some(Some(u)),
+            Some(_) => Some(None),
+        };
     }
     if first_capture {
-        for i in &flats {
-            if let Some(RewardPay::Flat(f)) = program.rewards.get(*i).map(|r| r.pay) {
+        for rw in flats.iter().filter_map(|&i| program.rewards.get(i)) {
+            if let RewardPay::Flat(f) = rw.pay {
                 total += f;
             }
         }
