@@ -65,15 +65,6 @@ role = "brand"
     p
 }
 
-fn json(body: &str) -> serde_json::Value {
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
-}
-
-fn call(port: u16, method: &str, path: &str, key: Option<&str>, body: &str) -> (u16, serde_json::Value) {
-    let (s, b) = http(port, method, path, key, body);
-    (s, if b.trim().is_empty() { serde_json::Value::Null } else { json(&b) })
-}
-
 /// One check per boundary: (method, path, credential, body) -> status and, when given, a reason.
 /// (method, path, credential, body, status, reason)
 type Case<'a> = (&'a str, &'a str, Option<&'a str>, &'a str, u16, Option<&'a str>);

@@ -239,11 +239,6 @@ fn orders(from: usize, to: usize) -> String {
     body
 }
 
-fn call(port: u16, method: &str, path: &str, key: Option<&str>, body: &str) -> (u16, serde_json::Value) {
-    let (s, b) = http(port, method, path, key, body);
-    (s, if b.trim().is_empty() { serde_json::Value::Null } else { serde_json::from_str(&b).unwrap() })
-}
-
 /// Message types by subject, in the order of their first successful delivery.
 fn by_subject(r: &Receiver) -> BTreeMap<String, Vec<String>> {
     let mut seen = BTreeSet::new();

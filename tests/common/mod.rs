@@ -249,6 +249,17 @@ pub fn http(port: u16, method: &str, path: &str, key: Option<&str>, body: &str) 
     (status, body)
 }
 
+/// [`http`] with a JSON answer (`Null` for an empty body).
+pub fn call(port: u16, method: &str, path: &str, key: Option<&str>, body: &str) -> (u16, serde_json::Value) {
+    let (s, b) = http(port, method, path, key, body);
+    let v = if b.trim().is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(&b).unwrap_or_else(|e| panic!("not JSON ({e}): {b}"))
+    };
+    (s, v)
+}
+
 pub const KEYS: [(&str, &str); 2] = [("acme", "acme-test-key-0123456789"), ("bharat", "bharat-test-key-0123456789")];
 
 /// The demo's traffic (seeded), with an API key per program.

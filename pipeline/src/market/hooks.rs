@@ -96,7 +96,7 @@ async fn make(m: &Market, program: &str, partner: Option<String>, body: &[u8]) -
     }
     let next = crate::webhooks::next_position(&m.js).await.map_err(|e| Refusal::unavailable(e.to_string()))?;
     let secret = new_secret();
-    let id = format!("ep_{}", &new_secret()[6..22].replace(['+', '/', '='], "x"));
+    let id = format!("ep_{:016x}", rand::random::<u64>());
     let ep = Endpoint {
         id: id.clone(),
         program_id: program.to_string(),

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use afflio_engine::Output;
 use chrono::Utc;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use super::deliver::{self, DeliverySettings};
 use super::endpoints::{new_secret, Endpoint, Endpoints, SigningSecret};
@@ -78,19 +78,9 @@ pub async fn delivery_throughput(
         start_seq: next,
     };
     endpoints.put(ep.clone()).await?;
-    let log = afflio_sinks::DeliveryLog::open(data).await?;
-    let (tx, rx) = mpsc::channel(10_000);
-    let writer = tokio::spawn(deliver::log_writer(log, rx));
-    let settings = DeliverySettings { lanes, ..DeliverySettings::default() };
-    let ctx = Arc::new(deliver::Ctx {
-        js: js.clone(),
-        endpoints: endpoints.clone(),
-        http: deliver::client(),
-        settings,
-        log: tx,
-    });
     let (stop_tx, stop_rx) = watch::channel(false);
-    let dispatcher = tokio::spawn(deliver::dispatcher(ctx, stop_rx));
+    let settings = DeliverySettings { lanes, ..DeliverySettings::default() };
+    let (dispatcher, writer) = deliver::spawn(&js, endpoints.clone(), data, settings, stop_rx).await?;
     let body = |i: usize| {
         serde_json::to_vec(&serde_json::json!({
             "type": "commission.created", "timestamp": Utc::now().to_rfc3339(),

@@ -16,7 +16,7 @@ use rand::Rng;
 use tokio::sync::{mpsc, watch};
 
 use super::endpoints::{Endpoint, Endpoints};
-use super::outbox::{subject_of, STREAM};
+use super::outbox::{filter_of, STREAM};
 
 /// How delivery retries and times out.
 #[derive(Clone, Debug)]
@@ -198,10 +198,7 @@ async fn consumer(ctx: &Ctx, ep: &Endpoint) -> Result<jetstream::consumer::PullC
     stream
         .create_consumer(pull::Config {
             durable_name: Some(name),
-            filter_subject: match &ep.partner_id {
-                Some(p) => subject_of(&ep.program_id, Some(p)),
-                None => format!("afflio.webhooks.{}.>", super::outbox::hex_id(&ep.program_id)),
-            },
+            filter_subject: filter_of(&ep.program_id, ep.partner_id.as_deref()),
             deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence: start },
             ack_policy: AckPolicy::Explicit,
             ack_wait: Duration::from_secs(30),
@@ -355,6 +352,23 @@ async fn deliver(ctx: &Ctx, id: &str, m: &jetstream::Message, mut stop: watch::R
             let _ = m.ack_with(AckKind::Progress).await;
         }
     }
+}
+
+/// Starts delivering: the `deliveries` log writer and the dispatcher of the
+/// endpoints' workers (until `stop`). Returns both tasks.
+pub(crate) async fn spawn(
+    js: &jetstream::Context,
+    endpoints: Arc<Endpoints>,
+    data: &std::path::Path,
+    settings: DeliverySettings,
+    stop: watch::Receiver<bool>,
+) -> Result<(tokio::task::JoinHandle<()>, tokio::task::JoinHandle<()>), crate::error::PipelineError> {
+    let log = DeliveryLog::open(data).await?;
+    let (tx, rx) = mpsc::channel(10_000);
+    let writer = tokio::spawn(log_writer(log, rx));
+    let ctx = Arc::new(Ctx { js: js.clone(), endpoints, http: client(), settings, log: tx });
+    let dispatcher = tokio::spawn(dispatcher(ctx, stop));
+    Ok((dispatcher, writer))
 }
 
 /// Writes delivery rows to the `deliveries` table in batches.

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use afflio_engine::rules::Rules;
 use async_nats::jetstream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 pub use bench::{delivery_throughput, webhook_messages, DeliveryResult};
 pub use deliver::DeliverySettings;
@@ -42,28 +42,9 @@ pub(crate) async fn start(
     stop: watch::Receiver<bool>,
 ) -> Result<Webhooks, PipelineError> {
     outbox::ensure_stream(js).await?;
-    let next = js
-        .get_stream(outbox::STREAM)
-        .await
-        .map_err(|e| PipelineError::Broker(format!("{}: {e}", outbox::STREAM)))?
-        .info()
-        .await
-        .map_err(|e| PipelineError::Broker(format!("{}: {e}", outbox::STREAM)))?
-        .state
-        .last_sequence
-        + 1;
+    let next = next_position(js).await?;
     let endpoints = Arc::new(endpoints::Endpoints::open(js, rules.webhooks(), next).await?);
-    let log = afflio_sinks::DeliveryLog::open(data).await?;
-    let (tx, rx) = mpsc::channel(10_000);
-    tokio::spawn(deliver::log_writer(log, rx));
-    let ctx = Arc::new(deliver::Ctx {
-        js: js.clone(),
-        endpoints: endpoints.clone(),
-        http: deliver::client(),
-        settings,
-        log: tx,
-    });
-    tokio::spawn(deliver::dispatcher(ctx, stop));
+    deliver::spawn(js, endpoints.clone(), data, settings, stop).await?;
     Ok(Webhooks { outbox: outbox::Outbox { js: js.clone(), endpoints: endpoints.clone() }, endpoints })
 }
 

@@ -45,6 +45,14 @@ pub(crate) fn subject_of(program: &str, partner: Option<&str>) -> String {
     format!("afflio.webhooks.{}.{}", hex_id(program), partner.map_or_else(|| "_".to_string(), hex_id))
 }
 
+/// The subjects an endpoint reads: its partner's, or every one of its program's.
+pub(crate) fn filter_of(program: &str, partner: Option<&str>) -> String {
+    match partner {
+        Some(p) => subject_of(program, Some(p)),
+        None => format!("afflio.webhooks.{}.>", hex_id(program)),
+    }
+}
+
 fn msg(
     kind: &'static str,
     key: &str,

@@ -12,7 +12,7 @@ use futures::StreamExt;
 
 use super::deliver::{client, post};
 use super::endpoints::Endpoints;
-use super::outbox::{hex_id, subject_of, STREAM};
+use super::outbox::{filter_of, STREAM};
 use crate::error::PipelineError;
 
 /// Which messages to send again, and where the log is.
@@ -68,10 +68,7 @@ pub async fn replay(opts: ReplayOptions) -> Result<ReplaySummary, PipelineError>
         },
         None => jetstream::consumer::DeliverPolicy::All,
     };
-    let filter_subject = match &ep.partner_id {
-        Some(p) => subject_of(&ep.program_id, Some(p)),
-        None => format!("afflio.webhooks.{}.>", hex_id(&ep.program_id)),
-    };
+    let filter_subject = filter_of(&ep.program_id, ep.partner_id.as_deref());
     let name = format!("wh-replay-{:016x}", rand::random::<u64>());
     let consumer: jetstream::consumer::PullConsumer = stream
         .create_consumer(pull::Config {
