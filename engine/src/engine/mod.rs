@@ -166,10 +166,11 @@ impl Engine {
         detail: Vec<(&'static str, String)>,
     ) {
         if self.notices {
-            let program_id = self
-                .rules
-                .program(&e.program_id)
-                .map_or_else(|| e.program_id.as_ref().into(), |p| p.id.as_str().into());
+            // The program's interned name: an Arc clone, no allocation.
+            let program_id = match self.names.get(&e.program_id) {
+                Some(i) => self.names.name(i).clone(),
+                None => e.program_id.as_ref().into(),
+            };
             self.out.notices.push(crate::output::Notice {
                 kind,
                 event_id: e.event_id.to_string(),

@@ -147,20 +147,16 @@ impl Endpoints {
         let eps = Endpoints { js: js.clone(), map: RwLock::new(map) };
         for c in configured {
             let existing = eps.get(&c.id);
-            let mut secrets = vec![SigningSecret { secret: c.secret.expose().to_string(), expires_at: None }];
-            if let Some(old) = &existing {
-                // A secret changed in the file keeps signing for the overlap.
-                for s in &old.secrets {
-                    if s.secret != secrets[0].secret && s.expires_at.is_none() {
-                        secrets.push(SigningSecret {
-                            secret: s.secret.clone(),
-                            expires_at: Some(Utc::now() + rotation_overlap()),
-                        });
-                    } else if s.secret != secrets[0].secret && s.expires_at.is_some_and(|x| x > Utc::now()) {
-                        secrets.push(s.clone());
-                    }
-                }
-            }
+            // A secret changed in the file: the old one keeps signing for the overlap.
+            let now = Utc::now();
+            let current = c.secret.expose().to_string();
+            let previous =
+                existing.iter().flat_map(|e| e.secrets.iter()).filter(|s| s.secret != current).filter_map(|s| {
+                    let expires_at = s.expires_at.unwrap_or(now + rotation_overlap());
+                    (expires_at > now).then(|| SigningSecret { secret: s.secret.clone(), expires_at: Some(expires_at) })
+                });
+            let secrets: Vec<SigningSecret> =
+                std::iter::once(SigningSecret { secret: current.clone(), expires_at: None }).chain(previous).collect();
             let ep = Endpoint {
                 id: c.id.clone(),
                 program_id: c.program_id.clone(),
