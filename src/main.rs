@@ -83,10 +83,10 @@ enum Command {
     Gen {
         #[arg(long, default_value_t = 1)]
         seed: u64,
-        #[arg(long, default_value_t = 7)]
+        #[arg(long, default_value_t = 12)]
         days: u32,
         /// Average orders per day of normal traffic.
-        #[arg(long, default_value_t = 8_000)]
+        #[arg(long, default_value_t = 4_500)]
         orders_per_day: u32,
         #[arg(long, default_value_t = 200)]
         creators: usize,
@@ -104,12 +104,18 @@ enum Command {
         /// Seeds, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5")]
         seeds: Vec<u64>,
-        #[arg(long, default_value_t = 7)]
+        #[arg(long, default_value_t = 12)]
         days: u32,
-        #[arg(long, default_value_t = 8_000)]
+        #[arg(long, default_value_t = 4_500)]
         orders_per_day: u32,
         #[arg(long, default_value_t = 200)]
         creators: usize,
+        /// Skip the throughput runs (the detection table only).
+        #[arg(long)]
+        no_throughput: bool,
+        /// Print up to this many false alarms per rule and seed (rule, order, time, detail).
+        #[arg(long, default_value_t = 0)]
+        explain: usize,
     },
     /// The payouts queue on a replayed store: plan a batch from approved
     /// balances, send it (RazorpayX, PayPal), reconcile statuses.
@@ -354,7 +360,7 @@ enum BenchCommand {
     Replay {
         #[arg(long, default_value_t = 1_000_000)]
         events: u64,
-        #[arg(long, default_value_t = 7)]
+        #[arg(long, default_value_t = 12)]
         seed: u64,
         /// Measure this directory's rules.toml and events.jsonl (into DIR/store)
         /// in this process instead of generating them and measuring in a child.
@@ -404,7 +410,7 @@ enum BenchCommand {
     /// Replay at three sizes of events and of partners, sessions at three
     /// sizes: how cost grows.
     Scaling {
-        #[arg(long, default_value_t = 7)]
+        #[arg(long, default_value_t = 12)]
         seed: u64,
     },
     /// The same generated workload through a PostgreSQL attribution pipeline
@@ -412,7 +418,7 @@ enum BenchCommand {
     Baseline {
         #[arg(long, default_value_t = 200_000)]
         events: u64,
-        #[arg(long, default_value_t = 7)]
+        #[arg(long, default_value_t = 12)]
         seed: u64,
         /// PostgreSQL to use; one is started (initdb + pg_ctl) if none answers.
         #[arg(long, default_value = "host=127.0.0.1 port=5432 user=postgres dbname=postgres", env = "AFFLIO_PG_URL")]
@@ -948,15 +954,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Eval { seeds, days, orders_per_day, creators } => {
+        Command::Eval { seeds, days, orders_per_day, creators, no_throughput, explain } => {
             let mut evals = Vec::new();
             for seed in seeds {
                 let o = GenOptions { seed, days, orders_per_day, creators, fraud: true };
-                let e = fraudlab::evaluate(&o, true)?;
+                let e = fraudlab::evaluate(&o, !no_throughput)?;
                 eprintln!(
                     "seed {seed}: {} events, {} orders, {:.0} events/s with every rule on, {:.0} off",
                     e.events, e.orders, e.events_per_sec_on, e.events_per_sec_off
                 );
+                let mut shown: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+                for f in &e.false_alarms {
+                    let n = shown.entry(f.rule.as_str()).or_default();
+                    if *n < explain {
+                        *n += 1;
+                        eprintln!("  false alarm: {} {} {} {}", f.rule.as_str(), f.order_id, f.ts, f.detail);
+                    }
+                }
                 evals.push(e);
             }
             print!("{}", fraudlab::report(&evals));

@@ -274,9 +274,12 @@ pub struct Flag {
     /// How far past its threshold the rule fired (1.0 = at the threshold for
     /// rules with a threshold; 1.0 for the deterministic rules).
     pub score: f64,
-    /// The measured quantity (orders, share, standard deviations, seconds).
+    /// The measured quantity (orders, share, evidence, seconds).
     pub value: f64,
-    /// The configured threshold `value` was compared with.
+    /// What is usual for the partner or code, for the rules that learn it
+    /// (its share of the program's orders; the program's refunds per order).
+    pub baseline: Option<f64>,
+    /// The threshold `value` was compared with.
     pub threshold: f64,
     pub detail: String,
     /// Event time of the event that raised the flag.

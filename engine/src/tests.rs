@@ -311,35 +311,68 @@ fn fast_conversion_and_flag_only_actions() {
 }
 
 #[test]
-fn coupon_leak_flags_a_code_mostly_redeemed_without_its_partners_clicks() {
-    let mut e = fraud_engine("[programs.fraud.coupon_leak]\naction = 'hold'\nmin_orders = 4\nmax_share = 0.5");
-    // One redemption after a click on alice's link, then four without.
-    apply(&mut e, &click("k0", 0, "a1", "v0", "acme"));
-    apply(&mut e, &capture("c0", 1, "o0", "10", Some("v0"), &["alice"]));
-    for i in 1..=4 {
-        apply(&mut e, &capture(&format!("c{i}"), 1 + i, &format!("o{i}"), "10", Some(&format!("w{i}")), &["alice"]));
+fn coupon_leak_flags_a_burst_of_redemptions_without_clicks_against_the_codes_usual_share() {
+    let mut e = fraud_engine(
+        "[programs.fraud.coupon_leak]\naction = 'hold'\nmin_orders = 4\nmax_share = 0.5\nthreshold = 2.0\n\
+         [programs.fraud.conversion_spike]\naction = 'off'\nwarmup_buckets = 2",
+    );
+    let bob = "[[partners]]\nid = 'bob'\nprogram_id = 'acme'\n[[codes]]\ncode = 'BOB'\npartner_id = 'bob'\n";
+    let rules = e.rules().with_update(bob).unwrap();
+    e.set_rules(Arc::new(rules));
+    let mut n = 0;
+    let mut order = |e: &mut Engine, mins: i64, code: &str, clicked: bool| {
+        n += 1;
+        let visitor = format!("v{n}");
+        if clicked {
+            apply(e, &click(&format!("k{n}"), mins, "a1", &visitor, "acme"));
+        }
+        apply(e, &capture(&format!("c{n}"), mins, &format!("o{n}"), "10", Some(&visitor), &[code]));
+    };
+    // Four hours: bob 4 orders, alice's code twice (once after a click on her
+    // link, once typed): alice's code usually has half its redemptions with
+    // no click, a sixth of the program's orders.
+    for h in 0..4 {
+        for k in 0..4 {
+            order(&mut e, h * 60 + k, "BOB", false);
+        }
+        order(&mut e, h * 60 + 10, "ALICE", true);
+        order(&mut e, h * 60 + 20, "ALICE", false);
     }
-    // No-click share of the last 4 redemptions: judged from the 4th: o0..o3 = 3/4 > 0.5,
-    // flagged with the earlier no-click ones (o1, o2); then o1..o4 = 4/4. o0 (clicked) never.
+    assert!(e.take_output().flags.is_empty(), "half without a click is this code's usual");
+    // Hour 4: bob's 4, then alice's code 6 times with no click.
+    for k in 0..4 {
+        order(&mut e, 240 + k, "BOB", false);
+    }
+    for k in 0..6 {
+        order(&mut e, 250 + k, "ALICE", false);
+    }
+    // The k-th adds ln 3 against 2 x (4 + k) / 6 expected: the evidence
+    // first reaches 2.0 at k = 5 (2.49); the run's earlier four are flagged with it.
     let flags = e.take_output().flags;
     let got: Vec<(&str, bool)> = flags.iter().map(|f| (f.order_id.as_str(), f.retroactive)).collect();
-    assert_eq!(got, [("o1", true), ("o2", true), ("o3", false), ("o4", false)]);
+    assert_eq!(got, [("o29", true), ("o30", true), ("o31", true), ("o32", true), ("o33", false), ("o34", false)]);
     assert!(flags.iter().all(|f| f.rule.as_str() == "coupon_leak"));
-    assert!(
-        flags[0].detail.contains("75% of its last 4 redemptions had no click from alice's links"),
-        "{}",
-        flags[0].detail
-    );
-    assert!(e.order("acme", "o1").unwrap().held);
-    assert!(!e.order("acme", "o0").unwrap().held);
+    let f = &flags[4];
+    assert!(f.detail.contains("100% of its last 4 redemptions had no click from alice's links"), "{}", f.detail);
+    assert!(f.detail.contains("5 redemptions with no click in the 1h bucket"), "{}", f.detail);
+    assert_eq!(f.threshold, 2.0);
+    assert!((f.value - (5.0 * 3f64.ln() - 2.0 * 9.0 / 6.0)).abs() < 1e-9, "{}", f.value);
+    assert!((f.baseline.unwrap() - 1.0 / 6.0).abs() < 1e-9, "{:?}", f.baseline);
+    assert!(e.order("acme", "o29").unwrap().held);
+    // Hour 5, back to the usual pattern: the window has ended.
+    for k in 0..4 {
+        order(&mut e, 300 + k, "BOB", false);
+    }
+    order(&mut e, 310, "ALICE", true);
+    order(&mut e, 320, "ALICE", false);
+    assert!(e.take_output().flags.is_empty(), "no flag once the burst is over");
 }
 
 #[test]
-fn refund_rate_flags_new_orders_of_a_partner_with_abnormal_refunds() {
-    let mut e = fraud_engine("[programs.fraud.refund_rate]\naction = 'flag'\nmin_orders = 2\nmax_share = 0.3");
-    let refund = |id: &str, order: &str, amount: &str| Event {
+fn refund_rate_flags_a_partner_far_above_the_programs_refunds_and_its_window_once() {
+    let refund = |id: &str, mins: i64, order: &str, amount: &str| Event {
         event_id: id.to_string().into(),
-        ts: at(30),
+        ts: at(mins),
         program_id: "acme".into(),
         body: Body::Refund(crate::Refund {
             order_id: order.to_string().into(),
@@ -349,16 +382,55 @@ fn refund_rate_flags_new_orders_of_a_partner_with_abnormal_refunds() {
             chargeback: false,
         }),
     };
+    // By money: 70 of 200 refunded (35% > 30%) after 2 orders: the next order is flagged.
+    let mut e = fraud_engine("[programs.fraud.refund_rate]\naction = 'flag'\nmin_orders = 2\nmax_share = 0.3");
     apply(&mut e, &capture("c1", 0, "o1", "100", None, &["alice"]));
     apply(&mut e, &capture("c2", 1, "o2", "100", None, &["alice"]));
-    assert_eq!(apply(&mut e, &refund("r1", "o1", "70")), Outcome::Applied);
-    // 70 of 200 refunded (35% > 30%) after 2 orders: the next order is flagged.
+    assert_eq!(apply(&mut e, &refund("r1", 30, "o1", "70")), Outcome::Applied);
     apply(&mut e, &capture("c3", 40, "o3", "100", None, &["alice"]));
     let flags = e.take_output().flags;
-    assert_eq!(flags.len(), 1);
-    assert_eq!((flags[0].order_id.as_str(), flags[0].rule.as_str()), ("o3", "refund_rate"));
-    assert!(flags[0].detail.contains("35% of captured revenue refunded over 2 orders"), "{}", flags[0].detail);
+    let got: Vec<(&str, bool)> = flags.iter().map(|f| (f.order_id.as_str(), f.retroactive)).collect();
+    assert_eq!(got, [("o2", true), ("o1", true), ("o3", false)], "the window's orders, newest first, then o3");
+    assert!(flags[2].detail.contains("1 refunds on its 2 orders"), "{}", flags[2].detail);
+    assert_eq!((flags[2].value, flags[2].threshold), (0.35, 0.3));
     assert!(!e.order("acme", "o3").unwrap().held, "action = flag");
+    // By count: bob's 100 orders with 4 refunds; alice's 30 with small partial refunds.
+    let mut e = fraud_engine("[programs.fraud.refund_rate]\naction = 'hold'\nmin_orders = 20");
+    let bob = "[[partners]]\nid = 'bob'\nprogram_id = 'acme'\n[[codes]]\ncode = 'BOB'\npartner_id = 'bob'\n";
+    let rules = e.rules().with_update(bob).unwrap();
+    e.set_rules(Arc::new(rules));
+    for i in 0..100 {
+        apply(&mut e, &capture(&format!("b{i}"), i, &format!("ob{i}"), "100", None, &["BOB"]));
+    }
+    for i in 0..4 {
+        apply(&mut e, &refund(&format!("rb{i}"), 200, &format!("ob{i}"), "100"));
+    }
+    for i in 0..30 {
+        apply(&mut e, &capture(&format!("a{i}"), 300 + i, &format!("oa{i}"), "100", None, &["alice"]));
+    }
+    let refunds = |e: &mut Engine, from: usize, to: usize| {
+        for i in from..to {
+            apply(e, &refund(&format!("ra{i}"), 400, &format!("oa{i}"), "5"));
+        }
+    };
+    // 11 of alice's 30 refunded: 36.7% per order against the program's 15/130;
+    // limit max(3 x 11.5%, 11.5% + 4 sqrt(30 x 11.5% + 1) / 30 = 39.7%): not yet.
+    refunds(&mut e, 0, 11);
+    apply(&mut e, &capture("a30", 500, "oa30", "100", None, &["alice"]));
+    assert!(e.take_output().flags.is_empty());
+    // 16 of 31 (51.6%), the program 20/131: over; the money share (2.6%) is not.
+    refunds(&mut e, 11, 16);
+    apply(&mut e, &capture("a31", 501, "oa31", "100", None, &["alice"]));
+    let flags = e.take_output().flags;
+    assert_eq!(flags.len(), 32, "o31 and alice's 31 earlier orders of the window");
+    assert!(flags.iter().all(|f| &*f.partner_id == "alice" && f.rule.as_str() == "refund_rate"));
+    let f = flags.last().unwrap();
+    assert_eq!(f.order_id, "oa31");
+    assert!((f.value - 16.0 / 31.0).abs() < 1e-9 && (f.baseline.unwrap() - 20.0 / 131.0).abs() < 1e-9, "{f:?}");
+    // The next order is flagged on its own: the window was flagged once.
+    apply(&mut e, &capture("a32", 502, "oa32", "100", None, &["alice"]));
+    assert_eq!(e.take_output().flags.len(), 1);
+    assert!(e.order("acme", "oa0").unwrap().held);
 }
 
 fn review(id: &str, mins: i64, order: Option<&str>, decision: crate::Decision, reason: Option<&str>) -> Event<'static> {
@@ -441,9 +513,9 @@ fn a_held_line_approved_once_eligible_is_released_by_that_review() {
 }
 
 #[test]
-fn conversion_spike_holds_the_orders_of_the_spiking_bucket() {
+fn conversion_spike_holds_a_run_far_above_the_partners_share_and_the_window_ends() {
     let mut e = fraud_engine(
-        "[programs.fraud.conversion_spike]\naction = 'hold'\nbucket = '1h'\nmin_orders = 3\nthreshold = 1.0\nwarmup_buckets = 2",
+        "[programs.fraud.conversion_spike]\naction = 'hold'\nbucket = '1h'\nmin_orders = 3\nthreshold = 2.0\nwarmup_buckets = 2",
     );
     let bob = "[[partners]]\nid = 'bob'\nprogram_id = 'acme'\n[[codes]]\ncode = 'BOB'\npartner_id = 'bob'\n";
     let rules = e.rules().with_update(bob).unwrap();
@@ -453,33 +525,47 @@ fn conversion_spike_holds_the_orders_of_the_spiking_bucket() {
         n += 1;
         apply(e, &capture(&format!("c{n}"), mins, &format!("o{n}"), "10", None, &[code]))
     };
-    // Five hours of alice and bob at 2 orders each: alice's share is 0.5.
+    // Five hours of bob at 8 orders and alice at 2: alice's share is 0.2.
     for h in 0..5 {
-        for k in 0..2 {
-            order(&mut e, h * 60 + k * 10, "BOB");
-            order(&mut e, h * 60 + k * 10 + 5, "ALICE");
+        for k in 0..8 {
+            order(&mut e, h * 60 + k * 5, "BOB");
         }
+        order(&mut e, h * 60 + 50, "ALICE");
+        order(&mut e, h * 60 + 55, "ALICE");
     }
     assert!(e.take_output().flags.is_empty());
-    // Hour 5: bob 2, alice 10. With P = 2 + c, expected 0.5 P and no variance,
-    // z = (0.5 c - 1) / sqrt(2 + 0.5 c) first reaches 1.0 at c = 7.
-    order(&mut e, 300, "BOB");
-    order(&mut e, 301, "BOB");
+    // Hour 5: bob 8, alice 10. Alice's k-th adds ln 3 against 2 x 0.2 x (8 + k):
+    // the evidence 1.0986 k - 3.2 - 0.4 k first reaches 2.0 at k = 8 (2.39).
+    for k in 0..8 {
+        order(&mut e, 300 + k, "BOB");
+    }
     for k in 0..10 {
-        order(&mut e, 302 + k, "ALICE");
+        order(&mut e, 320 + k, "ALICE");
     }
     let flags = e.take_output().flags;
-    assert_eq!(flags.len(), 10, "all ten of alice's orders in the spiking hour");
+    assert_eq!(flags.len(), 10, "all ten of alice's orders in the run");
     assert!(flags.iter().all(|f| f.rule.as_str() == "conversion_spike" && &*f.partner_id == "alice"));
-    assert_eq!(flags.iter().filter(|f| f.retroactive).count(), 6);
-    assert_eq!(flags[0].event_id, flags[6].event_id, "raised by the 7th order");
+    assert_eq!(flags.iter().filter(|f| f.retroactive).count(), 7);
+    assert_eq!(flags[0].event_id, flags[7].event_id, "raised by the 8th order");
+    let f = &flags[7];
     assert!(
-        flags[6].detail.contains("partner alice has 7 of the program's 9 orders in the 1h bucket"),
+        f.detail.contains("partner alice has 8 of the program's 16 orders in the 1h bucket, 3.2 expected"),
         "{}",
-        flags[6].detail
+        f.detail
     );
-    assert!(e.order("acme", "o23").unwrap().held, "alice's first order of hour 5");
-    assert!(!e.order("acme", "o21").unwrap().held, "bob's");
+    assert!(f.detail.contains("holding every order of the run"), "no signal tells these orders apart: {}", f.detail);
+    assert!(f.detail.ends_with("this order: like the partner's usual orders"), "{}", f.detail);
+    assert!((f.value - (8.0 * 3f64.ln() - 3.2 - 3.2)).abs() < 1e-9, "{}", f.value);
+    assert!((f.baseline.unwrap() - 0.2).abs() < 1e-12 && f.threshold == 2.0, "{f:?}");
+    assert!(e.order("acme", "o59").unwrap().held, "alice's first order of hour 5");
+    assert!(!e.order("acme", "o58").unwrap().held, "bob's");
+    // Hour 6 is ordinary again: the window has ended.
+    for k in 0..8 {
+        order(&mut e, 360 + k * 5, "BOB");
+    }
+    order(&mut e, 410, "ALICE");
+    order(&mut e, 415, "ALICE");
+    assert!(e.take_output().flags.is_empty(), "no hold once the run is over");
 }
 
 /// Clicks at the same instant: both models credit the one applied later

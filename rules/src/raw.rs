@@ -257,8 +257,14 @@ pub(crate) struct RawRule {
     pub(crate) bucket: Option<S<String>>,
     /// conversion_spike: buckets of baseline a partner needs before it is judged.
     pub(crate) warmup_buckets: Option<S<i64>>,
-    /// conversion_spike: how many standard deviations above the baseline is a spike.
+    /// conversion_spike, coupon_leak: the evidence (log-likelihood ratio)
+    /// that flags; refund_rate: standard deviations above the program's rate.
     pub(crate) threshold: Option<S<f64>>,
+    /// conversion_spike, coupon_leak, refund_rate: the rise over the baseline
+    /// the test is tuned to (e.g. 3 = three times the usual rate).
+    pub(crate) ratio: Option<S<f64>>,
+    /// conversion_spike: buckets the baseline remembers (decayed).
+    pub(crate) baseline_buckets: Option<S<i64>>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]

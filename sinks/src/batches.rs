@@ -169,6 +169,7 @@ pub fn schema(t: Table) -> SchemaRef {
             f("value", Float64, false),
             f("threshold", Float64, false),
             f("retroactive", Boolean, false),
+            f("baseline", Float64, true),
         ],
         Table::Rejections => vec![
             f("event_id", Utf8, true),
@@ -379,6 +380,7 @@ pub(crate) fn flags(rows: &[Flag]) -> Result<RecordBatch, ArrowError> {
             Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.value))),
             Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.threshold))),
             Arc::new(BooleanArray::from_iter(rows.iter().map(|r| Some(r.retroactive)))),
+            Arc::new(Float64Array::from_iter(rows.iter().map(|r| r.baseline))),
         ],
     )
 }

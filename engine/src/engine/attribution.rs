@@ -111,11 +111,8 @@ impl Engine {
         self.orders.set_eligible_at(seq, eligible_at);
         self.meta.stats.applied_captures += 1;
         if let Some(cr) = &credit {
-            if let Some(pi) = self.names.get(&cr.partner_id) {
-                if let Some(w) = self.refunds_by_partner.get_mut(&(prog, pi)) {
-                    w.captured(e.ts.timestamp_micros(), c.amount, program.fraud.refund_rate_window.num_days());
-                }
-            }
+            let days = program.fraud.refund_rate_window.num_days();
+            self.refund_windows(prog, &cr.partner_id, |w| w.captured(e.ts.timestamp_micros(), c.amount, days));
         }
         self.accrue(seq, e, &super::commission::Sale::of_capture(c), rules, program);
         Ok(())
@@ -200,14 +197,16 @@ impl Engine {
             if action == FraudAction::Off {
                 continue;
             }
-            let Hit { value, threshold, score, detail, retro } = hit;
-            let flag = FlagSpec { rule, action, value, threshold, score, detail };
-            for id in retro.iter().filter(|id| ***id != *c.order_id) {
+            let Hit { value, baseline, threshold, score, detail, reason, current, retro } = hit;
+            let flag = FlagSpec { rule, action, value, baseline, threshold, score, detail };
+            for (id, why) in retro.iter().filter(|(id, _)| **id != *c.order_id) {
                 if let Some(s) = self.orders.seq_of(prog, id) {
-                    self.flag_order(s, &flag, e, true);
+                    self.flag_order(s, &flag, why.as_deref(), e, true);
                 }
             }
-            self.flag_order(seq, &flag, e, false);
+            if current {
+                self.flag_order(seq, &flag, reason.as_deref(), e, false);
+            }
         }
         seq
     }

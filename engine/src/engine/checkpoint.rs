@@ -44,7 +44,7 @@ pub enum CheckpointError {
     Encoding(#[from] postcard::Error),
 }
 
-const MAGIC: &[u8] = b"AFFLIO-ENGINE-CKPT-5\n";
+const MAGIC: &[u8] = b"AFFLIO-ENGINE-CKPT-6\n";
 
 type H = hashbrown::DefaultHashBuilder;
 

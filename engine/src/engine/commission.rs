@@ -198,11 +198,8 @@ impl Engine {
         // (its cohort), so the share of the window's orders refunded never
         // exceeds 1, and refunds of orders older than the window count for none.
         let cohort = order.first_capture_ts.timestamp_micros();
-        if let Some(pi) = self.names.get(&credit.partner_id) {
-            if let Some(w) = self.refunds_by_partner.get_mut(&(prog, pi)) {
-                w.refunded(cohort, r.amount, program.fraud.refund_rate_window.num_days());
-            }
-        }
+        let days = program.fraud.refund_rate_window.num_days();
+        self.refund_windows(prog, &credit.partner_id, |w| w.refunded(cohort, r.amount, days));
         self.note_lines_changed(seq);
         Ok(())
     }

@@ -266,10 +266,9 @@ impl Engine {
             }
         }
         self.meta.stats.applied_payments += 1;
-        if let Some(pi) = credited.as_ref().and_then(|c| self.names.get(c)) {
-            if let Some(w) = self.refunds_by_partner.get_mut(&(prog, pi)) {
-                w.captured(e.ts.timestamp_micros(), p.amount, program.fraud.refund_rate_window.num_days());
-            }
+        if let Some(c) = &credited {
+            let days = program.fraud.refund_rate_window.num_days();
+            self.refund_windows(prog, c, |w| w.captured(e.ts.timestamp_micros(), p.amount, days));
         }
         let mut extra = p.extra.clone();
         extra.plan = plan.map(|p| std::borrow::Cow::Owned(p.into_string()));

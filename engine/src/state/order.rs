@@ -318,7 +318,7 @@ impl Orders {
     }
 
     /// Seqs of the orders with a line of `partner` in `program`, oldest first.
-    pub(crate) fn of_partner(&self, program: u32, partner: &str) -> impl Iterator<Item = u64> + '_ {
+    pub(crate) fn of_partner(&self, program: u32, partner: &str) -> impl DoubleEndedIterator<Item = u64> + '_ {
         let key: (u32, Arc<str>) = (program, Arc::from(partner));
         self.by_partner.get(&key).into_iter().flat_map(|s| s.iter().copied())
     }

@@ -86,12 +86,6 @@ where
         self.map.entry(key).or_default()
     }
 
-    /// The value for `key`, inserted with `make` when absent; marked changed.
-    pub(crate) fn get_or_insert_with(&mut self, key: K, make: impl FnOnce() -> V) -> &mut V {
-        self.mark(key);
-        self.map.entry(key).or_insert_with(make)
-    }
-
     pub(crate) fn insert(&mut self, key: K, value: V) -> Option<V> {
         self.mark(key);
         self.map.insert(key, value)

@@ -111,7 +111,8 @@ pub(crate) fn messages(out: &Output, wanted: impl Fn(&str) -> bool) -> Vec<OutMs
     for f in out.flags.iter().filter(|f| wanted(&f.program_id)) {
         let data = json!({
             "program_id": f.program_id, "order_id": f.order_id, "partner_id": f.partner_id, "rule": f.rule.as_str(),
-            "action": f.action.as_str(), "value": f.value, "threshold": f.threshold, "detail": f.detail,
+            "action": f.action.as_str(), "value": f.value, "baseline": f.baseline, "threshold": f.threshold,
+            "detail": f.detail,
             "retroactive": f.retroactive, "event_id": f.event_id,
         });
         let key = format!("{}\u{0}{}\u{0}{}", f.event_id, f.order_id, f.rule.as_str());

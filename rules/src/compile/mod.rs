@@ -355,28 +355,40 @@ pub struct FraudSettings {
     /// A capture less than `fast_conversion_min` after its winning click.
     pub fast_conversion: FraudAction,
     pub fast_conversion_min: TimeDelta,
-    /// A code whose redemptions without a click from its partner's links
-    /// exceed `coupon_leak_max_share` after `coupon_leak_min_orders`.
+    /// A code whose last `coupon_leak_min_orders` redemptions are more than
+    /// `coupon_leak_max_share` without a click from its partner's links and
+    /// whose redemptions with no click run above their learned share of the
+    /// program's orders (evidence `coupon_leak_threshold` for a rise of
+    /// `coupon_leak_ratio`, in conversion_spike's buckets).
     pub coupon_leak: FraudAction,
     pub coupon_leak_min_orders: u32,
     pub coupon_leak_max_share: f64,
-    /// A partner whose refunded share of captured revenue exceeds
-    /// `refund_rate_max_share` after `refund_rate_min_orders` orders.
+    pub coupon_leak_threshold: f64,
+    pub coupon_leak_ratio: f64,
+    /// A partner with at least `refund_rate_min_orders` orders in the window
+    /// whose refunds per order exceed `refund_rate_ratio` times the program's
+    /// and stand `refund_rate_threshold` standard deviations above them, or
+    /// whose refunded share of captured money exceeds `refund_rate_max_share`.
     pub refund_rate: FraudAction,
     pub refund_rate_min_orders: u32,
     pub refund_rate_max_share: f64,
+    pub refund_rate_ratio: f64,
+    pub refund_rate_threshold: f64,
     /// The sliding window refunds and captures are compared over.
     pub refund_rate_window: TimeDelta,
-    /// A partner's attributed orders in a `conversion_spike_bucket` far above
-    /// its learned share of the program's orders: at least
-    /// `conversion_spike_min_orders` orders and `conversion_spike_threshold`
-    /// standard deviations above the baseline, once the baseline has seen
-    /// `conversion_spike_warmup` buckets.
+    /// A partner's attributed orders running above its learned share of the
+    /// program's orders: a Poisson CUSUM per `conversion_spike_bucket` for a
+    /// rise of `conversion_spike_ratio`, flagging at evidence
+    /// `conversion_spike_threshold` with at least `conversion_spike_min_orders`
+    /// orders in the run, once the baseline (remembering
+    /// `conversion_spike_memory` buckets) has seen `conversion_spike_warmup`.
     pub conversion_spike: FraudAction,
     pub conversion_spike_bucket: TimeDelta,
     pub conversion_spike_min_orders: u32,
     pub conversion_spike_threshold: f64,
+    pub conversion_spike_ratio: f64,
     pub conversion_spike_warmup: u32,
+    pub conversion_spike_memory: u32,
 }
 
 impl Default for FraudSettings {
@@ -390,19 +402,25 @@ impl Default for FraudSettings {
             velocity_max_orders: 5,
             velocity_window: TimeDelta::hours(1),
             fast_conversion: FraudAction::Off,
-            fast_conversion_min: TimeDelta::seconds(5),
+            fast_conversion_min: TimeDelta::seconds(12),
             coupon_leak: FraudAction::Off,
             coupon_leak_min_orders: 20,
             coupon_leak_max_share: 0.8,
+            coupon_leak_threshold: 8.0,
+            coupon_leak_ratio: 3.0,
             refund_rate: FraudAction::Off,
             refund_rate_min_orders: 20,
-            refund_rate_max_share: 0.3,
+            refund_rate_max_share: 0.5,
+            refund_rate_ratio: 3.0,
+            refund_rate_threshold: 4.0,
             refund_rate_window: TimeDelta::days(7),
             conversion_spike: FraudAction::Off,
             conversion_spike_bucket: TimeDelta::hours(1),
-            conversion_spike_min_orders: 10,
-            conversion_spike_threshold: 4.0,
+            conversion_spike_min_orders: 5,
+            conversion_spike_threshold: 10.0,
+            conversion_spike_ratio: 3.0,
             conversion_spike_warmup: 24,
+            conversion_spike_memory: 168,
         }
     }
 }
@@ -461,6 +479,40 @@ fn compile_fraud(cx: &mut Ctx<'_>, i: usize, raw: Option<&S<crate::raw::RawFraud
         };
     share_rule(cx, &raw.coupon_leak, "coupon_leak", &mut s.coupon_leak_min_orders, &mut s.coupon_leak_max_share);
     share_rule(cx, &raw.refund_rate, "refund_rate", &mut s.refund_rate_min_orders, &mut s.refund_rate_max_share);
+    let evidence = |cx: &mut Ctx<'_>, rule: &Option<S<crate::raw::RawRule>>, name: &str, t: &mut f64, r: &mut f64| {
+        let Some(raw) = rule.as_ref().map(|r| r.get_ref()) else { return };
+        if let Some(v) = &raw.threshold {
+            if v.get_ref().is_finite() && *v.get_ref() > 0.0 {
+                *t = *v.get_ref();
+            } else {
+                cx.err(
+                    v.span(),
+                    format!("programs[{i}].fraud.{name}.threshold"),
+                    format!("{} must be a positive number", v.get_ref()),
+                );
+            }
+        }
+        if let Some(v) = &raw.ratio {
+            if v.get_ref().is_finite() && *v.get_ref() > 1.0 && *v.get_ref() <= 100.0 {
+                *r = *v.get_ref();
+            } else {
+                cx.err(
+                    v.span(),
+                    format!("programs[{i}].fraud.{name}.ratio"),
+                    format!("{} must lie in (1, 100]", v.get_ref()),
+                );
+            }
+        }
+    };
+    evidence(cx, &raw.coupon_leak, "coupon_leak", &mut s.coupon_leak_threshold, &mut s.coupon_leak_ratio);
+    evidence(cx, &raw.refund_rate, "refund_rate", &mut s.refund_rate_threshold, &mut s.refund_rate_ratio);
+    evidence(
+        cx,
+        &raw.conversion_spike,
+        "conversion_spike",
+        &mut s.conversion_spike_threshold,
+        &mut s.conversion_spike_ratio,
+    );
     if let Some(r) = raw.refund_rate.as_ref().map(|v| v.get_ref()) {
         let field = format!("programs[{i}].fraud.refund_rate.window");
         s.refund_rate_window = cx.duration(r.window.as_ref(), s.refund_rate_window, &field);
@@ -502,11 +554,12 @@ fn compile_fraud(cx: &mut Ctx<'_>, i: usize, raw: Option<&S<crate::raw::RawFraud
                 _ => cx.err(w.span(), field("warmup_buckets"), format!("{} must lie between 1 and 10000", w.get_ref())),
             }
         }
-        if let Some(t) = &c.threshold {
-            if t.get_ref().is_finite() && *t.get_ref() > 0.0 {
-                s.conversion_spike_threshold = *t.get_ref();
-            } else {
-                cx.err(t.span(), field("threshold"), format!("{} must be a positive number", t.get_ref()));
+        if let Some(m) = &c.baseline_buckets {
+            match u32::try_from(*m.get_ref()) {
+                Ok(n) if (2..=10_000).contains(&n) => s.conversion_spike_memory = n,
+                _ => {
+                    cx.err(m.span(), field("baseline_buckets"), format!("{} must lie between 2 and 10000", m.get_ref()))
+                }
             }
         }
     }

@@ -276,11 +276,30 @@ fn fraud_rules_are_configured_per_program() {
     );
     assert_eq!((f.conversion_spike_threshold, f.conversion_spike_warmup), (3.5, 96));
     check(
-        &format!("{base}[programs.fraud.conversion_spike]\nbucket = '10s'\nthreshold = -1.0\nwarmup_buckets = 0\n"),
+        &format!(
+            "{base}[programs.fraud.conversion_spike]\nbucket = '10s'\nthreshold = -1.0\nwarmup_buckets = 0\nratio = 1.0\nbaseline_buckets = 1\n"
+        ),
         &[
             (6, "programs[0].fraud.conversion_spike.bucket", "between 1m and 1d"),
             (7, "programs[0].fraud.conversion_spike.threshold", "positive"),
             (8, "programs[0].fraud.conversion_spike.warmup_buckets", "between 1 and 10000"),
+            (9, "programs[0].fraud.conversion_spike.ratio", "(1, 100]"),
+            (10, "programs[0].fraud.conversion_spike.baseline_buckets", "between 2 and 10000"),
+        ],
+    );
+    let text = format!(
+        "{base}[programs.fraud.conversion_spike]\nratio = 4.0\nbaseline_buckets = 336\n\
+         [programs.fraud.coupon_leak]\nthreshold = 6.0\nratio = 2.5\n[programs.fraud.refund_rate]\nthreshold = 3.0\nratio = 2.0\n"
+    );
+    let f = Rules::parse("f", &text).unwrap().program("p").unwrap().fraud.clone();
+    assert_eq!((f.conversion_spike_ratio, f.conversion_spike_memory, f.conversion_spike_threshold), (4.0, 336, 10.0));
+    assert_eq!((f.coupon_leak_threshold, f.coupon_leak_ratio), (6.0, 2.5));
+    assert_eq!((f.refund_rate_threshold, f.refund_rate_ratio), (3.0, 2.0));
+    check(
+        &format!("{base}[programs.fraud.refund_rate]\nthreshold = 0.0\nratio = 101.0\n"),
+        &[
+            (6, "programs[0].fraud.refund_rate.threshold", "positive"),
+            (7, "programs[0].fraud.refund_rate.ratio", "(1, 100]"),
         ],
     );
     // A misspelt rule is refused, not silently ignored.
