@@ -299,6 +299,16 @@ impl Gen {
         self.labels.push(Label { order_id, attack, shape, attack_id: attack_id.to_string(), ts });
     }
 
+    /// The orders creator `c` usually has from `t0` for `len` (season, week
+    /// and sale day included).
+    fn expected_orders(&self, c: usize, start: DateTime<Utc>, t0: DateTime<Utc>, len: Duration, per_day: f64) -> f64 {
+        let hours = len.num_minutes() as f64 / 60.0;
+        let h = (t0 - start).num_hours().max(0) as u32;
+        let (day, hour) = (h / 24, h % 24);
+        let boost = if day == SALE_DAY { 3.0 } else { 1.0 };
+        per_day / 24.0 * season(hour, (day + 3) % 7) * boost * 0.9 * self.weight(c) * hours
+    }
+
     /// A random time between hour `from` and hour `to` of the traffic.
     fn time_in(&mut self, start: DateTime<Utc>, from: u32, to: u32) -> DateTime<Utc> {
         let h = self.rng.random_range(from..to.max(from + 1));
@@ -347,8 +357,11 @@ pub fn without_fraud(rules: &str) -> String {
 /// The sale day's index: the second Friday of the traffic when it has one
 /// (the traffic starts on a Thursday).
 fn sale_day_index(days: u32) -> Option<u32> {
-    (days >= 9).then_some(8)
+    (days > SALE_DAY).then_some(SALE_DAY)
 }
+
+/// The sale day: the ninth day, a Friday.
+const SALE_DAY: u32 = 8;
 
 /// Generates traffic (and attacks, when `o.fraud`) from `o.seed`.
 pub fn generate(o: &GenOptions) -> Generated {
@@ -475,12 +488,14 @@ fn inject(g: &mut Gen, start: DateTime<Utc>, hours: u32, per_day: f64) {
         let (id, ..) = g.order(&spec);
         g.label(id, "coupon_stacking", &format!("stack-{k}"), ts);
     }
-    // spike_burst: 20-40 extra orders over 60-120 minutes, from any minute.
+    // spike_burst: a creator of rank 5-60 converting three times its usual
+    // rate (twice its expected orders on top, at least 15) for 60-120
+    // minutes from any minute.
     for k in 0..3 {
         let t0 = g.time_in(start, from, to);
         let c = g.rng.random_range(5..60.min(n_creators));
-        let n = g.rng.random_range(20..=40);
         let len = Duration::minutes(g.rng.random_range(60..=120));
+        let n = (2.0 * g.expected_orders(c, start, t0, len, per_day)).round().max(15.0) as usize;
         let id = format!("burst-{k}");
         for ts in spread(g, t0, n, len) {
             let before = Duration::seconds(g.rng.random_range(20..240));
@@ -491,7 +506,8 @@ fn inject(g: &mut Gen, start: DateTime<Utc>, hours: u32, per_day: f64) {
     // 8x its usual rate (at least 0.6 an hour) over six hours.
     for k in 0..2 {
         let t0 = g.time_in(start, from, to);
-        let c = g.rng.random_range(100.min(n_creators - 1)..n_creators);
+        // Not the last creator: that partner account is the refund abuse's.
+        let c = g.rng.random_range(100.min(n_creators - 2)..n_creators - 1);
         let rate = (per_day * 0.9 * g.weight(c) / 24.0).max(0.6);
         let id = format!("ramp-{k}");
         for hour in 0..6i64 {
@@ -685,6 +701,8 @@ pub struct Evaluation {
     pub events_per_sec_off: f64,
     /// Flags on genuine orders (false alarms), for a reader tuning the rules.
     pub false_alarms: Vec<Flag>,
+    /// Attacked orders their rule did not flag.
+    pub missed: Vec<Label>,
 }
 
 /// Decodes and applies `events` with `rules`; returns the flags and the rate.
@@ -803,6 +821,8 @@ pub fn evaluate(o: &GenOptions, throughput: bool) -> anyhow::Result<Evaluation> 
         }
     }
     let attacked: HashSet<&str> = g.labels.iter().map(|l| l.order_id.as_str()).collect();
+    let caught: HashSet<(&str, &str)> = flags.iter().map(|f| (f.rule.as_str(), f.order_id.as_str())).collect();
+    let missed = g.labels.iter().filter(|l| !caught.contains(&(l.attack, l.order_id.as_str()))).cloned().collect();
     let false_alarms = flags.into_iter().filter(|f| !attacked.contains(f.order_id.as_str())).collect();
     Ok(Evaluation {
         seed: o.seed,
@@ -813,6 +833,7 @@ pub fn evaluate(o: &GenOptions, throughput: bool) -> anyhow::Result<Evaluation> 
         events_per_sec_on: on,
         events_per_sec_off: off,
         false_alarms,
+        missed,
     })
 }
 

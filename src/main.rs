@@ -113,7 +113,8 @@ enum Command {
         /// Skip the throughput runs (the detection table only).
         #[arg(long)]
         no_throughput: bool,
-        /// Print up to this many false alarms per rule and seed (rule, order, time, detail).
+        /// Print up to this many false alarms per rule and missed orders per
+        /// attack shape, per seed.
         #[arg(long, default_value_t = 0)]
         explain: usize,
     },
@@ -969,6 +970,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     if *n < explain {
                         *n += 1;
                         eprintln!("  false alarm: {} {} {} {}", f.rule.as_str(), f.order_id, f.ts, f.detail);
+                    }
+                }
+                let mut shown: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+                for l in &e.missed {
+                    let n = shown.entry(l.shape).or_default();
+                    if *n < explain {
+                        *n += 1;
+                        eprintln!("  missed: {} {} {} (started {})", l.shape, l.attack_id, l.order_id, l.ts);
                     }
                 }
                 evals.push(e);

@@ -493,8 +493,8 @@ impl RateMonitor {
 
     /// Records an order of the key at `ts`; `program` holds the program's
     /// orders per bucket (this order included). Returns a hit while the
-    /// evidence is over the threshold and the caller's other condition
-    /// (`allowed`) holds; no alarm is raised without it.
+    /// evidence is over the threshold; an alarm is raised only while the
+    /// caller's other condition (`allowed`) holds, and lasts without it.
     pub(crate) fn record(
         &mut self,
         ts: i64,
@@ -527,7 +527,7 @@ impl RateMonitor {
         let n = program_count(program, self.bucket).max(self.count);
         let expected = self.mean() * f64::from(n);
         let evidence = self.evidence + f64::from(self.count) * p.ratio.ln() - (p.ratio - 1.0) * expected;
-        if evidence < p.threshold || self.run_count < p.min_orders || !allowed {
+        if evidence < p.threshold || self.run_count < p.min_orders || (self.alarm.is_none() && !allowed) {
             return None;
         }
         let suspicious = self.run.iter().filter(|o| o.signals != 0).count() as u32;

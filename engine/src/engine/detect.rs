@@ -225,7 +225,9 @@ impl Engine {
                 let order = RunOrder { id: oid.clone(), signals: signal::CODE_ONLY, ip: 0, customer: 0 };
                 let rate = w.monitor.record(ts, program_buckets, order, &params, over.is_some());
                 leaked = w.monitor.alarm.is_some();
-                if let (Some((share, usual)), Some(h)) = (over, rate) {
+                // The share gates the alarm (see RateMonitor::record); once
+                // raised, it lasts while the rate stays up.
+                if let (Some((share, usual)), Some(h)) = (share, rate) {
                     let detail = format!(
                         "code {}: {:.0}% of its last {min} redemptions had no click from {}'s links, usually {:.0}% \
                          (limit {:.0}%); {} redemptions with no click in the {} bucket, {:.1} expected from its usual \

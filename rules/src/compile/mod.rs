@@ -412,7 +412,7 @@ impl Default for FraudSettings {
             refund_rate_min_orders: 20,
             refund_rate_max_share: 0.5,
             refund_rate_ratio: 3.0,
-            refund_rate_threshold: 4.0,
+            refund_rate_threshold: 6.0,
             refund_rate_window: TimeDelta::days(7),
             conversion_spike: FraudAction::Off,
             conversion_spike_bucket: TimeDelta::hours(1),
