@@ -503,14 +503,15 @@ fn inject(g: &mut Gen, start: DateTime<Utc>, hours: u32, per_day: f64) {
         }
     }
     // spike_ramp_small: a small creator's extra orders rise hour by hour to
-    // 8x its usual rate (at least 0.6 an hour) over six hours.
+    // 8x its usual rate of the hour (at least 0.6 an hour) over six hours.
     for k in 0..2 {
         let t0 = g.time_in(start, from, to);
         // Not the last creator: that partner account is the refund abuse's.
         let c = g.rng.random_range(100.min(n_creators - 2)..n_creators - 1);
-        let rate = (per_day * 0.9 * g.weight(c) / 24.0).max(0.6);
         let id = format!("ramp-{k}");
         for hour in 0..6i64 {
+            let at = t0 + Duration::hours(hour);
+            let rate = g.expected_orders(c, start, at, Duration::hours(1), per_day).max(0.6);
             let lambda = 8.0 * rate * (hour + 1) as f64 / 6.0;
             let n = (lambda + g.normal01() * lambda.sqrt()).round().max(1.0) as usize;
             for ts in spread(g, t0 + Duration::hours(hour), n, Duration::hours(1)) {
