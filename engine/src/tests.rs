@@ -395,7 +395,7 @@ fn refund_rate_flags_a_partner_far_above_the_programs_refunds_and_its_window_onc
     assert_eq!((flags[2].value, flags[2].threshold), (0.35, 0.3));
     assert!(!e.order("acme", "o3").unwrap().held, "action = flag");
     // By count: bob's 100 orders with 4 refunds; alice's 30 with small partial refunds.
-    let mut e = fraud_engine("[programs.fraud.refund_rate]\naction = 'hold'\nmin_orders = 20");
+    let mut e = fraud_engine("[programs.fraud.refund_rate]\naction = 'hold'\nmin_orders = 20\nthreshold = 4.0");
     let bob = "[[partners]]\nid = 'bob'\nprogram_id = 'acme'\n[[codes]]\ncode = 'BOB'\npartner_id = 'bob'\n";
     let rules = e.rules().with_update(bob).unwrap();
     e.set_rules(Arc::new(rules));

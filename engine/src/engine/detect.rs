@@ -184,6 +184,8 @@ impl Engine {
         let gap = click_ts.filter(|_| cr.kind == AttributionKind::Link).map(|t| (ts - t) / 1_000_000);
         let clicked = match cr.kind {
             AttributionKind::Link => true,
+            // Only the rate rules ask; the session lookup is skipped otherwise.
+            AttributionKind::Code if !rated => false,
             AttributionKind::Code => {
                 let from = ts.saturating_sub(micros(program.window));
                 c.visitor_id.as_deref().is_some_and(|v| {
