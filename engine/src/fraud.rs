@@ -4,14 +4,20 @@
 //! - velocity: per hashed key (customer id, e-mail hash, IP), the orders of
 //!   the last window, at most `max_orders + 1` of them; keys with no order in
 //!   the window are swept, and the number of keys is capped;
-//! - coupon_leak: per configured code, the last `min_orders` redemptions;
-//! - conversion_spike: per configured partner, an EWMA of its share of the
-//!   program's orders per bucket and the current bucket's orders, and per
-//!   program the order counts of the last [`SPIKE_BUCKETS`] buckets.
+//! - conversion_spike: per program the order counts of the last
+//!   [`SPIKE_BUCKETS`] buckets; per configured partner a [`RateMonitor`] (its
+//!   learned share of those orders, the CUSUM evidence, the current run of at
+//!   most [`RUN_ORDERS`] orders, an open alarm), its click-to-order times
+//!   ([`Gaps`]) and its code-only share, which give each order its signals;
+//! - coupon_leak: per configured code, its last `min_orders` redemptions, its
+//!   usual no-click share and a [`RateMonitor`] on its no-click redemptions;
+//! - refund_rate: per partner and per program, orders, refunds and money per
+//!   day of first capture over the window ([`RefundWindow`]).
 //!
 //! A detector returns the orders to flag, including earlier orders of the
 //! same attack that are still in its state ("retroactive" flags): an attack is
-//! recognised on its n-th order, but all n orders belong to it.
+//! recognised on its n-th order, but all n orders belong to it. The
+//! arithmetic is described in docs/FRAUD.md.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
