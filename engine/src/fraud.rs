@@ -389,6 +389,8 @@ pub(crate) struct RateMonitor {
     count: u32,
     num: f64,
     den: f64,
+    /// The key's usual rate by hour of day and day of week, relative to its share.
+    profile: Profile,
     /// Buckets folded into the baseline.
     seen: u32,
     /// At the end of the previous bucket.
@@ -399,6 +401,75 @@ pub(crate) struct RateMonitor {
     /// The baseline's expectation over the run's finished buckets.
     run_expected: f64,
     pub(crate) alarm: Option<Alarm>,
+}
+
+/// A key's orders against what its share predicted, per hour of day (UTC)
+/// and per day of week, decayed: the factor by which the key's usual rate at
+/// this hour and day differs from its share (a creator whose audience is
+/// awake when the program's is not, a weekend-heavy one).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Profile {
+    hour: [(f32, f32); 24],
+    day: [(f32, f32); 7],
+    /// The day being counted (days since the epoch) and its sums: a day is
+    /// learned once it is over, so a burst never raises its own day's factor.
+    today: (i64, f32, f32),
+}
+
+impl Default for Profile {
+    fn default() -> Self {
+        Profile { hour: [(0.0, 0.0); 24], day: [(0.0, 0.0); 7], today: (i64::MIN, 0.0, 0.0) }
+    }
+}
+
+/// Expected orders of prior weight pulling a factor toward 1 (few data: no change).
+const PROFILE_PRIOR: f32 = 3.0;
+/// Days an hour-of-day slot remembers; weeks a day-of-week slot remembers.
+const PROFILE_DAYS: f32 = 14.0;
+const PROFILE_WEEKS: f32 = 4.0;
+
+impl Profile {
+    fn slots(ts: i64) -> (usize, usize) {
+        let hours = ts.div_euclid(3_600_000_000);
+        (hours.rem_euclid(24) as usize, Profile::weekday(hours.div_euclid(24)))
+    }
+
+    /// 1970-01-01 was a Thursday: Monday is 0.
+    fn weekday(days: i64) -> usize {
+        (days + 3).rem_euclid(7) as usize
+    }
+
+    /// The factor on the key's expectation at `ts`: never below 1. The
+    /// profile only raises what is expected at the key's busy hours and days
+    /// (which would otherwise look like bursts every day); lowering it at its
+    /// quiet ones would turn the noise of a few days' estimates into alarms.
+    pub(crate) fn factor(&self, ts: i64) -> f64 {
+        let (h, d) = Profile::slots(ts);
+        let f = |(obs, exp): (f32, f32)| f64::from((obs + PROFILE_PRIOR) / (exp + PROFILE_PRIOR)).max(1.0);
+        f(self.hour[h]) * f(self.day[d])
+    }
+
+    /// Learns a bucket starting at `ts`: `c` orders where the share alone
+    /// predicted `flat`, with weight `w`.
+    fn learn(&mut self, ts: i64, c: u32, flat: f64, w: f64) {
+        let (h, _) = Profile::slots(ts);
+        let (c, flat, w) = (c as f32, flat as f32, w as f32);
+        // An hour slot sees one bucket a day.
+        let decay = 1.0 - w / PROFILE_DAYS;
+        let slot = &mut self.hour[h];
+        *slot = (slot.0 * decay + w * c, slot.1 * decay + w * flat);
+        let day = ts.div_euclid(86_400_000_000);
+        if day != self.today.0 {
+            if self.today.0 != i64::MIN {
+                let decay = 1.0 - 1.0 / PROFILE_WEEKS;
+                let slot = &mut self.day[Profile::weekday(self.today.0)];
+                *slot = (slot.0 * decay + self.today.1, slot.1 * decay + self.today.2);
+            }
+            self.today = (day, 0.0, 0.0);
+        }
+        self.today.1 += w * c;
+        self.today.2 += w * flat;
+    }
 }
 
 /// Orders of one run remembered for retroactive flags.
@@ -465,13 +536,15 @@ impl RateMonitor {
         self.alarm = None;
     }
 
-    /// Folds a finished bucket with `c` of the key's orders of the program's `n`.
-    fn fold(&mut self, c: u32, n: u32, p: &RateParams) {
+    /// Folds the finished bucket `k` with `c` of the key's orders of the program's `n`.
+    fn fold(&mut self, k: i64, c: u32, n: u32, p: &RateParams) {
         if n == 0 && c == 0 {
             return;
         }
         let n = n.max(c);
-        let e = self.mean() * f64::from(n);
+        let start = k.saturating_mul(p.bucket);
+        let flat = self.mean() * f64::from(n);
+        let e = flat * self.profile.factor(start);
         if self.seen >= p.warmup {
             let llr = f64::from(c) * p.ratio.ln() - (p.ratio - 1.0) * e;
             self.evidence = (self.evidence + llr).clamp(0.0, EVIDENCE_CAP * p.threshold);
@@ -483,6 +556,9 @@ impl RateMonitor {
         // A bucket in alarm is learned at a tenth of its weight: a burst
         // does not become the new normal, a lasting change eventually does.
         let w = if self.alarm.is_none() { 1.0 } else { ALARM_WEIGHT };
+        if self.seen > 0 {
+            self.profile.learn(start, c, flat, w);
+        }
         let d = 1.0 - w / f64::from(p.memory.max(2));
         self.num = self.num * d + w * f64::from(c);
         self.den = self.den * d + w * f64::from(n);
@@ -531,7 +607,7 @@ impl RateMonitor {
             return None;
         }
         let n = program_count(program, self.bucket).max(self.count);
-        let expected = self.mean() * f64::from(n);
+        let expected = self.mean() * f64::from(n) * self.profile.factor(ts);
         let evidence = self.evidence + f64::from(self.count) * p.ratio.ln() - (p.ratio - 1.0) * expected;
         if evidence < p.threshold || self.run_count < p.min_orders || (self.alarm.is_none() && !allowed) {
             return None;
@@ -585,13 +661,13 @@ impl RateMonitor {
         if b > self.bucket {
             if b - self.bucket > program.len() as i64 {
                 // Dormant for longer than the program's buckets are kept.
-                self.fold(self.count, program_count(program, self.bucket), p);
+                self.fold(self.bucket, self.count, program_count(program, self.bucket), p);
                 self.evidence = 0.0;
                 self.clear_run();
             } else {
                 for k in self.bucket..b {
                     let c = if k == self.bucket { self.count } else { 0 };
-                    self.fold(c, program_count(program, k), p);
+                    self.fold(k, c, program_count(program, k), p);
                 }
             }
             self.bucket = b;
@@ -811,6 +887,36 @@ mod tests {
         // The burst's orders before the alarm are returned once.
         assert!(retro.len() >= 5, "{}", retro.len());
         assert!(seen[1..].iter().all(|(_, r, _)| r.is_empty()));
+    }
+
+    #[test]
+    fn a_partner_whose_audience_buys_at_night_is_learned_by_hour_of_day() {
+        // The program: 40 orders every hour. Partner 1: 8 an hour from 00:00
+        // to 08:00 UTC (its audience's evening), 1 an hour otherwise; on day
+        // 6 at 14:00 a burst of 20 more.
+        let (mut sp, mut m, mut hits) = (Spike::default(), RateMonitor::default(), Vec::new());
+        let mut n = 0;
+        for h in 0..24 * 8 {
+            let mine = if h % 24 < 8 { 8 } else { 1 } + if h == 24 * 6 + 14 { 20 } else { 0 };
+            let total = 40 + mine;
+            for i in 0..total {
+                n += 1;
+                let ts = h * H + i64::from(i) * (H / i64::from(total + 1));
+                let b = sp.count(0, ts, H).clone();
+                // The partner's orders are spread through the hour.
+                if i % (total / mine) == 0 {
+                    if let Some(hit) = m.record(ts, &b, order(n, 0), &params(), true) {
+                        hits.push((h, hit.evidence));
+                    }
+                }
+            }
+        }
+        assert!(hits.iter().all(|(h, _)| *h < 24 * 4 || (24 * 6 + 14..=24 * 6 + 17).contains(h)), "{hits:?}");
+        assert!(hits.iter().any(|(h, _)| *h == 24 * 6 + 14), "the daytime burst is caught: {hits:?}");
+        let night = m.profile.factor(24 * 7 * H + 3 * H);
+        let day = m.profile.factor(24 * 7 * H + 15 * H);
+        // The audience's hours raise what is expected; its quiet hours never lower it.
+        assert!(night > 1.5 && day == 1.0, "night {night}, day {day}");
     }
 
     #[test]
