@@ -666,3 +666,38 @@ mod mask_tests {
         check("ab", "****b");
     }
 }
+
+#[cfg(test)]
+mod flag_tests {
+    use super::*;
+    use afflio_engine::FraudRule;
+    use datafusion::arrow::array::Array;
+
+    #[test]
+    fn a_flag_row_carries_its_value_baseline_and_threshold() {
+        let flag = |rule, baseline| Flag {
+            program_id: "p".into(),
+            order_id: "o1".into(),
+            partner_id: "alice".into(),
+            rule,
+            action: afflio_engine::rules::FraudAction::Hold,
+            score: 1.2,
+            value: 12.0,
+            baseline,
+            threshold: 10.0,
+            detail: "d".into(),
+            ts: DateTime::UNIX_EPOCH,
+            event_id: "c1".into(),
+            retroactive: false,
+        };
+        let rows = [flag(FraudRule::ConversionSpike, Some(0.02)), flag(FraudRule::SelfReferral, None)];
+        let b = flags(&rows).unwrap();
+        let col = |name: &str| {
+            let i = b.schema().index_of(name).unwrap();
+            b.column(i).as_any().downcast_ref::<Float64Array>().unwrap().clone()
+        };
+        let baseline = col("baseline");
+        assert_eq!((baseline.value(0), baseline.is_null(1)), (0.02, true));
+        assert_eq!((col("value").value(0), col("threshold").value(0)), (12.0, 10.0));
+    }
+}
