@@ -273,6 +273,11 @@ impl RefundWindow {
         }
     }
 
+    /// Orders and refunds in the window.
+    pub(crate) fn counts(&self) -> (u32, u32) {
+        self.days.iter().fold((0, 0), |a, b| (a.0 + b.1, a.1 + b.2))
+    }
+
     /// Orders, refunds and the refunded share of captured money in the window.
     pub(crate) fn share(&self) -> RefundShare {
         let (orders, refunds, c, r) = self
@@ -298,7 +303,7 @@ pub(crate) struct RefundParams {
 /// `min_orders` orders and either its refunds per order exceed `ratio` times
 /// the program's and stand `threshold` standard deviations (Poisson) above
 /// what the program's rate predicts, or its refunded share of captured money
-/// exceeds `max_share`.
+/// exceeds `max_share`. Only the program's orders and refunds are read.
 pub(crate) fn refund_verdict(
     partner: &RefundShare,
     program: &RefundShare,

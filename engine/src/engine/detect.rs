@@ -11,7 +11,8 @@ use chrono::DateTime;
 use super::{micros, Engine};
 use crate::event::{Capture, Event};
 use crate::fraud::{
-    refund_verdict, signal, Hit, KeyKind, RateParams, RefundParams, RunOrder, SpikePartner, NO_BUCKETS, PROGRAM_KEY,
+    refund_verdict, signal, Hit, KeyKind, RateParams, RefundParams, RefundShare, RunOrder, SpikePartner, NO_BUCKETS,
+    PROGRAM_KEY,
 };
 use crate::output::{AttributionKind, Flag, FraudRule};
 use crate::sessions::scoped_key;
@@ -358,15 +359,22 @@ impl Engine {
         }
         if fraud.refund_rate != FraudAction::Off {
             let days = fraud.refund_rate_window.num_days();
+            // Counts only (the money sums are Decimal): the program's rate,
+            // and the partner's money share once it has enough orders to judge.
             let program_share = {
                 let w = self.refunds_by_partner.get_or_default((prog, PROGRAM_KEY));
-                let s = w.share();
+                let (orders, refunds) = w.counts();
                 w.order(ts, days);
-                s
+                RefundShare { orders, refunds, money_share: 0.0 }
             };
             let r = self.refunds_by_partner.get_or_default((prog, partner));
             // Judged on the partner's window before this order.
-            let share = r.share();
+            let (orders, refunds) = r.counts();
+            let share = if orders >= fraud.refund_rate_min_orders {
+                r.share()
+            } else {
+                RefundShare { orders, refunds, money_share: 0.0 }
+            };
             r.order(ts, days);
             let params = RefundParams {
                 min_orders: fraud.refund_rate_min_orders,
