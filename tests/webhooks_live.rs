@@ -290,7 +290,17 @@ fn webhooks_are_signed_delivered_at_least_once_in_order_through_faults_and_a_slo
 
     // The API: endpoints listed without secrets; a partner's endpoint cannot
     // take fraud flags; one registered here answers 410 and is disabled.
-    let (s, v) = call(port, "GET", "/v1/webhooks/endpoints", Some(BRAND), "");
+    // Right after a restart the service answers 503 `unavailable` until it
+    // has loaded the endpoints from the broker: a client retries.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (s, v) = loop {
+        let (s, v) = call(port, "GET", "/v1/webhooks/endpoints", Some(BRAND), "");
+        if s != 503 || Instant::now() > deadline {
+            break (s, v);
+        }
+        assert_eq!(v["reason"].as_str(), Some("unavailable"), "{v}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["endpoints"].as_array().unwrap().len(), 2);
     assert!(!v.to_string().contains("whsec_"), "no secret is ever shown: {v}");
