@@ -84,17 +84,22 @@ fn faults_inside_commits_lose_nothing_and_write_nothing_twice() {
         format!("state-before-manifest={}*off->return", pick(3)),
     ];
     let reqs = batches(&lines);
-    let per_fault = reqs.len() / (faults.len() + 1);
+    // Short segments; a fault stays armed until it has fired (how many
+    // commits a segment makes depends on the machine's speed), then the next.
+    let per_fault = (reqs.len() / (2 * faults.len() + 1)).max(1);
     let mut stored = 0;
     let mut fired = 0;
     let mut next_fault = 0;
+    let mut fired_when_armed = 0;
     for (i, (key, body)) in reqs.iter().enumerate() {
-        if i > 0 && i % per_fault == 0 && next_fault < faults.len() {
+        let current_fired = next_fault == 0 || fired > fired_when_armed;
+        if i > 0 && i % per_fault == 0 && next_fault < faults.len() && current_fired {
             // The next fault: restart with it armed.
             svc.kill9();
             svc.env = vec![("FAILPOINTS".into(), faults[next_fault].clone())];
             svc.restart();
             next_fault += 1;
+            fired_when_armed = fired;
         }
         stored += post_through_faults(&mut svc, key, body, &mut fired);
         if svc.exited() {
