@@ -521,6 +521,23 @@ pub(crate) struct RateHit {
     pub(crate) since: i64,
 }
 
+impl RateHit {
+    /// The flag's measures and earlier orders (each with `reason_of` its
+    /// signals); the current order is held as the monitor decided.
+    pub(crate) fn into_hit(self, threshold: f64, detail: String, reason_of: impl Fn(u8) -> Option<String>) -> Hit {
+        Hit {
+            value: self.evidence,
+            baseline: Some(self.baseline),
+            threshold,
+            score: self.evidence / threshold,
+            detail,
+            reason: None,
+            current: self.current,
+            retro: self.retro.into_iter().map(|o| (o.id, reason_of(o.signals))).collect(),
+        }
+    }
+}
+
 fn program_count(buckets: &VecDeque<(i64, u32)>, bucket: i64) -> u32 {
     buckets.iter().rev().find(|(b, _)| *b == bucket).map_or(0, |(_, n)| *n)
 }

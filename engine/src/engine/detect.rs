@@ -11,8 +11,7 @@ use chrono::DateTime;
 use super::{micros, Engine};
 use crate::event::{Capture, Event};
 use crate::fraud::{
-    refund_verdict, signal, Hit, KeyKind, RateParams, RefundParams, RefundShare, RunOrder, SpikePartner, NO_BUCKETS,
-    PROGRAM_KEY,
+    refund_verdict, signal, Hit, KeyKind, RateParams, RefundParams, RefundShare, RunOrder, NO_BUCKETS, PROGRAM_KEY,
 };
 use crate::output::{AttributionKind, Flag, FraudRule};
 use crate::sessions::scoped_key;
@@ -253,18 +252,8 @@ impl Engine {
                         fraud.coupon_leak_ratio,
                         fraud.coupon_leak_threshold
                     );
-                    let threshold = fraud.coupon_leak_threshold;
-                    let hit = Hit {
-                        value: h.evidence,
-                        baseline: Some(h.baseline),
-                        threshold,
-                        score: h.evidence / threshold,
-                        detail,
-                        reason: None,
-                        current: true,
-                        retro: h.retro.into_iter().map(|o| (o.id, None)).collect(),
-                    };
-                    hits.push((FraudRule::CouponLeak, hit));
+                    let hit = h.into_hit(fraud.coupon_leak_threshold, detail, |_| None);
+                    hits.push((FraudRule::CouponLeak, Hit { current: true, ..hit }));
                 }
             }
         }
@@ -283,13 +272,14 @@ impl Engine {
             {
                 let parts = &self.spike.partners;
                 let program_gaps = parts.get(&(prog, PROGRAM_KEY)).map(|p| &p.gaps);
-                let fallback = SpikePartner::default();
-                let sp = parts.get(&(prog, partner)).unwrap_or(&fallback);
-                if gap.is_some_and(|g| sp.gaps.below(g, program_gaps, 20.0) < 0.2) {
-                    signals |= signal::FRESH;
-                }
-                if !clicked && sp.orders >= 10.0 && sp.code_only < 0.5 * sp.orders {
-                    signals |= signal::CODE_ONLY;
+                // A partner's first order has nothing of its own to compare with.
+                if let Some(sp) = parts.get(&(prog, partner)) {
+                    if gap.is_some_and(|g| sp.gaps.below(g, program_gaps, 20.0) < 0.2) {
+                        signals |= signal::FRESH;
+                    }
+                    if !clicked && sp.orders >= 10.0 && sp.code_only < 0.5 * sp.orders {
+                        signals |= signal::CODE_ONLY;
+                    }
                 }
             }
             let hash = |kind: KeyKind, v: Option<&str>| v.map_or(0, |v| crate::fraud::Velocity::key_hash(kind, v));
@@ -341,20 +331,8 @@ impl Engine {
                     fraud.conversion_spike_ratio,
                     fraud.conversion_spike_threshold
                 );
-                let threshold = fraud.conversion_spike_threshold;
-                let reason = Some(signal::describe(signals));
-                let retro = h.retro.into_iter().map(|o| (o.id, Some(signal::describe(o.signals)))).collect();
-                let hit = Hit {
-                    value: h.evidence,
-                    baseline: Some(h.baseline),
-                    threshold,
-                    score: h.evidence / threshold,
-                    detail,
-                    reason,
-                    current: h.current,
-                    retro,
-                };
-                hits.push((FraudRule::ConversionSpike, hit));
+                let hit = h.into_hit(fraud.conversion_spike_threshold, detail, |s| Some(signal::describe(s)));
+                hits.push((FraudRule::ConversionSpike, Hit { reason: Some(signal::describe(signals)), ..hit }));
             }
         }
         if fraud.refund_rate != FraudAction::Off {
